@@ -1,0 +1,1 @@
+"""Jobs: the `vlm` command line, local training loops, and (later) Ray Train + DeepSpeed jobs."""

@@ -1,0 +1,96 @@
+"""The `vlm` command line: one entry point, a subcommand per job.
+
+Every subcommand's ``main(argv)`` can also be called in-process (tests, Ray Job wrappers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlm.config import ConfigError, list_presets, load_config, to_dict
+
+
+def _cmd_presets(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlm presets", description="List the model presets and their sizes.")
+    p.parse_args(argv)
+    for name in list_presets():
+        cfg = load_config(preset=name)
+        m = cfg.model
+        print(
+            f"{name:<10} vision {m.vision.kind} {m.vision.image_size}px/{m.vision.patch_size} "
+            f"d={m.vision.hidden_size} L={m.vision.num_layers} | decoder {m.decoder.kind} "
+            f"d={m.decoder.hidden_size} L={m.decoder.num_layers} | {m.image_tokens} tokens/image"
+        )
+    return 0
+
+
+def _cmd_config(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="vlm config", description="Print a resolved config (preset + file + overrides) as YAML.")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    a = p.parse_args(argv)
+    import yaml
+
+    cfg = load_config(preset=a.preset or (None if a.config else "tiny"), path=a.config, overrides=a.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_world(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="vlm world",
+        description="Write the generated image-text world to disk: JPEGs, a URL list for curation, "
+        "stage-1 pairs, SFT conversations (train and held-out), videos and deliberately broken entries.",
+    )
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--preset", default="tiny", help="take the world's size from this preset (default: tiny)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8765", help="prefix of the URLs in urls.parquet")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value", help="e.g. data.num_train=10000 data.seed=3")
+    a = p.parse_args(argv)
+    from pipelines.world import write_world
+
+    cfg = load_config(preset=a.preset, overrides=a.overrides)
+    manifest = write_world(Path(a.output), config=cfg.data, base_url=a.base_url)
+    print(json.dumps(getattr(manifest, "counts", None) or str(manifest), indent=2, default=str))
+    return 0
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    from jobs.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+COMMANDS = {
+    "demo": (_cmd_demo, "generate data, train stage 1 and stage 2 in-process, answer held-out questions"),
+    "world": (_cmd_world, "write the generated image-text world to disk"),
+    "presets": (_cmd_presets, "list model presets"),
+    "config": (_cmd_config, "print a resolved config"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vlm COMMAND [options]\n\ncommands:")
+        for name, (_, help_) in COMMANDS.items():
+            print(f"  {name:<10} {help_}")
+        print("\n`vlm COMMAND --help` describes each command.")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"vlm: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd][0](rest)
+    except ConfigError as e:
+        print(f"vlm {cmd}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Plain single-process PyTorch training for both stages (no Ray, no DeepSpeed).
+
+Used by ``vlm demo``, ``benchmarks/learn.py`` and as the baseline the distributed jobs are
+measured against. Data arrives in memory (uint8 pixels, captions, ``SFTExample`` lists).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vlm.chat import encode_chat
+from vlm.config import Config
+from vlm.contrastive import ContrastiveModel
+from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of
+from vlm.evaluate import exact_match, retrieval_metrics, zero_shot_accuracy
+from vlm.generation import GenerationConfig, generate
+from vlm.image import normalize
+from vlm.llava import VisionLanguageModel
+from vlm.optim import build_optimizer, build_scheduler
+from vlm.tokenizer import special_token_ids
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    model: torch.nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _batches(n: int, batch_size: int, steps: int, seed: int):
+    """Index batches over epochs of a seeded permutation, ``steps`` of them."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        yield perm[pos : pos + batch_size].tolist()
+        pos += batch_size
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+@torch.no_grad()
+def embed_pairs(
+    model: ContrastiveModel, pixels: np.ndarray, captions: Sequence[str], tokenizer: Any, *, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) image and text embeddings of a pool."""
+    model.eval()
+    cfg = model.cfg
+    imgs, txts = [], []
+    for i in range(0, len(captions), batch_size):
+        b = collate_pairs(pixels[i : i + batch_size], captions[i : i + batch_size], tokenizer, vision_kind=cfg.vision.kind, max_length=cfg.text.max_length)
+        imgs.append(model.encode_image(b["pixel_values"]))
+        txts.append(model.encode_text(b["input_ids"], b["attention_mask"]))
+    return torch.cat(imgs), torch.cat(txts)
+
+
+@torch.no_grad()
+def zero_shot(model: ContrastiveModel, pixels: np.ndarray, labels: Sequence[int], classnames: Sequence[str], templates: Sequence[str], tokenizer: Any) -> float:
+    """Top-1 zero-shot accuracy with prompt-template ensembling (CLIP, Sec. 3.1.4)."""
+    model.eval()
+    cfg = model.cfg
+    class_emb = []
+    for name in classnames:
+        tok = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+        e = model.encode_text(tok["input_ids"], tok["attention_mask"]).mean(0)
+        class_emb.append(torch.nn.functional.normalize(e, dim=-1))
+    img = model.encode_image(normalize(pixels, kind=cfg.vision.kind))
+    return zero_shot_accuracy(img, torch.stack(class_emb), torch.tensor(list(labels)))
+
+
+def train_contrastive(
+    cfg: Config,
+    *,
+    tokenizer: Any,
+    train_pixels: np.ndarray,
+    train_captions: Sequence[str],
+    eval_pixels: np.ndarray | None = None,
+    eval_captions: Sequence[str] | None = None,
+    model: ContrastiveModel | None = None,
+    log: Log = print,
+    progress: bool = True,
+) -> RunResult:
+    """Stage 1 on in-memory pairs; returns the model, per-step history and held-out retrieval."""
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = ContrastiveModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    opt_cfg = cfg.stage1
+    optimizer = build_optimizer(model, opt_cfg)
+    scheduler = build_scheduler(optimizer, opt_cfg)
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=opt_cfg.steps, desc="stage 1", disable=not progress, leave=False)
+    model.train()
+    for step, idx in enumerate(_batches(len(train_captions), opt_cfg.batch_size, opt_cfg.steps, cfg.seed)):
+        batch = collate_pairs(train_pixels[idx], [train_captions[i] for i in idx], tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
+        out = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip) if opt_cfg.grad_clip > 0 else torch.tensor(_grad_norm(model))
+        optimizer.step()
+        scheduler.step()
+        rec = {
+            "step": step + 1,
+            "loss": float(out["loss"]),
+            "acc_i2t": float(out["acc_i2t"]) if "acc_i2t" in out else float("nan"),
+            "logit_scale": float(out["logit_scale"]),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(gnorm),
+            "samples_per_s": (step + 1) * opt_cfg.batch_size / (time.perf_counter() - t0),
+        }
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if opt_cfg.log_every and (step + 1) % opt_cfg.log_every == 0:
+            log(f"stage1 step {step + 1}/{opt_cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} {rec['samples_per_s']:.0f} samples/s")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    metrics: dict[str, float] = {"train_seconds": seconds}
+    if eval_pixels is not None and eval_captions is not None:
+        img, txt = embed_pairs(model, eval_pixels, eval_captions, tokenizer)
+        metrics.update(retrieval_metrics(img, txt))
+        metrics["pool"] = float(len(eval_captions))
+    return RunResult(model=model, history=history, metrics=metrics, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+@torch.no_grad()
+def answer_questions(
+    model: VisionLanguageModel,
+    examples: Sequence[SFTExample],
+    tokenizer: Any,
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy answers to each example's final question (its reference answer is not shown)."""
+    model.eval()
+    cfg = model.cfg
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    answers: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        ids, images = [], []
+        for ex in chunk:
+            enc = encode_chat(prompt_of(ex), tokenizer, num_image_tokens=cfg.image_tokens, add_generation_prompt=True, system_prompt=cfg.llava.system_prompt)
+            ids.append(enc.input_ids)
+            images.append(normalize(np.stack(ex.images), kind=cfg.vision.kind) if ex.images else None)
+        results = generate(model, input_ids=ids, images=images, tokenizer=tokenizer, config=gen)
+        answers.extend(r.text.strip() for r in results)
+    return answers
+
+
+def evaluate_sft(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, exclude_tasks: Sequence[str] = ("caption",)) -> dict[str, float]:
+    """Exact match per task and overall (single-image tasks), greedy decoding."""
+    chosen = [ex for ex in examples if ex.task not in exclude_tasks]
+    preds = answer_questions(model, chosen, tokenizer)
+    refs = [answer_of(ex) for ex in chosen]
+    metrics: dict[str, float] = {}
+    for task in sorted({ex.task for ex in chosen}):
+        sel = [i for i, ex in enumerate(chosen) if ex.task == task]
+        metrics[f"em_{task}"] = exact_match([preds[i] for i in sel], [refs[i] for i in sel])
+    single = [i for i, ex in enumerate(chosen) if len(ex.images) == 1]
+    if single:
+        metrics["em_single_image"] = exact_match([preds[i] for i in single], [refs[i] for i in single])
+    metrics["em_all"] = exact_match(preds, refs) if chosen else 0.0
+    return metrics
+
+
+def train_sft(
+    cfg: Config,
+    *,
+    tokenizer: Any,
+    train_examples: Sequence[SFTExample],
+    eval_examples: Sequence[SFTExample] | None = None,
+    vision: torch.nn.Module | None = None,
+    model: VisionLanguageModel | None = None,
+    log: Log = print,
+    progress: bool = True,
+) -> RunResult:
+    """Stage 2 on in-memory conversations; skipped samples are counted by reason, never trained."""
+    torch.manual_seed(cfg.seed)
+    ids = special_token_ids(tokenizer)
+    if model is None:
+        model = VisionLanguageModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, vision=vision)
+    opt_cfg = cfg.stage2
+    optimizer = build_optimizer(model, opt_cfg)
+    scheduler = build_scheduler(optimizer, opt_cfg)
+    history: list[dict[str, float]] = []
+    skipped: dict[str, int] = {}
+    tokens_seen = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=opt_cfg.steps, desc="stage 2", disable=not progress, leave=False)
+    model.train()
+    for step, idx in enumerate(_batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)):
+        batch, bad = collate_sft(
+            [train_examples[i] for i in idx],
+            tokenizer,
+            num_image_tokens=cfg.model.image_tokens,
+            max_length=cfg.model.llava.max_length,
+            vision_kind=cfg.model.vision.kind,
+            image_size=cfg.model.vision.image_size,
+            system_prompt=cfg.model.llava.system_prompt,
+        )
+        for _, err in bad:
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+        if batch is None:
+            continue
+        out = model(**batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opt_cfg.grad_clip) if opt_cfg.grad_clip > 0 else torch.tensor(_grad_norm(model))
+        optimizer.step()
+        scheduler.step()
+        tokens_seen += int(batch["attention_mask"].sum())
+        elapsed = time.perf_counter() - t0
+        rec = {
+            "step": step + 1,
+            "loss": float(out.loss),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(gnorm),
+            "tokens_per_s": tokens_seen / elapsed,
+            "samples_per_s": (step + 1) * opt_cfg.batch_size / elapsed,
+        }
+        history.append(rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if opt_cfg.log_every and (step + 1) % opt_cfg.log_every == 0:
+            log(f"stage2 step {step + 1}/{opt_cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tokens/s")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    if skipped:
+        log(f"stage2 skipped samples by reason: {skipped}")
+    metrics: dict[str, float] = {"train_seconds": seconds}
+    if eval_examples:
+        metrics.update(evaluate_sft(model, eval_examples, tokenizer))
+    return RunResult(model=model, history=history, metrics=metrics, skipped=skipped, seconds=seconds)
+
+
+def save_history_plot(histories: dict[str, list[dict[str, float]]], path: str | Path) -> Path:
+    """A PNG of the loss curves (one panel per stage)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
+    for ax, (name, hist) in zip(axes[0], histories.items()):
+        steps = [h["step"] for h in hist]
+        ax.plot(steps, [h["loss"] for h in hist], lw=1)
+        ax.set_title(f"{name} loss")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

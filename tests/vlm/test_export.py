@@ -1,0 +1,155 @@
+"""Export to transformers' LLaVA: the loaded model gives our logits and our greedy answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vlm.config import load_config
+from vlm.export import export_llava_hf
+from vlm.generation import GenerationConfig, generate, left_pad
+from vlm.image import preprocess
+from vlm.llava import VisionLanguageModel
+from vlm.tokenizer import IMAGE, train_bpe_tokenizer
+
+SMALL = [
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.hidden_size=32",
+    "model.vision.intermediate_size=64",
+    "model.vision.num_layers=2",
+    "model.vision.num_heads=2",
+    "model.decoder.hidden_size=64",
+    "model.decoder.intermediate_size=128",
+    "model.decoder.num_layers=2",
+    "model.decoder.num_heads=4",
+    "model.decoder.num_kv_heads=2",
+]
+CORPUS = ["a red square above a blue circle.", "the green triangle is left of the cat.", "how many shapes?"] * 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run faster on one thread, and other jobs may share the CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+
+
+def _model(tokenizer, *overrides: str, seed: int = 0) -> VisionLanguageModel:
+    cfg = load_config(preset="tiny", overrides=SMALL + list(overrides))
+    torch.manual_seed(seed)
+    m = VisionLanguageModel(
+        cfg.model,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+    )
+    return m.eval()
+
+
+def _batch(model: VisionLanguageModel) -> tuple[list[list[int]], torch.Tensor, list[torch.Tensor | None]]:
+    """Row 0: text, image, text. Row 1 (shorter, left-padded): two images."""
+    t, img = model.tokens_per_image, model.image_token_id
+    g = torch.Generator().manual_seed(3)
+    p0 = [2, 40, 41, 42] + [img] * t + [50, 51, 52, 53, 54, 55]
+    p1 = [2] + [img] * t + [60] + [img] * t + [61]
+    images = [torch.randn(1, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)]
+    return [p0, p1], torch.cat(images), images
+
+
+CASES = {
+    "clip-patch": [],
+    "clip-full": ["model.llava.vision_feature_select=full", "model.llava.vision_feature_layer=-1"],
+    "siglip": ["model.vision.kind=siglip"],
+    "tied": ["model.decoder.tie_embeddings=true"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_logits_equal_ours(case, tokenizer, tmp_path):
+    model = _model(tokenizer, *CASES[case])
+    out = export_llava_hf(model, tokenizer, tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+
+    assert hf.config.image_token_id == model.image_token_id
+    assert hf.config.image_seq_length == model.tokens_per_image
+    assert hf.config.vision_feature_layer == model.cfg.llava.vision_feature_layer
+    expected_strategy = "default" if case in ("clip-patch", "tied") else "full"
+    assert hf.config.vision_feature_select_strategy == expected_strategy
+
+    prompts, pixels, _ = _batch(model)
+    ids, mask = left_pad(prompts, pad_token_id=model.pad_token_id)  # (2, L)
+    with torch.inference_mode():
+        ours = model(ids, mask, pixel_values=pixels).logits  # (2, L, V)
+        theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-4), (ours[real] - theirs[real]).abs().max()
+
+
+def test_hf_greedy_generate_equals_ours(tokenizer, tmp_path):
+    model = _model(tokenizer)
+    out = export_llava_hf(model, tokenizer, tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    prompts, pixels, images = _batch(model)
+    n = 6
+    ours = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=GenerationConfig(max_new_tokens=n))
+    ids, mask = left_pad(prompts, pad_token_id=model.pad_token_id)
+    with torch.inference_mode():
+        seqs = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=n, do_sample=False)
+    stops = set(hf.generation_config.eos_token_id)
+    assert stops == {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    for row, res in enumerate(ours):
+        new = seqs[row, ids.shape[1]:].tolist()
+        cut = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
+        assert res.token_ids == new[:cut]
+
+
+def test_processor_matches_our_preprocessing(tokenizer, tmp_path):
+    model = _model(tokenizer)
+    out = export_llava_hf(model, tokenizer, tmp_path / "hf")
+    processor = LlavaProcessor.from_pretrained(out, local_files_only=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))  # not square: resized
+    enc = processor(text=["look: <image>\nwhat is it?"], images=[image], return_tensors="pt")
+    assert torch.allclose(enc["pixel_values"], preprocess([image], 32), atol=1e-6)
+    assert int((enc["input_ids"] == model.image_token_id).sum()) == model.tokens_per_image
+    assert processor.tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_refuses_what_llava_cannot_represent(tokenizer, tmp_path):
+    cases = [
+        (("model.projector.pixel_shuffle=2",), "pixel_shuffle"),
+        (("model.projector.hidden_size=32",), "projector hidden size"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            export_llava_hf(_model(tokenizer, *overrides), tokenizer, tmp_path / "no")
+    assert not (tmp_path / "no").exists()
+
+    # A tokenizer that does not spell the image id as <image>.
+    model = _model(tokenizer)
+    model.image_token_id = tokenizer.convert_tokens_to_ids("<|frame|>")
+    with pytest.raises(ValueError, match="<image>"):
+        export_llava_hf(model, tokenizer, tmp_path / "no")
+
+    # A head that does more than a linear layer (here: scaled logits) fails the verification.
+    model = _model(tokenizer)
+    head = model.decoder.get_output_embeddings()
+    hook = head.register_forward_hook(lambda mod, inp, out: out * 2.0)
+    try:
+        with pytest.raises(ValueError, match="logits differ"):
+            export_llava_hf(model, tokenizer, tmp_path / "no")
+    finally:
+        hook.remove()
+    assert not (tmp_path / "no").exists()

@@ -1,0 +1,247 @@
+"""Decoding: KV cache vs full recompute, batched vs unbatched, sampling knobs, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlm.config import load_config
+from vlm.generation import (
+    GenerationConfig,
+    decode_step,
+    generate,
+    left_pad,
+    positions_from_mask,
+    prefill,
+    sample_next,
+)
+from vlm.llava import VisionLanguageModel
+from vlm.tokenizer import IMAGE, train_bpe_tokenizer
+
+SMALL = [
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.hidden_size=32",
+    "model.vision.intermediate_size=64",
+    "model.vision.num_layers=2",
+    "model.vision.num_heads=2",
+    "model.decoder.hidden_size=64",
+    "model.decoder.intermediate_size=128",
+    "model.decoder.num_layers=2",
+    "model.decoder.num_heads=4",
+    "model.decoder.num_kv_heads=2",
+]
+CORPUS = ["a red square above a blue circle.", "the green triangle is left of the cat.", "how many shapes?"] * 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models run faster on one thread, and other jobs may share the CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> VisionLanguageModel:
+    cfg = load_config(preset="tiny", overrides=SMALL)
+    torch.manual_seed(0)
+    m = VisionLanguageModel(
+        cfg.model,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+    )
+    return m.eval()
+
+
+def _prompts(model: VisionLanguageModel) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    """Three prompts of different lengths: one image mid-text, two images, no image."""
+    t, img = model.tokens_per_image, model.image_token_id
+    g = torch.Generator().manual_seed(1)
+    p0 = [2, 40, 41] + [img] * t + [50, 51, 52]
+    p1 = [2] + [img] * t + [60] + [img] * t + [61, 62, 63, 64, 65, 66, 67]
+    p2 = [2, 70, 71, 72, 3, 2, 73]
+    images = [torch.randn(1, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g), None]
+    return [p0, p1, p2], images
+
+
+def test_kv_cache_logits_match_full_recompute(model):
+    prompts, images = _prompts(model)
+    ids, mask = left_pad(prompts[:2], pad_token_id=model.pad_token_id)
+    pixels = torch.cat([images[0], images[1]])
+    emb = model.decoder.get_input_embeddings()
+    with torch.inference_mode():
+        logits, state = prefill(model, input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        generated: list[list[int]] = [[], []]
+        for step in range(6):
+            for row in range(2):
+                # No cache, no padding: the row alone, prompt (with its images) + tokens so far.
+                prompt = torch.tensor([prompts[row]])
+                full = torch.cat(
+                    [
+                        model.embed_inputs(prompt, pixel_values=images[row]),
+                        emb(torch.tensor([generated[row]], dtype=torch.long)),
+                    ],
+                    dim=1,
+                )  # (1, L_row + step, D)
+                ref = model.decoder(inputs_embeds=full).logits[0, -1]
+                assert torch.allclose(logits[row], ref, atol=1e-5), f"row {row} step {step}"
+            nxt = logits.argmax(-1)  # (2,)
+            for row in range(2):
+                generated[row].append(int(nxt[row]))
+            logits = decode_step(model, state, nxt)
+    assert state.attention_mask.shape == (2, ids.shape[1] + 6)
+
+
+def test_positions_from_left_padded_mask():
+    _, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_batched_greedy_equals_unbatched(model, tokenizer):
+    prompts, images = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=12, stop_token_ids=[])
+    batched = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
+    for p, im, got in zip(prompts, images, batched):
+        alone = generate(model, input_ids=[p], images=[im], tokenizer=tokenizer, config=cfg)[0]
+        assert got.token_ids == alone.token_ids
+        assert got.text == alone.text
+        assert got.finish_reason == "length"
+        assert got.num_generated_tokens == 12 and got.num_prompt_tokens == len(p)
+
+
+def test_precomputed_image_features_equal_pixels(model, tokenizer):
+    prompts, images = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=6, stop_token_ids=[])
+    with torch.inference_mode():
+        feats = [None if im is None else model.image_features(im) for im in images]
+    a = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
+    b = generate(model, input_ids=prompts, image_features=feats, tokenizer=tokenizer, config=cfg)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+
+
+def test_seeded_sampling_reproducible_and_seed_dependent(model, tokenizer):
+    prompts, images = _prompts(model)
+
+    def run(seed: int) -> list[list[int]]:
+        cfg = GenerationConfig(max_new_tokens=16, temperature=1.0, seed=seed, stop_token_ids=[])
+        return [r.token_ids for r in generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)]
+
+    first, again, other = run(123), run(123), run(124)
+    assert first == again
+    assert first != other
+    # A shared config seeds row i with seed + i: row 0 of seed 124 is row 1's generator of seed 123.
+    assert first[0] != first[2]
+
+
+def test_near_zero_temperature_and_tiny_top_p_are_greedy(model, tokenizer):
+    prompts, images = _prompts(model)
+    kw = dict(max_new_tokens=10, stop_token_ids=[])
+    greedy = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=GenerationConfig(**kw))
+    for cfg in (
+        GenerationConfig(temperature=1e-5, seed=0, **kw),
+        GenerationConfig(temperature=1.0, top_p=1e-6, seed=0, **kw),
+        GenerationConfig(temperature=1.0, top_k=1, seed=0, **kw),
+    ):
+        got = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
+        assert [r.token_ids for r in got] == [r.token_ids for r in greedy], cfg
+    hot = generate(
+        model, input_ids=prompts, images=images, tokenizer=tokenizer, config=GenerationConfig(temperature=1.0, seed=0, **kw)
+    )
+    assert [r.token_ids for r in hot] != [r.token_ids for r in greedy]
+
+
+def test_sample_next_filters_match_their_definition():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().unsqueeze(0).expand(4000, 4)  # (N, V)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    # top_p=0.6: {0, 1} is the smallest set reaching 0.6; renormalised, 0 has 0.5/0.8.
+    ids = sample_next(logits, temperature=1.0, top_p=0.6, generators=gens)
+    assert set(ids.tolist()) == {0, 1}
+    assert abs((ids == 0).float().mean().item() - 0.625) < 0.03
+    ids = sample_next(logits, temperature=1.0, top_p=0.5)  # 0.5 alone reaches 0.5
+    assert set(ids.tolist()) == {0}
+    ids = sample_next(logits, temperature=1.0, top_k=3)
+    assert set(ids.tolist()) == {0, 1, 2}
+    ids = sample_next(logits, temperature=1.0)
+    assert abs((ids == 3).float().mean().item() - 0.05) < 0.015
+    # Per-row knobs: row 0 greedy, row 1 restricted to token 0 by top_k.
+    two = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    ids = sample_next(two, temperature=torch.tensor([0.0, 2.0]), top_k=torch.tensor([0, 1]))
+    assert ids.tolist() == [1, 1]
+
+
+def test_stop_string_trims_text_and_sets_stop(model, tokenizer):
+    prompts, images = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=32, stop_token_ids=[])
+    full = generate(model, input_ids=prompts[:1], images=images[:1], tokenizer=tokenizer, config=cfg)[0]
+    # The stop string: the text of a later generated token that decodes to plain ASCII letters.
+    pieces = [tokenizer.decode([t]) for t in full.token_ids]
+    stop = next((p for p in pieces[2:] if p.strip().isalpha() and p.isascii()), None)
+    assert stop is not None, f"no plain-text token to stop on in {pieces}"
+    cut = GenerationConfig(max_new_tokens=32, stop_token_ids=[], stop_strings=["\x00never", stop])
+    got = generate(model, input_ids=prompts[:1], images=images[:1], tokenizer=tokenizer, config=cut)[0]
+    assert got.finish_reason == "stop" and got.stop == stop
+    assert got.text == full.text[: full.text.index(stop)]
+    assert stop not in got.text
+    assert got.token_ids == full.token_ids[: len(got.token_ids)]
+    assert len(got.token_ids) < len(full.token_ids)
+
+
+def test_stop_token_and_finished_rows_stop_growing(model, tokenizer):
+    prompts, images = _prompts(model)
+    free = GenerationConfig(max_new_tokens=12, stop_token_ids=[])
+    ref = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=free)
+    stop_id = ref[0].token_ids[3]
+    at = ref[0].token_ids.index(stop_id)
+    configs = [GenerationConfig(max_new_tokens=12, stop_token_ids=[stop_id]), free, GenerationConfig(max_new_tokens=5)]
+    got = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=configs)
+    # Row 0 stops on the token (kept in token_ids, not in text); the others are undisturbed.
+    assert got[0].finish_reason == "stop" and got[0].stop == stop_id
+    assert got[0].token_ids == ref[0].token_ids[: at + 1]
+    assert got[0].num_generated_tokens == at + 1
+    assert got[0].text == tokenizer.decode(ref[0].token_ids[:at], skip_special_tokens=True)
+    assert got[1].token_ids == ref[1].token_ids and got[1].finish_reason == "length"
+    assert len(got[2].token_ids) <= 5
+    if got[2].finish_reason == "length":
+        assert got[2].token_ids == ref[2].token_ids[:5]
+
+
+def test_default_stop_ids_are_im_end_and_eos(model, tokenizer):
+    prompts, images = _prompts(model)
+    head = model.decoder.get_output_embeddings()
+    for token in ("<|im_end|>", tokenizer.eos_token):
+        # A hook on the LM head makes ``token`` win: generation stops after one token.
+        tid = tokenizer.convert_tokens_to_ids(token)
+        bias = torch.zeros(head.out_features)
+        bias[tid] = 1e4
+        hook = head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
+        try:
+            got = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=GenerationConfig(max_new_tokens=8))
+        finally:
+            hook.remove()
+        for r in got:
+            assert r.token_ids == [tid] and r.finish_reason == "stop" and r.stop == tid and r.text == ""
+
+
+def test_bad_inputs_raise(model, tokenizer):
+    prompts, images = _prompts(model)
+    with pytest.raises(ValueError, match="image-token positions"):
+        generate(model, input_ids=prompts[:1], images=[images[1]], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="neither images nor image_features"):
+        generate(model, input_ids=prompts[:1], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, input_ids=[[]], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0.0)

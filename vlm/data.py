@@ -1,0 +1,160 @@
+"""Batches for both stages: captions + pixels (stage 1) and chats + images (stage 2).
+
+Images travel as (S, S, 3) uint8 arrays (compact, picklable, what Ray Data blocks hold) and
+are normalised only when a batch is built. ``world_*`` adapters turn the generated world
+(``vlm.world``) into these examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlm import world
+from vlm.chat import SampleError, collate, encode_chat
+from vlm.image import normalize, to_uint8
+
+
+@dataclass
+class SFTExample:
+    """One conversation and its images in reading order (a video's frames expanded in place)."""
+
+    id: str
+    messages: list[dict]
+    images: list[np.ndarray] = field(default_factory=list)  # each (S, S, 3) uint8
+    task: str = ""
+
+
+def collate_pairs(
+    pixels: np.ndarray,
+    captions: Sequence[str],
+    tokenizer: Any,
+    *,
+    vision_kind: str,
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    """Stage-1 batch.
+
+    Args:
+        pixels: (B, S, S, 3) uint8.
+        captions: B strings; row i describes image i.
+        tokenizer: the text tower's tokenizer.
+        vision_kind: ``clip`` or ``siglip`` (normalisation statistics).
+        max_length: token budget per caption (longer captions are truncated).
+    """
+    if len(captions) != len(pixels):
+        raise ValueError(f"expected one caption per image, got {len(captions)} captions for {len(pixels)} images")
+    tok = tokenizer(list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {
+        "pixel_values": normalize(pixels, kind=vision_kind),  # (B, 3, S, S)
+        "input_ids": tok["input_ids"],  # (B, L)
+        "attention_mask": tok["attention_mask"],  # (B, L)
+    }
+
+
+def collate_sft(
+    examples: Sequence[SFTExample],
+    tokenizer: Any,
+    *,
+    num_image_tokens: int,
+    max_length: int,
+    vision_kind: str,
+    image_size: int,
+    system_prompt: str | None = None,
+) -> tuple[dict[str, torch.Tensor] | None, list[tuple[str, SampleError]]]:
+    """Stage-2 batch: token ids, assistant-only labels, and every image in reading order.
+
+    A conversation that cannot be trained (its answer truncated away, images that do not
+    match its image parts, ...) is left out and returned in ``skipped`` with the reason, never
+    trained at loss 0. Returns ``(None, skipped)`` when nothing in the batch is usable.
+    """
+    encoded, images, skipped = [], [], []
+    for ex in examples:
+        try:
+            enc = encode_chat(ex.messages, tokenizer, num_image_tokens=num_image_tokens, max_length=max_length, system_prompt=system_prompt)
+            if enc.num_images != len(ex.images):
+                raise SampleError(
+                    "image_count_mismatch",
+                    f"the conversation has {enc.num_images} image slots but {len(ex.images)} images were given",
+                )
+        except SampleError as e:
+            skipped.append((ex.id, e))
+            continue
+        encoded.append(enc)
+        images.extend(ex.images)
+    if not encoded:
+        return None, skipped
+    batch = collate(encoded, pad_id=tokenizer.pad_token_id, padding_side="right")
+    if images:
+        batch["pixel_values"] = normalize(np.stack(images), kind=vision_kind)  # (N, 3, S, S)
+    else:
+        batch["pixel_values"] = torch.empty(0, 3, image_size, image_size)
+    return batch, skipped
+
+
+# ----------------------------------------------------------------------------- the generated world
+
+
+def world_pairs(cfg: world.WorldConfig, split: str, *, size: int) -> tuple[np.ndarray, list[str], list[world.Sample]]:
+    """Every image of a split as (N, S, S, 3) uint8 with its caption."""
+    samples = list(world.generate(cfg, split))
+    pixels = to_uint8([s.image for s in samples], size)
+    return pixels, [s.caption for s in samples], samples
+
+
+def world_sft(
+    cfg: world.WorldConfig,
+    split: str,
+    *,
+    size: int,
+    pixels: np.ndarray | None = None,
+    captions: bool = True,
+) -> list[SFTExample]:
+    """Stage-2 examples of a split: every question of every image, the caption task, the
+    two-image questions and the video questions (frames in order).
+
+    Args:
+        cfg: the world.
+        split: ``train`` or ``heldout``.
+        size: the vision tower's input size.
+        pixels: the split's images already rendered by ``world_pairs`` (saves re-rendering).
+        captions: include the captioning task.
+    """
+    samples = list(world.generate(cfg, split))
+    if pixels is None:
+        pixels = to_uint8([s.image for s in samples], size)
+    by_id = {s.id: pixels[i] for i, s in enumerate(samples)}
+    out: list[SFTExample] = []
+    for s in samples:
+        img = by_id[s.id]
+        for qa in s.qas:
+            out.append(SFTExample(f"{s.id}/{qa.kind}", world.to_messages(s, qa), [img], qa.kind))
+        if captions:
+            out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption"))
+    for p in world.generate_pairs(cfg, split):
+        imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]
+        imgs = [im if im is not None else to_uint8([sm.image], size)[0] for im, sm in zip(imgs, (p.first, p.second))]
+        out.append(SFTExample(p.id, world.to_messages(p, p.qa), imgs, p.qa.kind))
+    for v in world.generate_videos(cfg, split):
+        frames = list(to_uint8(v.frames, size))
+        out.append(SFTExample(v.id, world.to_messages(v, v.qa), frames, v.qa.kind))
+    return out
+
+
+def answer_of(ex: SFTExample) -> str:
+    """The reference answer: the text of the last assistant message."""
+    content = ex.messages[-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def prompt_of(ex: SFTExample) -> list[dict]:
+    """The conversation without its final assistant answer (what a model is asked)."""
+    if ex.messages[-1]["role"] != "assistant":
+        raise ValueError(f"{ex.id}: expected the conversation to end with an assistant turn")
+    return ex.messages[:-1]

@@ -1,0 +1,495 @@
+"""Batched autoregressive decoding for ``VisionLanguageModel`` with a KV cache.
+
+Three layers, so that serving can drive its own batches with the same pieces:
+
+- ``prefill``: left-padded prompts (images scattered in by ``model.embed_inputs``) -> the
+  next-token logits of every row and a ``DecodeState`` (the transformers ``DynamicCache``, the
+  attention mask so far, each row's next position id).
+- ``decode_step``: one new token per row -> the next logits; the cache grows by one position.
+- ``sample_next``: logits -> token ids, per-row temperature / top-k / top-p (nucleus: Holtzman
+  et al. 2020, "The Curious Case of Neural Text Degeneration") and per-row ``torch.Generator``.
+
+``generate`` wires them into the usual loop: rows stop on their own (a stop token id, a stop
+string, ``max_new_tokens``) and a finished row is dropped from the batch and its cache.
+
+Position ids come from the attention mask (``cumsum - 1``), so a left-padded row sees exactly
+the positions it would see alone, and batched greedy decoding matches unbatched decoding.
+
+transformers' ``GenerationMixin`` is not used because our model is not a ``PreTrainedModel``
+and serving needs the step function on its own (continuous batching); the loop is short.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from vlm.llava import VisionLanguageModel
+from vlm.tokenizer import IM_END
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+# ----------------------------------------------------------------------------- config / result
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode one request.
+
+    Args:
+        max_new_tokens: the most tokens to generate (a stop token counts as generated).
+        temperature: softmax temperature; 0 means greedy (argmax).
+        top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
+            reaches ``top_p`` (1.0 keeps all).
+        top_k: keep only the ``top_k`` most likely tokens (None or 0 keeps all).
+        stop_strings: stop when the generated text contains one; the text is cut before it.
+        stop_token_ids: stop after generating one of these. None: the tokenizer's
+            ``<|im_end|>`` and its eos token.
+        seed: seeds the row's own ``torch.Generator`` (reproducible sampling). When one config
+            is shared by a batch, row ``i`` uses ``seed + i``. None: the global torch RNG.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"top_k: expected None or an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.stop_strings, str):
+            raise ValueError(f"stop_strings: expected a list of strings, got the string {self.stop_strings!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
+
+
+@dataclass
+class GenerationResult:
+    """One row's output.
+
+    ``token_ids`` holds every generated id, the stop token included; ``text`` is their decoded
+    text without special tokens, the stop token, or anything from a stop string on.
+    ``stop`` is what stopped the row (a token id or a stop string), None for "length".
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    stop: int | str | None = None
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _per_row(value: float | int | torch.Tensor | None, batch: int, *, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(0 if value is None else value, dtype=dtype, device=device)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected a scalar or shape ({batch},), got shape {tuple(t.shape)}")
+    return t
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 0.0,
+    top_p: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Pick the next token of each row: (B, V) logits -> (B,) ids.
+
+    Every knob is a scalar or a (B,) tensor (one value per row). The filters apply in the order
+    temperature, top-k, top-p, as in transformers; a row with temperature 0 takes the argmax.
+
+    Args:
+        logits: (B, V) next-token logits.
+        temperature: 0 means greedy for that row.
+        top_p: in (0, 1]; the first (most likely) token is always kept.
+        top_k: None or 0 keeps every token.
+        generators: one per row (None entries use the global RNG); a sampled row draws exactly
+            one uniform number from its generator per call. CPU generators, so a seed gives the
+            same draws on any device.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits: expected shape (B, V), got {tuple(logits.shape)}")
+    b, v = logits.shape
+    dev = logits.device
+    logits = logits.float()
+    temp = _per_row(temperature, b, dtype=torch.float32, device=dev, name="temperature")  # (B,)
+    p = _per_row(top_p, b, dtype=torch.float32, device=dev, name="top_p")  # (B,)
+    k = _per_row(top_k, b, dtype=torch.long, device=dev, name="top_k")  # (B,)
+    if generators is not None and len(generators) != b:
+        raise ValueError(f"generators: expected one per row ({b}), got {len(generators)}")
+
+    greedy_ids = logits.argmax(-1)  # (B,)
+    sampled = temp > 0  # (B,)
+    if not bool(sampled.any()):
+        return greedy_ids
+
+    scaled = logits / temp.clamp_min(1e-6).unsqueeze(-1)  # (B, V)
+    # A stable sort keeps the lower id first among ties, like argmax.
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    rank = torch.arange(v, device=dev).unsqueeze(0)  # (1, V)
+    k_eff = torch.where(k > 0, k, torch.full_like(k, v)).unsqueeze(-1)  # (B, 1)
+    keep = rank < k_eff  # (B, V)
+    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
+    mass_before = probs.cumsum(-1) - probs  # (B, V) probability of the strictly more likely tokens
+    keep &= mass_before < p.unsqueeze(-1)
+    keep[:, 0] = True
+    probs = probs.masked_fill(~keep, 0.0)
+    cdf = probs.cumsum(-1)  # (B, V), unnormalised
+
+    # Inverse-CDF draw with one uniform per sampled row, from that row's generator.
+    u = torch.zeros(b)
+    rows = sampled.nonzero().flatten().tolist()
+    for i in rows:
+        g = generators[i] if generators is not None else None
+        u[i] = torch.rand((), generator=g)
+    u = u.to(dev) * cdf[:, -1]  # (B,)
+    idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).clamp_max(v - 1)  # (B, 1)
+    sampled_ids = order.gather(-1, idx).squeeze(-1)  # (B,)
+    return torch.where(sampled, sampled_ids, greedy_ids)
+
+
+# ----------------------------------------------------------------------------- prefill / step
+
+
+@dataclass
+class DecodeState:
+    """What a decode step needs besides the model: the KV cache and per-row bookkeeping.
+
+    ``attention_mask`` is (B, L_seen) with 0 at left padding; ``next_positions`` is (B,), the
+    position id the next token of each row gets.
+    """
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    next_positions: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order), e.g. to drop finished rows from the batch."""
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.attention_mask.device)
+        self.cache.batch_select_indices(idx)
+        self.attention_mask = self.attention_mask[idx]
+        self.next_positions = self.next_positions[idx]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], *, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to one (B, L) tensor; returns ``(input_ids, attention_mask)``."""
+    if len(sequences) == 0:
+        raise ValueError("expected at least one sequence, got none")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, L)
+    for i, s in enumerate(sequences):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, L) position ids counting real tokens only (0 on the padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _cache_kwarg(decoder: torch.nn.Module) -> str:
+    """The decoder's name for the KV-cache argument: ``cache`` (transformers >= 5.x renamed it)
+    or ``past_key_values`` (older releases, and the deprecated alias that warns on every call)."""
+    return _cache_kwarg_of(type(decoder))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def prefill(
+    model: VisionLanguageModel,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, DecodeState]:
+    """Run the prompts through the model and start a KV cache.
+
+    Args:
+        model: the vision-language model.
+        input_ids: (B, L) left-padded prompts; image positions hold ``model.image_token_id``.
+        attention_mask: (B, L), 1 on real tokens, 0 on the left padding.
+        pixel_values: (N, 3, S, S) every image of the batch in reading order.
+        image_features: (N, T, D) precomputed ``model.image_features(...)`` instead of pixels.
+
+    Returns:
+        ``(logits, state)``: (B, V) float32 next-token logits and the state for ``decode_step``.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.ndim != 2:
+        raise ValueError(
+            f"expected input_ids and attention_mask of the same shape (B, L), got "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("expected every prompt to have at least one token, got an empty row")
+    embeds = model.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)  # (B, L, D)
+    positions = positions_from_mask(attention_mask)  # (B, L)
+    cache = DynamicCache(config=model.decoder.config)
+    out = model.decoder(
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        **{_cache_kwarg(model.decoder): cache},
+        use_cache=True,
+        logits_to_keep=1,  # left padding: the last position is every row's last real token
+    )
+    state = DecodeState(cache=cache, attention_mask=attention_mask, next_positions=positions[:, -1] + 1)
+    return out.logits[:, -1].float(), state  # (B, V)
+
+
+def decode_step(model: VisionLanguageModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row; the cache and ``state`` advance by one position.
+
+    A generated ``<image>`` id is embedded as a plain token (there are no features for it).
+
+    Args:
+        model: the model ``state`` was prefilled with.
+        state: from ``prefill`` (updated in place).
+        token_ids: (B,) the tokens just chosen.
+
+    Returns:
+        (B, V) float32 logits for the token after ``token_ids``.
+    """
+    if token_ids.shape != (state.batch_size,):
+        raise ValueError(f"token_ids: expected shape ({state.batch_size},), got {tuple(token_ids.shape)}")
+    embeds = model.decoder.get_input_embeddings()(token_ids.unsqueeze(-1))  # (B, 1, D)
+    ones = torch.ones_like(state.attention_mask[:, :1])  # (B, 1)
+    mask = torch.cat([state.attention_mask, ones], dim=-1)  # (B, L_seen + 1)
+    out = model.decoder(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=state.next_positions.unsqueeze(-1),  # (B, 1)
+        **{_cache_kwarg(model.decoder): state.cache},
+        use_cache=True,
+    )
+    state.attention_mask = mask
+    state.next_positions = state.next_positions + 1
+    return out.logits[:, -1].float()  # (B, V)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def default_stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's ``<|im_end|>`` (when it has one) and its eos token."""
+    ids: list[int] = []
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    if im_end is not None and tokenizer.convert_ids_to_tokens(im_end) == IM_END:
+        ids.append(int(im_end))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _configs(config: GenerationConfig | Sequence[GenerationConfig] | None, batch: int) -> list[GenerationConfig]:
+    if config is None:
+        return [GenerationConfig()] * batch
+    if isinstance(config, GenerationConfig):
+        return [config] * batch
+    configs = list(config)
+    if len(configs) != batch or not all(isinstance(c, GenerationConfig) for c in configs):
+        raise ValueError(f"config: expected one GenerationConfig or a list of {batch}, got {config!r}")
+    return configs
+
+
+def _stack_media(
+    media: Sequence[torch.Tensor | None] | None,
+    *,
+    input_ids: Sequence[Sequence[int]],
+    image_token_id: int,
+    tokens_per_image: int | None,
+    name: str,
+) -> torch.Tensor | None:
+    """Check each row's image count against its image tokens; concatenate in reading order."""
+    if media is None:
+        return None
+    if len(media) != len(input_ids):
+        raise ValueError(f"{name}: expected one entry (tensor or None) per prompt ({len(input_ids)}), got {len(media)}")
+    parts = []
+    for i, (m, ids) in enumerate(zip(media, input_ids)):
+        n_slots = sum(1 for t in ids if t == image_token_id)
+        n = 0 if m is None else int(m.shape[0])
+        per = tokens_per_image if tokens_per_image is not None else (int(m.shape[1]) if m is not None else 0)
+        if n * per != n_slots:
+            raise ValueError(
+                f"prompt {i}: has {n_slots} image-token positions ({per} per image) but {n} "
+                f"{'images' if name == 'images' else 'feature sets'} were given in {name}[{i}]"
+            )
+        if m is not None and n:
+            parts.append(m)
+    return torch.cat(parts) if parts else None
+
+
+class _Row:
+    """Bookkeeping of one row while it decodes."""
+
+    def __init__(self, *, cfg: GenerationConfig, stop_ids: set[int], generator: torch.Generator | None, num_prompt: int, max_new: int) -> None:
+        self.cfg = cfg
+        self.stop_ids = stop_ids
+        self.generator = generator
+        self.num_prompt = num_prompt
+        self.max_new = max_new
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish: str | None = None
+        self.stop: int | str | None = None
+
+    def push(self, token: int, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Append ``token``; set ``finish`` if the row is done."""
+        self.ids.append(token)
+        if token in self.stop_ids:
+            self.finish, self.stop = FINISH_STOP, token
+            self.text = tokenizer.decode(self.ids[:-1], skip_special_tokens=True)
+            return
+        if self.cfg.stop_strings:
+            # Decoding the whole answer each step keeps multi-byte characters that span tokens
+            # right; only the tail that can hold a new match is searched.
+            before = len(self.text)
+            self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
+            longest = max(len(s) for s in self.cfg.stop_strings)
+            start = max(0, before - longest)
+            hits = [(self.text.find(s, start), s) for s in self.cfg.stop_strings]
+            hits = [(at, s) for at, s in hits if at >= 0]
+            if hits:
+                at, s = min(hits)
+                self.text = self.text[:at]
+                self.finish, self.stop = FINISH_STOP, s
+                return
+        if len(self.ids) >= self.max_new:
+            self.finish = FINISH_LENGTH
+
+    def result(self, tokenizer: PreTrainedTokenizerBase) -> GenerationResult:
+        if self.finish == FINISH_LENGTH or (self.finish is None):
+            self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        return GenerationResult(
+            text=self.text,
+            token_ids=list(self.ids),
+            finish_reason=self.finish or FINISH_LENGTH,
+            num_prompt_tokens=self.num_prompt,
+            num_generated_tokens=len(self.ids),
+            stop=self.stop,
+        )
+
+
+def generate(
+    model: VisionLanguageModel,
+    *,
+    input_ids: Sequence[Sequence[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+    images: Sequence[torch.Tensor | None] | None = None,
+    image_features: Sequence[torch.Tensor | None] | None = None,
+) -> list[GenerationResult]:
+    """Generate a continuation for each prompt, batched, with a KV cache.
+
+    Args:
+        model: the vision-language model (put it in ``eval()`` mode first).
+        input_ids: one token list per prompt (e.g. ``vlm.chat.encode_chat(...).input_ids``),
+            with ``model.tokens_per_image`` image ids per image.
+        tokenizer: decodes the answers; gives the default stop token ids.
+        config: one ``GenerationConfig`` for every row, or one per row.
+        images: per prompt, its images as an (N_i, 3, S, S) pixel tensor, or None when it has
+            none. Rows with no images may also be left out entirely by passing None.
+        image_features: per prompt, precomputed (N_i, T, D) ``model.image_features`` (a cache
+            of encoder outputs) or None; give either ``images`` or ``image_features``.
+
+    Returns:
+        One ``GenerationResult`` per prompt, in order.
+    """
+    if images is not None and image_features is not None:
+        raise ValueError("expected either images or image_features, got both")
+    prompts = [list(map(int, p)) for p in input_ids]
+    if not prompts:
+        return []
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"input_ids[{i}]: expected a non-empty prompt, got []")
+    configs = _configs(config, len(prompts))
+    pixels = _stack_media(
+        images, input_ids=prompts, image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image, name="images"
+    )
+    feats = _stack_media(
+        image_features, input_ids=prompts, image_token_id=model.image_token_id, tokens_per_image=None, name="image_features"
+    )
+    if pixels is None and feats is None and any(model.image_token_id in p for p in prompts):
+        raise ValueError("the prompts hold image tokens but neither images nor image_features were given")
+
+    max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
+    default_stops = default_stop_token_ids(tokenizer)
+    rows: list[_Row] = []
+    for i, (p, cfg) in enumerate(zip(prompts, configs)):
+        if max_pos and len(p) >= max_pos:
+            raise ValueError(f"input_ids[{i}]: expected a prompt shorter than the decoder's {max_pos} positions, got {len(p)} tokens")
+        gen = None
+        if cfg.seed is not None:
+            gen = torch.Generator().manual_seed(cfg.seed + (i if isinstance(config, GenerationConfig) else 0))
+        max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(p))
+        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stops)
+        rows.append(_Row(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(p), max_new=max_new))
+
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_token_id=model.pad_token_id)  # (B, L)
+    with torch.inference_mode():
+        dtype = next(model.parameters()).dtype
+        logits, state = prefill(
+            model,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=None if pixels is None else pixels.to(device, dtype),
+            image_features=None if feats is None else feats.to(device, dtype),
+        )
+        active = list(range(len(rows)))  # batch row -> prompt index
+        while active:
+            live = [rows[r] for r in active]
+            next_ids = sample_next(
+                logits,
+                temperature=torch.tensor([r.cfg.temperature for r in live]),
+                top_p=torch.tensor([r.cfg.top_p for r in live]),
+                top_k=torch.tensor([r.cfg.top_k or 0 for r in live]),
+                generators=[r.generator for r in live],
+            )  # (B_active,)
+            for row, tok in zip(live, next_ids.tolist()):
+                row.push(tok, tokenizer)
+            keep = [j for j, row in enumerate(live) if row.finish is None]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                state.select(keep)
+                next_ids = next_ids[keep]
+                active = [active[j] for j in keep]
+            logits = decode_step(model, state, next_ids)
+    return [r.result(tokenizer) for r in rows]

@@ -1,0 +1,139 @@
+"""Contrastive losses with an injected distributed gather.
+
+- ``clip_loss``: symmetric InfoNCE (Radford et al. 2021, "Learning Transferable Visual Models
+  From Natural Language Supervision", eq. in Fig. 3).
+- ``siglip_loss``: pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
+  Pre-Training", Algorithm 1).
+
+Distributed context is passed in, never read from the environment: ``rank``, ``world_size`` and
+a ``gather`` function that maps a local (B, D) tensor to the list of every rank's (B, D) tensor.
+With ``local_loss`` each rank scores only its own rows against all columns (memory linear in
+the global batch); the mean over ranks then equals the single-process loss on the concatenated
+batch, and with a gather that carries gradients so do the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Gather = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+def no_gather(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x]
+
+
+def torch_distributed_gather(*, with_grad: bool) -> Gather:
+    """A gather over the default ``torch.distributed`` process group.
+
+    With ``with_grad`` the all-gather is differentiable (gradients flow back to the rank that
+    produced each slice); without, other ranks' slices are constants and only the local slice,
+    put back in place, carries gradient.
+    """
+    import torch.distributed as dist
+
+    def gather(x: torch.Tensor) -> list[torch.Tensor]:
+        if with_grad:
+            import torch.distributed.nn.functional as dist_nn
+
+            return list(dist_nn.all_gather(x))
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.detach())
+        parts[dist.get_rank()] = x
+        return parts
+
+    return gather
+
+
+def _gathered(x: torch.Tensor, *, rank: int, world_size: int, gather: Gather) -> torch.Tensor:
+    if world_size == 1:
+        return x
+    parts = gather(x)
+    if len(parts) != world_size:
+        raise ValueError(f"gather returned {len(parts)} tensors, expected world_size={world_size}")
+    return torch.cat(parts, dim=0)
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather = no_gather,
+    local_loss: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE over L2-normalised features.
+
+    Args:
+        image_features: (B, D) this rank's image embeddings, normalised.
+        text_features: (B, D) this rank's text embeddings, normalised; row i pairs image i.
+        logit_scale: scalar, already exponentiated (the temperature's inverse).
+        rank: this rank's index; its rows sit at ``rank * B`` in the gathered batch.
+        world_size: number of ranks.
+        gather: local (B, D) -> list of ``world_size`` (B, D) tensors.
+        local_loss: score only local rows against all columns; otherwise the full
+            (N*B, N*B) matrix on every rank.
+
+    Returns:
+        ``{"loss", "loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"}``.
+    """
+    b = image_features.shape[0]
+    all_img = _gathered(image_features, rank=rank, world_size=world_size, gather=gather)  # (N*B, D)
+    all_txt = _gathered(text_features, rank=rank, world_size=world_size, gather=gather)  # (N*B, D)
+    if local_loss or world_size == 1:
+        logits_i2t = logit_scale * image_features @ all_txt.T  # (B, N*B)
+        logits_t2i = logit_scale * text_features @ all_img.T  # (B, N*B)
+        labels = torch.arange(b, device=image_features.device) + rank * b
+    else:
+        logits_i2t = logit_scale * all_img @ all_txt.T  # (N*B, N*B)
+        logits_t2i = logits_i2t.T
+        labels = torch.arange(all_img.shape[0], device=image_features.device)
+    loss_i2t = F.cross_entropy(logits_i2t, labels)
+    loss_t2i = F.cross_entropy(logits_t2i, labels)
+    with torch.no_grad():
+        acc_i2t = (logits_i2t.argmax(-1) == labels).float().mean()
+        acc_t2i = (logits_t2i.argmax(-1) == labels).float().mean()
+    return {
+        "loss": (loss_i2t + loss_t2i) / 2,
+        "loss_i2t": loss_i2t,
+        "loss_t2i": loss_t2i,
+        "acc_i2t": acc_i2t,
+        "acc_t2i": acc_t2i,
+    }
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather = no_gather,
+) -> dict[str, torch.Tensor]:
+    """Sigmoid loss: every (image, text) pair is a binary problem, +1 on the diagonal.
+
+    Local images are scored against the gathered texts and the sum is divided by the local
+    batch size, so the mean over ranks equals the single-process loss on the whole batch.
+
+    Args:
+        image_features: (B, D) normalised.
+        text_features: (B, D) normalised.
+        logit_scale: scalar, exponentiated.
+        logit_bias: scalar.
+        rank, world_size, gather: as in ``clip_loss``.
+    """
+    b = image_features.shape[0]
+    all_txt = _gathered(text_features, rank=rank, world_size=world_size, gather=gather)  # (N*B, D)
+    logits = logit_scale * image_features @ all_txt.T + logit_bias  # (B, N*B)
+    signs = -torch.ones_like(logits)
+    idx = torch.arange(b, device=logits.device)
+    signs[idx, idx + rank * b] = 1.0
+    loss = -F.logsigmoid(signs * logits).sum() / b
+    return {"loss": loss}
