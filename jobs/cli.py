@@ -65,7 +65,30 @@ def _cmd_demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _lazy(module: str, attr: str = "main"):
+    """A subcommand whose module is imported only when it runs (keeps `vlm --help` fast)."""
+
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), attr)(argv) or 0)
+
+    run.module = module  # type: ignore[attr-defined]
+    return run
+
+
+def _available(fn) -> bool:
+    import importlib.util
+
+    module = getattr(fn, "module", None)
+    return module is None or importlib.util.find_spec(module) is not None
+
+
 COMMANDS = {
+    "curate": (_lazy("pipelines.cli"), "download, validate, filter, dedup and tokenize image-text pairs into WebDataset shards (Ray Data)"),
+    "train": (_lazy("jobs.train"), "train a stage on Ray Train + DeepSpeed: `vlm train contrastive|sft`"),
+    "submit": (_lazy("jobs.submit"), "submit a command to a Ray cluster as a Ray Job and stream its logs"),
+    "serve": (_lazy("serve.cli"), "serve a checkpoint behind an OpenAI-compatible API on Ray Serve"),
     "demo": (_cmd_demo, "generate data, train stage 1 and stage 2 in-process, answer held-out questions"),
     "world": (_cmd_world, "write the generated image-text world to disk"),
     "presets": (_cmd_presets, "list model presets"),
@@ -75,18 +98,19 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {k: v for k, v in COMMANDS.items() if _available(v[0])}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: vlm COMMAND [options]\n\ncommands:")
-        for name, (_, help_) in COMMANDS.items():
+        for name, (_, help_) in commands.items():
             print(f"  {name:<10} {help_}")
         print("\n`vlm COMMAND --help` describes each command.")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        print(f"vlm: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+    if cmd not in commands:
+        print(f"vlm: unknown command {cmd!r}; expected one of {', '.join(commands)}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[cmd][0](rest)
+        return commands[cmd][0](rest)
     except ConfigError as e:
         print(f"vlm {cmd}: config error: {e}", file=sys.stderr)
         return 2

@@ -78,7 +78,7 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
     report["stage1"] = s1.metrics
 
     log(f"[stage 2] SFT from the stage-1 vision tower, {cfg.stage2.steps} steps of {cfg.stage2.batch_size}")
-    train_ex = world_sft(wc, "train", size=size, pixels=tr_pix)
+    train_ex = world_sft(wc, "train", size=size, pixels=tr_pix, caption_every=cfg.mix.caption_every)
     eval_ex = world_sft(wc, "heldout", size=size, pixels=ev_pix)
     s2 = train_sft(cfg, tokenizer=tokenizer, train_examples=train_ex, eval_examples=eval_ex, vision=s1.model.vision, log=log, progress=progress)
     log("[stage 2] held-out exact match: " + ", ".join(f"{k} {v:.3f}" for k, v in s2.metrics.items()))

@@ -121,7 +121,7 @@ def train_contrastive(
         scheduler.step()
         rec = {
             "step": step + 1,
-            "loss": float(out["loss"]),
+            "loss": out["loss"].item(),
             "acc_i2t": float(out["acc_i2t"]) if "acc_i2t" in out else float("nan"),
             "logit_scale": float(out["logit_scale"]),
             "lr": scheduler.get_last_lr()[0],
@@ -237,7 +237,7 @@ def train_sft(
         elapsed = time.perf_counter() - t0
         rec = {
             "step": step + 1,
-            "loss": float(out.loss),
+            "loss": out.loss.item(),
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(gnorm),
             "tokens_per_s": tokens_seen / elapsed,

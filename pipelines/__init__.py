@@ -1,0 +1,1 @@
+"""Curation: row/batch functions for Ray Data, and the writer of the generated world."""

@@ -192,6 +192,13 @@ class OptimConfig:
 
 
 @dataclass
+class MixConfig:
+    """The stage-2 training mixture drawn from the generated world."""
+
+    caption_every: int = 1  # the captioning task for every k-th image (0: never)
+
+
+@dataclass
 class Config:
     """Everything one run needs. ``name`` is the preset it came from."""
 
@@ -201,6 +208,7 @@ class Config:
     data: WorldConfig = field(default_factory=WorldConfig)  # the generated world (vlm.world)
     stage1: OptimConfig = field(default_factory=OptimConfig)
     stage2: OptimConfig = field(default_factory=OptimConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -76,16 +76,19 @@ def collate_sft(
     for ex in examples:
         try:
             enc = encode_chat(ex.messages, tokenizer, num_image_tokens=num_image_tokens, max_length=max_length, system_prompt=system_prompt)
-            if enc.num_images != len(ex.images):
+            ex_images = list(ex.images)
+            if enc.num_dropped_turns and enc.num_images < len(ex_images):
+                ex_images = ex_images[: enc.num_images]  # trailing turns were truncated with their images
+            if enc.num_images != len(ex_images):
                 raise SampleError(
                     "image_count_mismatch",
-                    f"the conversation has {enc.num_images} image slots but {len(ex.images)} images were given",
+                    f"the conversation has {enc.num_images} image slots but {len(ex_images)} images were given",
                 )
         except SampleError as e:
             skipped.append((ex.id, e))
             continue
         encoded.append(enc)
-        images.extend(ex.images)
+        images.extend(ex_images)
     if not encoded:
         return None, skipped
     batch = collate(encoded, pad_id=tokenizer.pad_token_id, padding_side="right")
@@ -112,7 +115,7 @@ def world_sft(
     *,
     size: int,
     pixels: np.ndarray | None = None,
-    captions: bool = True,
+    caption_every: int = 1,
 ) -> list[SFTExample]:
     """Stage-2 examples of a split: every question of every image, the caption task, the
     two-image questions and the video questions (frames in order).
@@ -122,7 +125,8 @@ def world_sft(
         split: ``train`` or ``heldout``.
         size: the vision tower's input size.
         pixels: the split's images already rendered by ``world_pairs`` (saves re-rendering).
-        captions: include the captioning task.
+        caption_every: include the captioning task for every k-th image (0: never). Captions
+            are long answers: at 1 they outweigh one-word answers in a token-averaged loss.
     """
     samples = list(world.generate(cfg, split))
     if pixels is None:
@@ -133,7 +137,7 @@ def world_sft(
         img = by_id[s.id]
         for qa in s.qas:
             out.append(SFTExample(f"{s.id}/{qa.kind}", world.to_messages(s, qa), [img], qa.kind))
-        if captions:
+        if caption_every and s.index % caption_every == 0:
             out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption"))
     for p in world.generate_pairs(cfg, split):
         imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]

@@ -171,7 +171,9 @@ def to_hf_llava(model: VisionLanguageModel) -> LlavaForConditionalGeneration:
     return hf.eval()
 
 
-def verify_export(model: VisionLanguageModel, hf: LlavaForConditionalGeneration, *, atol: float = VERIFY_ATOL) -> float:
+def verify_export(
+    model: VisionLanguageModel, hf: LlavaForConditionalGeneration, *, atol: float = VERIFY_ATOL
+) -> float:
     """Run both models on one image + text batch; raise ``ValueError`` if the logits differ.
 
     Returns the largest absolute logit difference.

@@ -65,16 +65,20 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature >= 0.0:
             raise ValueError(f"temperature: expected a number >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"top_k: expected None or an integer >= 0, got {self.top_k!r}")
         if isinstance(self.stop_strings, str):
-            raise ValueError(f"stop_strings: expected a list of strings, got the string {self.stop_strings!r}")
+            raise ValueError(
+                f"stop_strings: expected a list of strings, got the string {self.stop_strings!r}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
 
@@ -99,7 +103,9 @@ class GenerationResult:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _per_row(value: float | int | torch.Tensor | None, batch: int, *, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+def _per_row(
+    value: float | int | torch.Tensor | None, batch: int, *, dtype: torch.dtype, device: torch.device, name: str
+) -> torch.Tensor:
     t = torch.as_tensor(0 if value is None else value, dtype=dtype, device=device)
     if t.ndim == 0:
         return t.expand(batch)
@@ -229,6 +235,7 @@ def _cache_kwarg_of(cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@torch.inference_mode()
 def prefill(
     model: VisionLanguageModel,
     *,
@@ -256,7 +263,9 @@ def prefill(
         )
     if bool((attention_mask.sum(-1) == 0).any()):
         raise ValueError("expected every prompt to have at least one token, got an empty row")
-    embeds = model.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)  # (B, L, D)
+    embeds = model.embed_inputs(
+        input_ids, pixel_values=pixel_values, image_features=image_features
+    )  # (B, L, D)
     positions = positions_from_mask(attention_mask)  # (B, L)
     cache = DynamicCache(config=model.decoder.config)
     out = model.decoder(
@@ -271,7 +280,8 @@ def prefill(
     return out.logits[:, -1].float(), state  # (B, V)
 
 
-def decode_step(model: VisionLanguageModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+@torch.inference_mode()
+def decode_step(model: VisionLanguageModel, *, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
     """Feed one token per row; the cache and ``state`` advance by one position.
 
     A generated ``<image>`` id is embedded as a plain token (there are no features for it).
@@ -315,7 +325,9 @@ def default_stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return ids
 
 
-def _configs(config: GenerationConfig | Sequence[GenerationConfig] | None, batch: int) -> list[GenerationConfig]:
+def _configs(
+    config: GenerationConfig | Sequence[GenerationConfig] | None, batch: int
+) -> list[GenerationConfig]:
     if config is None:
         return [GenerationConfig()] * batch
     if isinstance(config, GenerationConfig):
@@ -338,7 +350,9 @@ def _stack_media(
     if media is None:
         return None
     if len(media) != len(input_ids):
-        raise ValueError(f"{name}: expected one entry (tensor or None) per prompt ({len(input_ids)}), got {len(media)}")
+        raise ValueError(
+            f"{name}: expected one entry (tensor or None) per prompt ({len(input_ids)}), got {len(media)}"
+        )
     parts = []
     for i, (m, ids) in enumerate(zip(media, input_ids)):
         n_slots = sum(1 for t in ids if t == image_token_id)
@@ -357,7 +371,15 @@ def _stack_media(
 class _Row:
     """Bookkeeping of one row while it decodes."""
 
-    def __init__(self, *, cfg: GenerationConfig, stop_ids: set[int], generator: torch.Generator | None, num_prompt: int, max_new: int) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: GenerationConfig,
+        stop_ids: set[int],
+        generator: torch.Generator | None,
+        num_prompt: int,
+        max_new: int,
+    ) -> None:
         self.cfg = cfg
         self.stop_ids = stop_ids
         self.generator = generator
@@ -377,11 +399,12 @@ class _Row:
             return
         if self.cfg.stop_strings:
             # Decoding the whole answer each step keeps multi-byte characters that span tokens
-            # right; only the tail that can hold a new match is searched.
+            # right. Only the tail that can hold a new match is searched: the last `longest`
+            # characters, plus a few for a partial UTF-8 character that decoded as U+FFFD.
             before = len(self.text)
             self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
             longest = max(len(s) for s in self.cfg.stop_strings)
-            start = max(0, before - longest)
+            start = max(0, before - longest - 4)
             hits = [(self.text.find(s, start), s) for s in self.cfg.stop_strings]
             hits = [(at, s) for at, s in hits if at >= 0]
             if hits:
@@ -393,7 +416,7 @@ class _Row:
             self.finish = FINISH_LENGTH
 
     def result(self, tokenizer: PreTrainedTokenizerBase) -> GenerationResult:
-        if self.finish == FINISH_LENGTH or (self.finish is None):
+        if self.finish != FINISH_STOP:  # stopped rows already hold their final text
             self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
         return GenerationResult(
             text=self.text,
@@ -439,13 +462,14 @@ def generate(
         if not p:
             raise ValueError(f"input_ids[{i}]: expected a non-empty prompt, got []")
     configs = _configs(config, len(prompts))
+    image_id = model.image_token_id
     pixels = _stack_media(
-        images, input_ids=prompts, image_token_id=model.image_token_id, tokens_per_image=model.tokens_per_image, name="images"
+        images, input_ids=prompts, image_token_id=image_id, tokens_per_image=model.tokens_per_image, name="images"
     )
     feats = _stack_media(
-        image_features, input_ids=prompts, image_token_id=model.image_token_id, tokens_per_image=None, name="image_features"
+        image_features, input_ids=prompts, image_token_id=image_id, tokens_per_image=None, name="image_features"
     )
-    if pixels is None and feats is None and any(model.image_token_id in p for p in prompts):
+    if pixels is None and feats is None and any(image_id in p for p in prompts):
         raise ValueError("the prompts hold image tokens but neither images nor image_features were given")
 
     max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
@@ -453,7 +477,10 @@ def generate(
     rows: list[_Row] = []
     for i, (p, cfg) in enumerate(zip(prompts, configs)):
         if max_pos and len(p) >= max_pos:
-            raise ValueError(f"input_ids[{i}]: expected a prompt shorter than the decoder's {max_pos} positions, got {len(p)} tokens")
+            raise ValueError(
+                f"input_ids[{i}]: expected a prompt shorter than the decoder's {max_pos} positions, "
+                f"got {len(p)} tokens"
+            )
         gen = None
         if cfg.seed is not None:
             gen = torch.Generator().manual_seed(cfg.seed + (i if isinstance(config, GenerationConfig) else 0))
@@ -491,5 +518,5 @@ def generate(
                 state.select(keep)
                 next_ids = next_ids[keep]
                 active = [active[j] for j in keep]
-            logits = decode_step(model, state, next_ids)
+            logits = decode_step(model, state=state, token_ids=next_ids)
     return [r.result(tokenizer) for r in rows]

@@ -808,14 +808,33 @@ class ZeroShotPrompts:
         return [t.format(classname) for t in self.templates]
 
 
+_ZS_POSITIONS = ("in the centre", "on the left", "on the right", "at the top", "at the bottom")
+
+
+def _caption_grammar_templates(slot: str) -> tuple[str, ...]:
+    """Prompt ensemble in the captions' own grammar: every other attribute enumerated, ``slot``
+    (``shape`` or ``colour``) left as ``{}``. A text tower trained only on this world's captions
+    knows this grammar, not "a photo of a ..." (CLIP's prompt ensembling, Sec. 3.1.4)."""
+    out = []
+    for bg in BACKGROUNDS:
+        for size in SIZES:
+            for pos in _ZS_POSITIONS:
+                if slot == "shape":
+                    out += [f"one shape on a {bg} background: a {size} {c} {{}} {pos}" for c in ALLOWED_COLOURS[bg]]
+                else:
+                    out += [f"one shape on a {bg} background: a {size} {{}} {k} {pos}" for k in SHAPES]
+    return tuple(out)
+
+
 _ZERO_SHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    # The first templates echo the caption grammar, which a model trained only on this world knows.
+    # Plain templates first, then the caption-grammar ensemble.
     "shape": (
         "one shape: a {}",
         "a small {}",
         "a large {}",
         "a picture of a {}",
         "a photo of a {}",
+        *_caption_grammar_templates("shape"),
     ),
     # Colour names may start with a vowel ("orange"), so no bare "a {}" before them.
     "colour": (
@@ -824,6 +843,7 @@ _ZERO_SHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
         "a small {} shape",
         "a large {} shape",
         "the {} shape",
+        *_caption_grammar_templates("colour"),
     ),
     "size": ("one shape: a {} shape", "a {} shape", "a picture of a {} shape"),
     "background": ("a shape on a {} background", "on a {} background", "a picture with a {} background"),

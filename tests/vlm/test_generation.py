@@ -97,7 +97,7 @@ def test_kv_cache_logits_match_full_recompute(model):
             nxt = logits.argmax(-1)  # (2,)
             for row in range(2):
                 generated[row].append(int(nxt[row]))
-            logits = decode_step(model, state, nxt)
+            logits = decode_step(model, state=state, token_ids=nxt)
     assert state.attention_mask.shape == (2, ids.shape[1] + 6)
 
 
@@ -139,7 +139,7 @@ def test_seeded_sampling_reproducible_and_seed_dependent(model, tokenizer):
     first, again, other = run(123), run(123), run(124)
     assert first == again
     assert first != other
-    # A shared config seeds row i with seed + i: row 0 of seed 124 is row 1's generator of seed 123.
+    # One shared config seeds row i with seed + i, so rows do not repeat each other.
     assert first[0] != first[2]
 
 
@@ -154,9 +154,8 @@ def test_near_zero_temperature_and_tiny_top_p_are_greedy(model, tokenizer):
     ):
         got = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
         assert [r.token_ids for r in got] == [r.token_ids for r in greedy], cfg
-    hot = generate(
-        model, input_ids=prompts, images=images, tokenizer=tokenizer, config=GenerationConfig(temperature=1.0, seed=0, **kw)
-    )
+    hot_cfg = GenerationConfig(temperature=1.0, seed=0, **kw)
+    hot = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=hot_cfg)
     assert [r.token_ids for r in hot] != [r.token_ids for r in greedy]
 
 
@@ -226,7 +225,8 @@ def test_default_stop_ids_are_im_end_and_eos(model, tokenizer):
         bias[tid] = 1e4
         hook = head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
         try:
-            got = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=GenerationConfig(max_new_tokens=8))
+            cfg = GenerationConfig(max_new_tokens=8)  # default stop_token_ids
+            got = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
         finally:
             hook.remove()
         for r in got:

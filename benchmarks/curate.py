@@ -1,0 +1,190 @@
+"""Curation throughput: ours (Ray Data, `vlm curate`) vs img2dataset, same URL list, same cores.
+
+    python benchmarks/curate.py [--num 10000] [--width 640 --height 480] [--cpus 2] [--record FILE]
+
+Writes a generated world of N JPEGs (cached under --work), serves it from 127.0.0.1 (a
+keep-alive ThreadingHTTPServer in its own process, shared by both tools), then runs each tool in
+its own subprocess on the same URL list with the same output: 256 px, keep_ratio, JPEG q95,
+WebDataset shards of 1,000 (ours with near-dup off, as img2dataset has none). Prints samples/s
+of each (end to end: process start to exit), ours also after Ray is up, the ratio, the peak RSS
+and CPU seconds of each tool's whole process tree (plus the server's CPU meanwhile), successes,
+and the load average before and after. On a shared machine the wall-clock ratio moves with
+other people's load; samples per CPU-second does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.world import write_url_list, write_world  # noqa: E402
+from vlm.world import WorldConfig  # noqa: E402
+
+IMG2DATASET = """
+import sys, img2dataset
+url_list, out, procs, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+img2dataset.download(url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
+    output_format="webdataset", output_folder=out, image_size=256, resize_mode="keep_ratio",
+    encode_format="jpg", encode_quality=95, processes_count=procs, thread_count=threads,
+    number_sample_per_shard=1000, timeout=10, retries=0, enable_wandb=False, distributor="multiprocessing")
+"""
+
+
+def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> int:
+    """RSS of the tree now; records each process's CPU seconds so far in ``cpu``."""
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            with p.oneshot():
+                total += p.memory_info().rss
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], *, env: dict | None = None, server: psutil.Process | None = None) -> dict:
+    """Run ``cmd``; wall seconds, the peak RSS and CPU seconds of its process tree (polled every
+    50 ms; a process that lives < 50 ms is missed), and the server's CPU seconds meanwhile."""
+    server_cpu0 = sum(server.cpu_times()[:2]) if server else 0.0
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ps, peak, stop, cpu = psutil.Process(proc.pid), [0], threading.Event(), {}
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_sample(ps, cpu))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    t.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"expected {cmd[:4]}... to exit 0, got {proc.returncode}:\n{out[-3000:]}")
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu0 if server else 0.0
+    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "cpu_s": sum(cpu.values()), "server_cpu_s": server_cpu, "log": out}
+
+
+def count_successes(out_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(
+        sum(1 for s in pq.read_table(p, columns=["status"]).column("status").to_pylist() if s == "success")
+        for p in out_dir.glob("[0-9]*.parquet")
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num", type=int, default=10_000)
+    ap.add_argument("--width", type=int, default=640)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--cpus", type=int, default=2, help="ours: Ray CPUs; img2dataset: processes")
+    ap.add_argument("--threads", type=int, default=64, help="img2dataset thread_count per process")
+    ap.add_argument("--work", default="runs/bench_curate")
+    ap.add_argument("--port", type=int, default=8931)
+    ap.add_argument("--only", choices=("both", "ours", "img2dataset"), default="both")
+    ap.add_argument("--record", default=None, help="append the result as a markdown section to this file")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for ours")
+    args = ap.parse_args(argv)
+
+    work = Path(args.work).resolve()
+    world = work / f"world_{args.num}_{args.width}x{args.height}"
+    if not (world / "manifest.json").is_file():
+        print(f"writing {args.num} images of {args.width}x{args.height} to {world} ...", flush=True)
+        cfg = WorldConfig(seed=0, num_train=args.num, num_heldout=0, num_pairs=0, num_heldout_pairs=0,
+                          num_videos=0, num_heldout_videos=0, texture=True)
+        write_world(world, config=cfg, image_width=args.width, image_height=args.height, with_broken=False,
+                    overwrite=world.exists(), num_workers=args.cpus)
+    manifest = json.loads((world / "manifest.json").read_text())
+    mean_kb = manifest["counts"]["bytes"]["images"] / args.num / 1024
+
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.local_server", str(world), str(args.port)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    base = server.stdout.readline().strip()
+    urls = write_url_list(world, base_url=base, out_path=work / "urls.parquet")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    results: dict[str, dict] = {}
+    load_before = os.getloadavg()
+    try:
+        if args.only in ("both", "img2dataset"):
+            out = work / "out_img2dataset"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_measured([sys.executable, "-c", IMG2DATASET, str(urls), str(out), str(args.cpus), str(args.threads)],
+                             env=env, server=psutil.Process(server.pid))
+            results["img2dataset"] = {**r, "successes": count_successes(out)}
+            print(f"img2dataset: {json.dumps({k: v for k, v in results['img2dataset'].items() if k != 'log'})}", flush=True)
+        if args.only in ("both", "ours"):
+            out = work / "out_ours"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "pipelines.cli", "--input", str(urls), "--output", str(out),
+                   f"run.num_cpus={args.cpus}", "image.image_size=256", "image.resize_mode=keep_ratio",
+                   "image.encode_format=jpg", "image.encode_quality=95", "output.shard_size=1000", "run.progress=false",
+                   "dedup.near=false",  # like for like: img2dataset has no near-dup filter (sha256 it computes too)
+                   *args.overrides]
+            for attempt in range(3):  # a local Ray can time out starting on an overloaded machine
+                try:
+                    r = run_measured(cmd, env=env, server=psutil.Process(server.pid))
+                    break
+                except RuntimeError as e:
+                    if "timed out during startup" not in str(e) or attempt == 2:
+                        raise
+                    print("Ray did not start (machine overloaded); trying again", flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+            summary = json.loads((out / "summary.json").read_text())
+            results["ours"] = {**r, "successes": count_successes(out), "pipeline_s": summary["pipeline_seconds"],
+                               "ray_start_s": summary["ray_start_seconds"]}
+    finally:
+        server.terminate()
+        server.wait()
+    load_after = os.getloadavg()
+
+    lines = [f"curation benchmark: {args.num} JPEGs {args.width}x{args.height} (mean {mean_kb:.0f} KB) from 127.0.0.1, "
+             f"{args.cpus} CPUs ({os.cpu_count()} visible), {platform.processor() or platform.machine()}",
+             f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"]
+    for name, r in results.items():
+        lines.append(f"{name:12s} {r['successes']:6d} ok  {r['wall_s']:7.1f} s  {args.num / r['wall_s']:7.1f} samples/s  "
+                     f"peak RSS {r['peak_rss_mb']:7.0f} MB  CPU {r['cpu_s']:6.1f} s (+ server {r['server_cpu_s']:5.1f} s) "
+                     f"= {args.num / (r['cpu_s'] + r['server_cpu_s']):6.1f} samples per CPU-second")
+    if "ours" in results:
+        o = results["ours"]
+        lines.append(f"ours after Ray is up: {o['pipeline_s']:.1f} s, {args.num / o['pipeline_s']:.1f} samples/s "
+                     f"(Ray start {o['ray_start_s']:.1f} s)")
+    if len(results) == 2:
+        ratio = results["img2dataset"]["wall_s"] / results["ours"]["wall_s"]
+        lines.append(f"ratio ours / img2dataset (end to end): {ratio:.2f}x")
+        cpu = lambda r: r["cpu_s"] + r["server_cpu_s"]  # noqa: E731
+        lines.append(f"ratio ours / img2dataset (samples per CPU-second, robust to other load): "
+                     f"{cpu(results['img2dataset']) / cpu(results['ours']):.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        with open(args.record, "a") as f:
+            f.write(f"\n## Curation ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n```\n"
+                    f"python benchmarks/curate.py --num {args.num} --cpus {args.cpus}\n{text}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

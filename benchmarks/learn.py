@@ -1,0 +1,81 @@
+"""Does the model learn? Train the `tiny` preset in-process on CPU and report held-out figures.
+
+    python benchmarks/learn.py [--preset tiny] [key.sub=value ...]
+
+Prints stage-1 text-to-image R@1 on the held-out pool (target >= 0.8 on 256 images) and stage-2
+exact match on held-out single-image questions (target >= 0.8), each next to the same run's
+baseline: chance retrieval (1 / pool) for stage 1, and for stage 2 a blind model that answers
+each question with the answer most often seen for that exact question in training (text-only
+prior: what the model could score without looking at the image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.demo import run_demo  # noqa: E402
+from vlm import world  # noqa: E402
+from vlm.config import load_config  # noqa: E402
+from vlm.data import answer_of, prompt_of, world_sft  # noqa: E402
+from vlm.evaluate import exact_match  # noqa: E402
+
+
+def question_text(ex) -> str:
+    return " ".join(p.get("text", "") for m in prompt_of(ex) for p in (m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]))
+
+
+def blind_baseline(cfg) -> dict[str, float]:
+    """Exact match of the most frequent training answer for each question string."""
+    train = world_sft(cfg.data, "train", size=8, caption_every=0)
+    held = [ex for ex in world_sft(cfg.data, "heldout", size=8, caption_every=0) if len(ex.images) == 1]
+    prior: dict[str, Counter] = defaultdict(Counter)
+    for ex in train:
+        prior[question_text(ex)][answer_of(ex)] += 1
+    overall = Counter(answer_of(ex) for ex in train)
+    preds = [(prior.get(question_text(ex)) or overall).most_common(1)[0][0] for ex in held]
+    return {"em_single_image": exact_match(preds, [answer_of(ex) for ex in held])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--output", default=None, help="keep checkpoints and the report here (default: a temporary directory)")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    cfg = load_config(preset=a.preset, overrides=a.overrides)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(a.output) if a.output else Path(tmp)
+        report = run_demo(cfg, output=out, write_world=False, progress=False, log=lambda s: print(s, flush=True))
+    s1, s2 = report["stage1"], report["stage2"]
+    pool = int(s1["pool"])
+    blind = blind_baseline(cfg)
+    print("\n== learn benchmark:", cfg.name, "==")
+    print(f"stage 1  t2i R@1 {s1['t2i_r1']:.3f} on a {pool}-image pool (chance {1 / pool:.4f}, x{s1['t2i_r1'] * pool:.0f}); "
+          f"i2t R@1 {s1['i2t_r1']:.3f}; t2i R@5 {s1['t2i_r5']:.3f}; zero-shot shape acc {s1.get('zero_shot_shape_acc', float('nan')):.3f} "
+          f"(chance {1 / len(world.SHAPES):.2f}); {s1['train_seconds']:.0f}s training")
+    print(f"stage 2  exact match, single-image questions {s2['em_single_image']:.3f} (blind text-only baseline "
+          f"{blind['em_single_image']:.3f}, ratio {s2['em_single_image'] / max(blind['em_single_image'], 1e-9):.2f}); "
+          f"{s2['train_seconds']:.0f}s training")
+    print("         per task: " + ", ".join(f"{k[3:]} {v:.3f}" for k, v in sorted(s2.items()) if k.startswith("em_")))
+    ok1, ok2 = s1["t2i_r1"] >= 0.8, s2["em_single_image"] >= 0.8
+    print(f"targets: stage 1 R@1 >= 0.8 {'met' if ok1 else 'NOT met'}; stage 2 EM >= 0.8 {'met' if ok2 else 'NOT met'}; "
+          f"total {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

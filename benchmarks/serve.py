@@ -1,0 +1,251 @@
+"""Serving throughput: our Ray Serve app against the same checkpoint served the naive way.
+
+    .venv/bin/python benchmarks/serve.py --preset tiny            # CPU, random tiny model, minutes
+    .venv/bin/python benchmarks/serve.py --checkpoint runs/demo/stage2 --levels 1 8 32
+    .venv/bin/python benchmarks/serve.py --preset base --dtype bfloat16 --device cuda   # GPU
+
+Both run behind Ray Serve on 127.0.0.1 and are called over HTTP with the same requests (one
+image + a question each, greedy, ``--max-tokens`` tokens):
+
+- ours: ``serve.app:build_app`` (ingress -> batched, cached image encoder -> batched LM), streamed,
+  so time to first token (TTFT) is the first content chunk;
+- naive: one replica that handles one request at a time with transformers' ``generate`` on the
+  decoder (image features recomputed per request, no cache); TTFT is the whole answer's latency.
+
+Printed per concurrency level: requests/s, TTFT p50/p99, generated tokens/s, and ours/naive as a
+ratio; then the cost of a repeated image in the encoder relative to its first encoding.
+"""
+
+# No ``from __future__ import annotations``: FastAPI must see the naive endpoint's real Request type.
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_checkpoint(preset: str, out: Path) -> Path:
+    """A random-weight checkpoint of ``preset`` (throughput does not depend on the weights)."""
+    from vlm.checkpoint import save_checkpoint
+    from vlm.config import load_config
+    from vlm.llava import VisionLanguageModel
+    from vlm.tokenizer import IMAGE, train_bpe_tokenizer
+
+    corpus = ["a red square above a blue circle.", "how many shapes are there?", "describe the picture."] * 50
+    tok = train_bpe_tokenizer(corpus, vocab_size=300)
+    cfg = load_config(preset=preset)
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                eos_token_id=tok.eos_token_id, image_token_id=tok.convert_tokens_to_ids(IMAGE))
+    return save_checkpoint(model.eval(), out / preset, config=cfg, tokenizer=tok)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def images(n: int, size: int) -> list[str]:
+    from vlm.world import render_scene, sample_scene
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        render_scene(sample_scene(rng), width=size, height=size).save(buf, format="PNG")
+        out.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
+def naive_deployment(checkpoint: str, device: str, dtype: str):
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(name="Naive", num_replicas=1, max_ongoing_requests=1, max_queued_requests=-1,
+                      ray_actor_options={"num_cpus": 1})
+    @serve.ingress(app)
+    class Naive:
+        """One request at a time: decode media, run the vision tower, transformers generate."""
+
+        def __init__(self) -> None:
+            from serve.deployments import load_model
+
+            ck = load_model(checkpoint, device=device, dtype=dtype)
+            self.model, self.tok, self.cfg = ck.model, ck.tokenizer, ck.config.model
+
+        @app.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> dict:
+            from serve.config import Limits
+            from serve.media import decode_image, parse_data_url
+            from vlm.chat import encode_chat
+            from vlm.generation import default_stop_token_ids
+            from vlm.image import normalize
+
+            body = await request.json()
+            content = body["messages"][0]["content"]
+            url = content[0]["image_url"]["url"]
+            data = parse_data_url(url, kind="image", max_bytes=1 << 26, where="x").data
+            pix = decode_image(data, size=self.cfg.vision.image_size, limits=Limits(), where="x")
+            msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": content[1]["text"]}]}]
+            ids = encode_chat(msgs, self.tok, num_image_tokens=self.cfg.image_tokens, add_generation_prompt=True).input_ids
+            p = next(self.model.parameters())
+            x = torch.tensor([ids], device=p.device)
+            with torch.inference_mode():
+                emb = self.model.embed_inputs(x, pixel_values=normalize(pix[None]).to(p.device, p.dtype))
+                out = self.model.decoder.generate(
+                    inputs_embeds=emb, attention_mask=torch.ones_like(x), max_new_tokens=body["max_tokens"],
+                    do_sample=False, eos_token_id=default_stop_token_ids(self.tok), pad_token_id=self.model.pad_token_id)
+            new = out[0].tolist()  # with inputs_embeds, generate returns only the new tokens
+            text = self.tok.decode(new, skip_special_tokens=True)
+            return {"choices": [{"message": {"content": text}}], "usage": {"completion_tokens": len(new)}}
+
+    return Naive.bind()
+
+
+async def run_level(url: str, bodies: list[dict], concurrency: int, *, stream: bool) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    ttfts: list[float] = []
+    tokens = 0
+
+    async def one(c: httpx.AsyncClient, body: dict) -> None:
+        nonlocal tokens
+        async with sem:
+            t0 = time.perf_counter()
+            if not stream:
+                r = await c.post(url, json=body)
+                r.raise_for_status()
+                ttfts.append(time.perf_counter() - t0)
+                tokens += r.json()["usage"]["completion_tokens"]
+                return
+            first = None
+            async with c.stream("POST", url, json={**body, "stream": True,
+                                                   "stream_options": {"include_usage": True}}) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if first is None and ev["choices"] and ev["choices"][0]["delta"].get("content"):
+                        first = time.perf_counter() - t0
+                    if ev.get("usage"):
+                        tokens += ev["usage"]["completion_tokens"]
+            ttfts.append(first if first is not None else time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(c, b) for b in bodies])
+        wall = time.perf_counter() - t0
+    return {"rps": len(bodies) / wall, "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "tok_s": tokens / wall}
+
+
+def cache_cost(checkpoint: str, device: str, dtype: str, n: int = 16) -> tuple[float, float]:
+    """Mean seconds of the encoder's ``encode`` on n new images, then on the same n again."""
+    from ray import serve
+
+    from serve.media import decode_image, parse_data_url
+    from serve.config import Limits
+
+    h = serve.get_deployment_handle("ImageEncoder", app_name="ours")
+    from vlm.config import read_config
+
+    size = read_config(Path(checkpoint) / "config.yaml").model.vision.image_size
+    pix = [decode_image(parse_data_url(u, kind="image", max_bytes=1 << 26, where="x").data, size=size, limits=Limits(),
+                        where="x") for u in images(n + 200, 96)[200:]]  # not seen by the load runs
+    first, again = [], []
+    for p in pix:
+        t = time.perf_counter()
+        _, hit = h.encode.remote(p).result()
+        first.append(time.perf_counter() - t)
+        assert not hit
+    for p in pix:
+        t = time.perf_counter()
+        _, hit = h.encode.remote(p).result()
+        again.append(time.perf_counter() - t)
+        assert hit
+    return statistics.mean(first), statistics.mean(again)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a stage-2 checkpoint; default: a random one of --preset")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=64, help="requests per level for ours (at least 2x the level)")
+    p.add_argument("--naive-requests", type=int, default=24, help="requests per level for the naive server")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to the local Ray")
+    ns = p.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import AppArgs
+
+    tmp = tempfile.TemporaryDirectory()
+    ckpt = ns.checkpoint or str(make_checkpoint(ns.preset, Path(tmp.name)))
+    ray.init(num_cpus=ns.num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+    one = {"autoscaling_config": None, "num_replicas": 1}
+    args = AppArgs(checkpoint=ckpt, model_name="m", device=ns.device, dtype=ns.dtype,
+                   ingress={"limits": {"max_output_tokens": max(512, ns.max_tokens)}, "max_inflight_requests": 1024},
+                   deployments={"Ingress": {**one, "ray_actor_options": {"num_cpus": 0.5}},
+                                "ImageEncoder": {**one, "ray_actor_options": {"num_cpus": 1}},
+                                "LanguageModel": {**one, "ray_actor_options": {"num_cpus": 1},
+                                                  "max_ongoing_requests": 128, "max_queued_requests": -1}},
+                   lm={"max_batch_size": 32, "batch_wait_timeout_s": 0.005})
+    serve.run(build_app(args), name="ours", route_prefix="/ours")
+    serve.run(naive_deployment(ckpt, ns.device, ns.dtype), name="naive", route_prefix="/naive")
+
+    pool = images(16, 96)  # 16 distinct pictures: later requests repeat them (the cache helps ours)
+    questions = ["how many shapes are there?", "describe the picture.", "what colour is the square?"]
+
+    def bodies(n: int) -> list[dict]:
+        return [{"model": "m", "max_tokens": ns.max_tokens, "temperature": 0,
+                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": pool[i % 16]}},
+                                                           {"type": "text", "text": questions[i % 3]}]}]}
+                for i in range(n)]
+
+    base = "http://127.0.0.1:8765"
+    asyncio.run(run_level(f"{base}/ours/v1/chat/completions", bodies(8), 4, stream=True))  # warm up
+    asyncio.run(run_level(f"{base}/naive/v1/chat/completions", bodies(2), 1, stream=False))
+    print(f"checkpoint {ckpt} ({ns.preset if not ns.checkpoint else 'given'}), device {ns.device} {ns.dtype}, "
+          f"max_tokens {ns.max_tokens}")
+    print(f"{'conc':>4} | {'ours req/s':>10} {'TTFT p50':>9} {'p99':>7} {'tok/s':>8} | {'naive req/s':>11} "
+          f"{'TTFT p50':>9} {'p99':>7} {'tok/s':>8} | {'x req/s':>7} {'x tok/s':>7}")
+    for c in ns.levels:
+        ours = asyncio.run(run_level(f"{base}/ours/v1/chat/completions", bodies(max(ns.requests, 2 * c)), c, stream=True))
+        naive = asyncio.run(run_level(f"{base}/naive/v1/chat/completions", bodies(max(ns.naive_requests, c)), c,
+                                      stream=False))
+        print(f"{c:>4} | {ours['rps']:>10.2f} {ours['ttft_p50']:>9.3f} {ours['ttft_p99']:>7.3f} {ours['tok_s']:>8.1f} | "
+              f"{naive['rps']:>11.2f} {naive['ttft_p50']:>9.3f} {naive['ttft_p99']:>7.3f} {naive['tok_s']:>8.1f} | "
+              f"{ours['rps'] / naive['rps']:>7.2f} {ours['tok_s'] / max(naive['tok_s'], 1e-9):>7.2f}", flush=True)
+    first, again = cache_cost(ckpt, ns.device, ns.dtype)
+    print(f"image encoder, through its handle: first encoding {first * 1e3:.2f} ms, repeated image {again * 1e3:.2f} ms "
+          f"({100 * again / first:.1f}% of the first)")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Training data on Ray Data: read, decode and resize on CPU workers, stream to the trainers.
+
+Two sources:
+
+- a generated-world directory (``pipelines.world.write_world``): ``pairs.parquet`` for stage 1,
+  ``sft.jsonl`` / ``sft_heldout.jsonl`` for stage 2 (images and mp4 videos by relative path);
+- img2dataset-style WebDataset shards (``NNNNN.tar`` with ``KEY.jpg``, ``KEY.txt``,
+  ``KEY.json``), read with ``ray.data.read_webdataset`` (stage 1 pairs).
+
+The decode stages are plain callables over a dict of numpy arrays (house style 8): a unit test
+calls them without Ray. Images leave them as (S, S, 3) uint8 so the trainers only normalise.
+Stage-2 rows carry their images as one ``bytes`` blob of ``num_images * S * S * 3`` uint8
+(Arrow has no ragged image lists that survive every block format) and the messages as JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm.data import SFTExample
+
+
+def is_world_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "pairs.parquet").is_file() or (p / "sft.jsonl").is_file()
+
+
+def shard_paths(path: str | Path) -> list[str]:
+    p = Path(path)
+    shards = sorted(str(x) for x in p.glob("*.tar")) if p.is_dir() else []
+    return shards
+
+
+def _decode_image(data: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)  # (S, S, 3)
+
+
+def read_video_frames(path: str | Path, num_frames: int, size: int) -> list[np.ndarray]:
+    """``num_frames`` frames sampled uniformly (linspace) from an mp4, each (S, S, 3) uint8."""
+    import av
+    from PIL import Image
+
+    with av.open(str(path)) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path}: expected a video with frames, got none")
+    idx = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    return [np.asarray(frames[i].convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8) for i in idx]
+
+
+class DecodePairs:
+    """Stage-1 rows ``{image (relative path) | jpg (bytes), caption | txt}`` -> ``{pixels, caption}``."""
+
+    def __init__(self, root: str | None, size: int) -> None:
+        self.root = Path(root) if root else None
+        self.size = size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "jpg" in batch:  # WebDataset shard rows
+            blobs: Iterable[bytes] = batch["jpg"]
+            captions = [t.decode() if isinstance(t, bytes) else str(t) for t in batch["txt"]]
+        else:
+            assert self.root is not None, "rows with relative image paths need the world directory"
+            blobs = ((self.root / p).read_bytes() for p in batch["image"])
+            captions = [str(c) for c in batch["caption"]]
+        pixels = np.stack([_decode_image(b, self.size) for b in blobs])  # (B, S, S, 3)
+        return {"pixels": pixels, "caption": np.array(captions, dtype=object)}
+
+
+def _video_frames_in(messages: list[dict]) -> int:
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "video":
+                    return int(part.get("num_frames") or 0)
+    return 0
+
+
+class DecodeSFT:
+    """Stage-2 JSON lines (``{id, images, video, messages, task}``) -> decoded rows."""
+
+    def __init__(self, root: str, size: int) -> None:
+        self.root = Path(root)
+        self.size = size
+
+    def decode(self, record: dict[str, Any]) -> dict[str, Any]:
+        images = [_decode_image((self.root / p).read_bytes(), self.size) for p in record.get("images") or []]
+        if record.get("video"):
+            n = _video_frames_in(record["messages"])
+            if n <= 0:
+                raise ValueError(f"{record['id']}: a video record needs a video part with num_frames > 0")
+            images += read_video_frames(self.root / record["video"], n, self.size)
+        blob = np.stack(images).tobytes() if images else b""
+        return {
+            "id": record["id"],
+            "task": record.get("task", ""),
+            "messages": json.dumps(record["messages"]),
+            "pixels": blob,
+            "num_images": len(images),
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self.decode(json.loads(line)) for line in batch["text"]]
+        return {
+            "id": np.array([r["id"] for r in rows], dtype=object),
+            "task": np.array([r["task"] for r in rows], dtype=object),
+            "messages": np.array([r["messages"] for r in rows], dtype=object),
+            "pixels": np.array([r["pixels"] for r in rows], dtype=object),
+            "num_images": np.array([r["num_images"] for r in rows], dtype=np.int64),
+        }
+
+
+def sft_examples(batch: dict[str, np.ndarray], size: int) -> list[SFTExample]:
+    """A decoded stage-2 batch back into ``SFTExample`` objects (what ``collate_sft`` takes)."""
+    out = []
+    for i in range(len(batch["id"])):
+        n = int(batch["num_images"][i])
+        arr = np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(n, size, size, 3) if n else None
+        images = [arr[j] for j in range(n)] if arr is not None else []
+        out.append(SFTExample(str(batch["id"][i]), json.loads(batch["messages"][i]), images, str(batch["task"][i])))
+    return out
+
+
+# ----------------------------------------------------------------------------- Ray Data graphs
+
+
+def pairs_dataset(data: str, *, size: int, split: str = "train"):
+    """Stage-1 ``ray.data.Dataset`` of ``{pixels, caption}`` from a world directory or shards."""
+    import ray.data
+
+    if is_world_dir(data):
+        ds = ray.data.read_parquet(str(Path(data) / "pairs.parquet"))
+        ds = ds.filter(lambda r: r["split"] == split)
+        return ds.map_batches(DecodePairs(str(Path(data).resolve()), size), batch_size=64)
+    shards = shard_paths(data)
+    if not shards:
+        raise FileNotFoundError(
+            f"expected a world directory (pairs.parquet) or WebDataset shards (*.tar) in {data!r}, found neither"
+        )
+    ds = ray.data.read_webdataset(shards, decoder=None, suffixes=[".jpg", ".txt", ".json"])
+    return ds.map_batches(DecodePairs(None, size), batch_size=64)
+
+
+def sft_dataset(data: str, *, size: int, split: str = "train", tasks: tuple[str, ...] | None = None):
+    """Stage-2 ``ray.data.Dataset`` of decoded conversations (``tasks`` keeps only those tasks)."""
+    import ray.data
+
+    name = "sft.jsonl" if split == "train" else "sft_heldout.jsonl"
+    path = Path(data) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {path} (a world directory written by `vlm world`), found none")
+    ds = ray.data.read_text(str(path))
+    if tasks is not None:
+        wanted = set(tasks)
+        ds = ds.filter(lambda r: json.loads(r["text"]).get("task") in wanted)
+    return ds.map_batches(DecodeSFT(str(Path(data).resolve()), size), batch_size=32)
+
+
+# ----------------------------------------------------------------------------- in-process reads
+
+
+def read_heldout_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
+    """Up to ``limit`` held-out pairs of a world directory, decoded in-process (for eval)."""
+    import pyarrow.parquet as pq
+
+    if not is_world_dir(data):
+        return np.zeros((0, size, size, 3), np.uint8), []
+    t = pq.read_table(Path(data) / "pairs.parquet").to_pylist()
+    rows = [r for r in t if r["split"] == "heldout"][:limit]
+    if not rows:
+        return np.zeros((0, size, size, 3), np.uint8), []
+    out = DecodePairs(str(data), size)({"image": np.array([r["image"] for r in rows]), "caption": np.array([r["caption"] for r in rows])})
+    return out["pixels"], list(out["caption"])
+
+
+def read_sft(data: str, *, size: int, split: str, limit: int | None = None, tasks: tuple[str, ...] | None = None) -> list[SFTExample]:
+    """Stage-2 examples of a world directory decoded in-process (eval, baselines, benchmarks)."""
+    name = "sft.jsonl" if split == "train" else "sft_heldout.jsonl"
+    path = Path(data) / name
+    if not path.is_file():
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if tasks is not None:
+        lines = [ln for ln in lines if json.loads(ln).get("task") in tasks]
+    lines = lines[:limit] if limit else lines
+    if not lines:
+        return []
+    batch = DecodeSFT(str(data), size)({"text": np.array(lines, dtype=object)})
+    return sft_examples(batch, size)
+
+
+def tokenizer_corpus(data: str) -> list[str]:
+    """Every train text of a source: captions, and the text parts of stage-2 conversations."""
+    from vlm import world
+
+    texts = [world.CAPTION_PROMPT, world.VIDEO_CAPTION_PROMPT]
+    p = Path(data)
+    if is_world_dir(p):
+        if (p / "pairs.parquet").is_file():
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(p / "pairs.parquet", columns=["caption", "split"]).to_pydict()
+            texts += [c for c, s in zip(t["caption"], t["split"]) if s == "train"]
+        if (p / "sft.jsonl").is_file():
+            for line in (p / "sft.jsonl").read_text().splitlines():
+                if line.strip():
+                    for m in json.loads(line)["messages"]:
+                        c = m["content"]
+                        texts.append(c if isinstance(c, str) else " ".join(x.get("text", "") for x in c))
+        return texts
+    import tarfile
+
+    for shard in shard_paths(p):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        texts.append(f.read().decode())
+    return texts

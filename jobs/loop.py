@@ -1,0 +1,439 @@
+"""The per-worker training loop both stages share: ``vlm/`` models wired to DeepSpeed on Ray Train.
+
+Pattern (Ray Train + DeepSpeed docs): build the model and our optimiser/schedule, then
+``deepspeed.initialize``; resume with ``ray.train.get_checkpoint()`` + ``load_checkpoint``;
+every ``checkpoint_every`` steps every rank ``save_checkpoint``s into a local directory and
+reports it with ``ray.train.report(..., checkpoint=...)`` (Ray merges the ranks' files). The
+last report also carries the consolidated model (ZeRO-3 shards gathered) in our checkpoint
+format and, for stage 2, the Hugging Face LLaVA export.
+
+Checkpoint directory (one per reported step)::
+
+    ds/            DeepSpeed engine state (tag ``ds``): model, per-rank ZeRO optimizer shards
+    state.json     {"step": N} written by rank 0
+    model/         (final report only) our format: config.yaml, model.safetensors, tokenizer/
+    hf/            (final report only, stage 2) LlavaForConditionalGeneration directory
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.data import sft_examples
+from jobs.job_config import JobConfig, deepspeed_config, micro_batch
+from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops
+from vlm.config import Config
+from vlm.contrastive import ContrastiveModel
+from vlm.data import collate_pairs, collate_sft
+from vlm.llava import VisionLanguageModel
+from vlm.losses import torch_distributed_gather
+from vlm.optim import build_optimizer, build_scheduler
+from vlm.tokenizer import special_token_ids
+
+CKPT_TAG = "ds"
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set p=0 in every ``nn.Dropout`` (deterministic training, e.g. to compare trajectories)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any) -> torch.nn.Module:
+    """The stage's model, seeded like the local loop so a 1-worker run starts from the same weights."""
+    model = _build_model(stage, cfg, job, tokenizer)
+    return without_dropout(model) if job.disable_dropout else model
+
+
+def _build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    if stage == "contrastive":
+        model = ContrastiveModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        for p in model.vision.parameters():
+            p.requires_grad_(not job.lock_image)
+        for p in model.text.parameters():
+            p.requires_grad_(not job.lock_text)
+        return model
+    ids = special_token_ids(tokenizer)
+    vision = None
+    init_state = None
+    if job.init_from:
+        from vlm.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(job.init_from)
+        if loaded.stage == "contrastive":
+            vision = loaded.model.vision  # LLaVA: stage 2 starts from the stage-1 image tower
+        else:
+            init_state = loaded.model.state_dict()
+    model = VisionLanguageModel(
+        cfg.model, vocab_size=len(tokenizer), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, vision=vision
+    )
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    return model
+
+
+def sft_phase_config(cfg: Config, job: JobConfig) -> Config:
+    """LLaVA's phase 1 (align) trains only the projector; phase 2 follows the freeze flags."""
+    if job.phase == "align":
+        from vlm.config import apply_overrides
+
+        return apply_overrides(cfg, ["model.llava.freeze_vision=true", "model.llava.freeze_decoder=true", "model.llava.freeze_projector=false"])
+    return cfg
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: float) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions / ``normaliser`` (and the count).
+
+    With ``normaliser`` = the mean labelled-token count per rank, DeepSpeed's gradient mean over
+    ranks equals the gradient of the global token-mean loss (what one process on the whole
+    batch computes), whatever the split of tokens between ranks.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(L-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)  # (B*(L-1),)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / normaliser, int((shift_labels != -100).sum())
+
+
+def _all_reduce_mean(x: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _batches(shard: Any, *, batch_size: int, job: JobConfig, seed: int):
+    """Endless micro-batches from a Ray Data shard (a new local shuffle each epoch).
+
+    With ``cache_shard`` the first epoch's decoded rows stay in memory and later epochs are
+    re-shuffled permutations of them: no re-read, no re-decode (datasets that fit in RAM).
+    """
+    epoch = 0
+    cache: list[dict[str, np.ndarray]] = []
+    while True:
+        n = 0
+        if cache:
+            rows = {k: np.concatenate([b[k] for b in cache]) for k in cache[0]}
+            total = len(next(iter(rows.values())))
+            perm = np.random.default_rng(seed + epoch).permutation(total) if job.shuffle_buffer > 0 else np.arange(total)
+            for i in range(0, total - batch_size + 1, batch_size):
+                n += 1
+                yield {k: v[perm[i : i + batch_size]] for k, v in rows.items()}
+        else:
+            kwargs: dict[str, Any] = {}
+            if job.shuffle_buffer > 0:
+                kwargs = {"local_shuffle_buffer_size": job.shuffle_buffer, "local_shuffle_seed": seed + epoch}
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **kwargs):
+                n += 1
+                if job.cache_shard:
+                    cache.append(batch)
+                yield batch
+        if n == 0:
+            raise RuntimeError(f"a worker's data shard has fewer than one micro-batch ({batch_size} rows) per epoch")
+        epoch += 1
+
+
+def _grouped(it, window: int, key):
+    """Length grouping: within each window of micro-batches, re-batch rows sorted by length."""
+    if window <= 1:
+        yield from it
+        return
+    while True:
+        chunk = [next(it) for _ in range(window)]
+        size = len(chunk[0]["id"])
+        rows = [{k: b[k][i] for k in b} for b in chunk for i in range(len(b["id"]))]
+        rows.sort(key=key)
+        for j in range(0, len(rows), size):
+            part = rows[j : j + size]
+            yield {k: np.array([r[k] for r in part], dtype=chunk[0][k].dtype) for k in chunk[0]}
+
+
+@contextlib.contextmanager
+def gathered(engine: Any, zero_stage: int):
+    """Full parameters on every rank for the duration (ZeRO-3 gathers its shards)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, tokenizer: Any, evals: dict[str, Any], log) -> dict[str, float]:
+    """Held-out metrics on rank 0: retrieval R@1/R@5 both ways (stage 1); exact match + samples (stage 2)."""
+    from jobs import local
+
+    was_training = model.training
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        if stage == "contrastive":
+            pix, caps = evals.get("pixels"), evals.get("captions")
+            if caps:
+                from vlm.evaluate import retrieval_metrics
+
+                img, txt = local.embed_pairs(model, pix, caps, tokenizer)
+                out.update({f"eval_{k}": v for k, v in retrieval_metrics(img, txt).items()})
+                zs = evals.get("zero_shot")
+                if zs:
+                    out["eval_zero_shot_acc"] = local.zero_shot(model, zs["pixels"], zs["labels"], zs["classnames"], zs["templates"], tokenizer)
+        else:
+            examples = evals.get("examples") or []
+            if examples:
+                out.update({f"eval_{k}": v for k, v in local.evaluate_sft(model, examples, tokenizer).items()})
+                shown = [ex for ex in examples if ex.task != "caption"][: job.sample_generations]
+                for ex, pred in zip(shown, local.answer_questions(model, shown, tokenizer)):
+                    log(f"  sample {ex.id}: {pred!r} (reference {local.answer_of(ex)!r})")
+    model.train(was_training)
+    return out
+
+
+def _patch_scalar_broadcast() -> None:
+    """DeepSpeed 0.19's ``_broadcast_model`` views each parameter as uint8, which fails on 0-dim
+    parameters (our ``logit_scale``). Broadcast a 1-D view of the same storage instead (same
+    bytes, same effect). Our own code because the DeepSpeed fix is not released."""
+    import deepspeed.comm as ds_dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import groups
+
+    if getattr(DeepSpeedEngine, "_vlm_patched", False):
+        return
+
+    def _broadcast_model(self) -> None:
+        for _, p in self.module.named_parameters():
+            if getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) is not ZeroParamStatus.AVAILABLE or hasattr(p, "ds_optim_param"):
+                continue  # partitioned (ZeRO-3 zero.Init) parameters are not replicated
+            ds_dist.broadcast(p.data.reshape(-1).view(torch.uint8), groups._get_broadcast_src_rank(), group=self.seq_data_parallel_group)
+
+    DeepSpeedEngine._broadcast_model = _broadcast_model
+    DeepSpeedEngine._vlm_patched = True
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the ``TorchTrainer`` (both stages)."""
+    import deepspeed  # imported inside the loop: the driver never needs it
+    import ray.train
+    import torch.distributed as dist
+
+    _patch_scalar_broadcast()
+    stage: str = config["stage"]
+    cfg: Config = config["cfg"]
+    job: JobConfig = config["job"]
+    tokenizer = config["tokenizer"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if job.gpu else torch.device("cpu")
+    optim = cfg.stage1 if stage == "contrastive" else cfg.stage2
+    if stage == "sft":
+        cfg = sft_phase_config(cfg, job)
+    run_dir = Path(job.output)
+    log = print if rank == 0 else (lambda *_: None)
+
+    if job.zero_init and job.zero_stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(optim, job), remote_device="cpu" if job.offload_params else None):
+            model = build_model(stage, cfg, job, tokenizer)
+    else:
+        model = build_model(stage, cfg, job, tokenizer)
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(optim, job), dist_init_required=False
+    )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.precision]
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG)
+            start = int(json.loads((Path(d) / "state.json").read_text())["step"])
+        log(f"[{stage}] resumed from step {start} ({ckpt.path})")
+    if start > optim.steps:
+        raise ValueError(f"the run's checkpoint is at step {start}, past stage steps={optim.steps}")
+
+    micro = micro_batch(optim, job)
+    shard = ray.train.get_dataset_shard("train")
+    it = _batches(shard, batch_size=micro, job=job, seed=cfg.seed + 1000 * rank + start)
+    if stage == "sft" and job.group_by_length:
+        it = _grouped(it, job.group_by_length, key=lambda r: len(r["messages"]) + 400 * int(r["num_images"]))
+    gather = torch_distributed_gather(with_grad=True)
+    metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=job.tensorboard) if rank == 0 else None
+    peak = peak_flops(device, job.peak_tflops)
+    evals = config.get("evals") or {}
+
+    bar = None
+    if rank == 0 and job.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=optim.steps, initial=start, desc=f"{stage}", leave=False)
+    skipped: dict[str, int] = {}
+    t_last = time.perf_counter()
+    engine.train()
+    for step in range(start + 1, optim.steps + 1):
+        loss_sum, samples, tokens, images, seq_tokens = 0.0, 0, 0, 0, 0
+        for _ in range(job.grad_accum):
+            raw = next(it)
+            if stage == "contrastive":
+                batch = collate_pairs(raw["pixels"], list(raw["caption"]), tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                out = engine(**batch, rank=rank, world_size=world, gather=gather)
+                loss = out["loss"]
+                samples += len(raw["caption"])
+                tokens += int(batch["attention_mask"].sum())
+                loss_sum += float(loss.detach())
+            else:
+                examples = sft_examples(raw, cfg.model.vision.image_size)
+                batch, bad = collate_sft(
+                    examples, tokenizer, num_image_tokens=cfg.model.image_tokens, max_length=cfg.model.llava.max_length,
+                    vision_kind=cfg.model.vision.kind, image_size=cfg.model.vision.image_size, system_prompt=cfg.model.llava.system_prompt,
+                )
+                for _, err in bad:
+                    skipped[err.reason] = skipped.get(err.reason, 0) + 1
+                if batch is None:  # every sample unusable: contribute nothing, keep the collectives in step
+                    n_lab = 0
+                    dummy = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
+                    mean_lab = _all_reduce_mean(0.0, device)
+                    engine.backward(dummy)
+                    engine.step()
+                    continue
+                batch = {k: v.to(device) for k, v in batch.items()}
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+                labels = batch.pop("labels")
+                n_lab = int((labels[:, 1:] != -100).sum())
+                mean_lab = max(_all_reduce_mean(float(n_lab), device), 1.0)
+                out = engine(**batch)
+                loss, _ = token_loss(out.logits, labels, mean_lab)
+                samples += len(examples) - len(bad)
+                tokens += int(batch["attention_mask"].sum())
+                images += int(batch["pixel_values"].shape[0])
+                loss_sum += float(loss.detach())
+            engine.backward(loss)
+            engine.step()
+        # the global loss: mean over ranks (stage 2's per-rank losses are already token-weighted)
+        loss_val = _all_reduce_mean(loss_sum / job.grad_accum, device)
+        dt = time.perf_counter() - t_last
+        t_last = time.perf_counter()
+        g_samples = _all_reduce_mean(samples, device) * world
+        g_tokens = _all_reduce_mean(tokens, device) * world
+        gnorm = engine.get_global_grad_norm()
+        rec: dict[str, Any] = {
+            "step": step,
+            "time": time.time(),
+            "loss": loss_val,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(gnorm) if gnorm is not None else math.nan,
+            "samples_per_s": g_samples / dt,
+            "tokens_per_s": g_tokens / dt,
+            "peak_mem_mb": peak_memory_mb(device),
+        }
+        if stage == "contrastive":
+            per_sample = contrastive_flops(engine.module, caption_tokens=tokens / max(samples, 1))
+        else:
+            per_sample = sft_flops(engine.module, seq_tokens=tokens / max(samples, 1), images_per_sample=images / max(samples, 1))
+        rec["mfu"] = per_sample * g_samples / dt / (world * peak) if math.isfinite(peak) else math.nan
+        if optim.eval_every and step % optim.eval_every == 0 and step != optim.steps:
+            plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
+            if plain is not None:
+                rec.update(evaluate(stage, plain, cfg, job, tokenizer, evals, log))
+            dist.barrier()
+        if metrics_log is not None:
+            metrics_log.log(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.3f}")
+        if optim.log_every and step % optim.log_every == 0:
+            log(
+                f"[{stage}] step {step}/{optim.steps} loss {loss_val:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "
+                f"{rec['samples_per_s']:.1f} samples/s {rec['tokens_per_s']:.0f} tokens/s mfu {rec['mfu']:.3f}"
+            )
+        last = step == optim.steps
+        if last or (job.checkpoint_every and step % job.checkpoint_every == 0):
+            _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, evals=evals, log=log)
+        if job.kill_rank_at_step and step == job.kill_rank_at_step and rank == min(1, world - 1):
+            marker = run_dir / ".killed_once"
+            if not marker.exists():
+                marker.write_text(str(step))
+                os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, not an exception
+    if start == optim.steps:  # re-run of a finished run: export again from the restored state
+        _checkpoint(engine, stage, cfg, job, tokenizer, start, {"step": start}, rank, final=True, evals=evals, log=log)
+    if bar is not None:
+        bar.close()
+    if metrics_log is not None:
+        metrics_log.close()
+    if skipped:
+        log(f"[{stage}] skipped samples by reason (rank {rank}): {skipped}")
+
+
+def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log) -> None:
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix=f"vlm-ckpt-{step}-") as tmp:
+        engine.save_checkpoint(str(Path(tmp) / "ds"), tag=CKPT_TAG)
+        if rank == 0:
+            (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
+        metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if final:
+            plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
+            if plain is not None:
+                metrics.update(evaluate(stage, plain, cfg, job, tokenizer, evals, log))
+                _export(plain, stage, cfg, tokenizer, Path(tmp), step=step, metrics=metrics, log=log)
+            dist.barrier()
+        metrics["step"] = step
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: Any, rank: int) -> torch.nn.Module | None:
+    """A plain fp32 copy of the trained model on rank 0 (None elsewhere); collective under ZeRO-3.
+
+    Inside ``gathered`` rank 0 copies every full parameter out, then loads them into a fresh
+    module built from the config. Evaluating the engine's own module instead would run
+    ZeRO-3's forward hooks (collectives) on rank 0 alone and hang.
+    """
+    import dataclasses
+
+    state: dict[str, torch.Tensor] = {}
+    with gathered(engine, job.zero_stage):
+        if rank == 0:
+            module = engine.module
+            for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+                state[name] = t.detach().float().cpu().clone()
+    if rank != 0:
+        return None
+    with torch.random.fork_rng(devices=[]):  # build_model seeds; keep the training RNG untouched
+        full = build_model(stage, cfg, dataclasses.replace(job, init_from=None), tokenizer)
+    wanted = full.state_dict().keys()  # persistent entries only (named_buffers lists non-persistent ones too)
+    full.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+    return full.eval()
+
+
+def _export(model: torch.nn.Module, stage: str, cfg: Config, tokenizer: Any, out: Path, *, step: int, metrics: dict, log) -> None:
+    """The consolidated model in our format and, for stage 2, the Hugging Face LLaVA format."""
+    from vlm.checkpoint import save_checkpoint
+
+    save_checkpoint(model, out / "model", config=cfg, tokenizer=tokenizer, meta={"step": step, "metrics": metrics})
+    if stage == "sft":
+        from vlm.export import export_llava_hf
+
+        try:
+            export_llava_hf(model, tokenizer, out / "hf")
+        except ValueError as e:  # a config the LLaVA format cannot hold (pixel shuffle, ...)
+            log(f"[sft] Hugging Face export skipped: {e}")

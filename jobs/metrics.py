@@ -1,0 +1,210 @@
+"""Training metrics: the FLOP formula behind MFU, peak memory, and the CSV/TensorBoard/PNG sinks.
+
+FLOPs per sample (fwd + bwd), PaLM's accounting (Chowdhery et al. 2022, App. B): a matmul
+parameter costs 2 FLOPs per token forward, 4 backward (activation + weight gradient), so a
+trained tower costs ``6 N T``; attention scores and values add ``12 L d T^2`` per sequence
+(6 of them forward + backward over ``2 L d T^2``). A frozen tower that nothing upstream
+needs gradients through costs ``2 N T`` (forward only); a frozen decoder in LLaVA's
+alignment phase still back-propagates into the projector: ``4 N T``. Embedding tables are
+excluded from N (lookups, not matmuls); the decoder's output head is included.
+
+    stage 1:  F = Fv(T_img = patches + 1) + Ft(T_txt = mean caption tokens)
+    stage 2:  F = images * Fv(T = patches + 1) + Fproj + Fdec(T_seq = mean tokens)
+    MFU = F * samples/s / (workers * peak FLOP/s)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+GPU_PEAK_TFLOPS = 790.0  # H100 bf16 dense matmul as measured here (shared/ANCHORS.md)
+
+
+def matmul_params(module: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters excluding embedding tables."""
+    emb = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    total = sum(p.numel() for p in module.parameters() if id(p) not in emb)
+    train = sum(p.numel() for p in module.parameters() if id(p) not in emb and p.requires_grad)
+    return total, train
+
+
+def tower_flops(n_params: int, tokens: float, *, layers: int, width: int, mode: str) -> float:
+    """FLOPs of one sequence through a transformer tower; ``mode`` is train | backprop | forward."""
+    mult = {"train": 6, "backprop": 4, "forward": 2}[mode]
+    return mult * n_params * tokens + (mult * 2) * layers * width * tokens * tokens
+
+
+def _mode(module: nn.Module, *, upstream_needs_grad: bool) -> str:
+    if any(p.requires_grad for p in module.parameters()):
+        return "train"
+    return "backprop" if upstream_needs_grad else "forward"
+
+
+def _hf(module: nn.Module, *names: str) -> int:
+    cfg = getattr(module, "config", None)
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def contrastive_flops(model: nn.Module, *, caption_tokens: float) -> float:
+    """FLOPs per stage-1 sample (image + caption), fwd + bwd."""
+    cfg = model.cfg
+    fv = tower_flops(
+        matmul_params(model.vision)[0] + model.image_proj.weight.numel(),
+        cfg.vision.num_patches + 1,
+        layers=cfg.vision.num_layers,
+        width=cfg.vision.hidden_size,
+        mode=_mode(model.vision, upstream_needs_grad=False) if not model.image_proj.weight.requires_grad else "train",
+    )
+    ft = tower_flops(
+        matmul_params(model.text)[0] + model.text_proj.weight.numel(),
+        caption_tokens,
+        layers=_hf(model.text, "num_hidden_layers"),
+        width=_hf(model.text, "hidden_size"),
+        mode="train" if model.text_proj.weight.requires_grad else "forward",
+    )
+    return fv + ft
+
+
+def sft_flops(model: nn.Module, *, seq_tokens: float, images_per_sample: float) -> float:
+    """FLOPs per stage-2 sample (its images and its token sequence), fwd + bwd."""
+    cfg = model.cfg
+    n_vis = cfg.vision.num_patches + 1
+    proj_needs = any(p.requires_grad for p in model.projector.parameters())
+    dec_mode = _mode(model.decoder, upstream_needs_grad=True)
+    fv = tower_flops(
+        matmul_params(model.vision)[0], n_vis, layers=cfg.vision.num_layers, width=cfg.vision.hidden_size,
+        mode=_mode(model.vision, upstream_needs_grad=False),
+    )
+    fp = (6 if proj_needs else 4) * matmul_params(model.projector)[0] * cfg.image_tokens
+    fd = tower_flops(
+        matmul_params(model.decoder)[0], seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
+        width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
+    )
+    return images_per_sample * (fv + fp) + fd
+
+
+def peak_flops(device: torch.device, peak_tflops: float) -> float:
+    """Peak FLOP/s of one worker: the configured figure, else the H100 bf16 figure on a GPU, else nan."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    return GPU_PEAK_TFLOPS * 1e12 if device.type == "cuda" else math.nan
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory (allocated tensors) on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def zero_memory_formula(params: int, stage: int, world: int) -> float:
+    """Bytes of model + optimizer state per rank, mixed-precision Adam (ZeRO paper, Sec. 3)."""
+    p = float(params)
+    return {0: 16 * p, 1: 4 * p + 12 * p / world, 2: 2 * p + 14 * p / world, 3: 16 * p / world}[stage]
+
+
+# ----------------------------------------------------------------------------- sinks
+
+
+class MetricsLog:
+    """``metrics.csv`` + TensorBoard under a run directory; rows past ``resume_step`` are dropped.
+
+    A restarted run truncates the CSV to the checkpoint it resumed from, so each step appears
+    exactly once however many times the workers died.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = read_metrics(self.path, up_to=resume_step)
+        self.fields: list[str] = list(self.rows[0]) if self.rows else []
+        self._rewrite()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def _rewrite(self) -> None:
+        with self.path.open("w", newline="") as f:
+            if self.fields:
+                w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(self.rows)
+
+    def log(self, rec: dict[str, Any]) -> None:
+        new = [k for k in rec if k not in self.fields]
+        self.rows.append(rec)
+        if new:
+            self.fields += new
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(rec)
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, int(rec["step"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path, *, up_to: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.csv`` as floats (``step`` as int), optionally only steps <= ``up_to``."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return []
+    rows = []
+    with p.open() as f:
+        for r in csv.DictReader(f):
+            rec: dict[str, Any] = {}
+            for k, v in r.items():
+                if v in ("", None):
+                    continue
+                try:
+                    rec[k] = int(v) if k == "step" else float(v)
+                except ValueError:
+                    rec[k] = v
+            if up_to is None or rec.get("step", 0) <= up_to:
+                rows.append(rec)
+    return rows
+
+
+def save_curves(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
+    """A PNG of loss, learning rate, grad norm and throughput against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "eval_loss") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4 * max(1, len(panels)), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,190 @@
+"""`vlm train contrastive|sft`: a stage on Ray Train + DeepSpeed ZeRO, resumable.
+
+    vlm train contrastive --data runs/world --output runs/s1 --num-workers 2 --zero-stage 2
+    vlm train sft --data runs/world --output runs/s2 job.init_from=runs/s1/final stage2.steps=500
+
+Run directory (``--output``; re-running the same command resumes the run)::
+
+    job.yaml          the resolved run: stage, job: section, model/data/optimiser config
+    tokenizer/        the run's tokenizer (trained on the data's text unless given)
+    ray_train/        Ray Train storage: checkpoint_*/ (DeepSpeed state per step, N kept)
+    metrics.csv       one row per optimizer step (loss, lr, grad_norm, samples/s, tokens/s, mfu, ...)
+    tensorboard/      the same as TensorBoard scalars
+    curves.png        the curves
+    final/            the consolidated model in our checkpoint format (ZeRO-3 shards gathered)
+    final-hf/         stage 2: the same model as transformers' LlavaForConditionalGeneration
+    result.json       final metrics and paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs.job_config import STAGES, JobConfig, load_job, micro_batch, save_job
+from vlm.config import Config, ConfigError
+
+RAY_DIR = "ray_train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES, help="contrastive (stage 1) or sft (stage 2)")
+    p.add_argument("--config", default=None, help="YAML file: model/optimiser keys plus a job: section")
+    p.add_argument("--preset", default=None, help="model preset (default: the file's, else tiny)")
+    p.add_argument("--data", default=None, help="a world directory (`vlm world`) or a directory of WebDataset shards")
+    p.add_argument("--output", default=None, help="the run directory (re-running with it resumes)")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (data-parallel ranks)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None, help="DeepSpeed ZeRO stage")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU with gloo")
+    p.add_argument("--init-from", default=None, help="sft: a stage-1 checkpoint (vision tower) or a stage-2 one")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides; job.* keys set the job config")
+    return p
+
+
+def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Namespace]:
+    a = build_parser().parse_intermixed_args(argv)
+    flags = []
+    for key, val in (("data", a.data), ("output", a.output), ("num_workers", a.num_workers), ("zero_stage", a.zero_stage),
+                     ("precision", a.precision), ("init_from", a.init_from)):
+        if val is not None:
+            flags.append(f"job.{key}={json.dumps(val) if isinstance(val, str) else val}")
+    if a.gpu:
+        flags.append("job.gpu=true")
+    cfg, job = load_job(preset=a.preset, path=a.config, overrides=flags + list(a.overrides))
+    if not job.data:
+        raise ConfigError("job.data: expected a data directory (--data DIR), got none")
+    if not Path(job.data).exists():
+        raise ConfigError(f"job.data: expected an existing directory, got {job.data!r}")
+    job.output = str(Path(job.output).resolve())
+    job.data = str(Path(job.data).resolve())
+    if job.init_from:
+        job.init_from = str(Path(job.init_from).resolve())
+    micro_batch(cfg.stage1 if a.stage == "contrastive" else cfg.stage2, job)  # fail early on a bad split
+    return a.stage, cfg, job, a
+
+
+def resolve_tokenizer(stage: str, cfg: Config, job: JobConfig, log=print) -> Any:
+    """The init checkpoint's tokenizer, else ``model.tokenizer.path``, else the run's saved one,
+    else a byte-level BPE trained on the data's text (saved to the run for resumes)."""
+    from vlm.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+
+    run_tok = Path(job.output) / "tokenizer"
+    if job.init_from and stage == "sft":
+        return load_tokenizer(Path(job.init_from) / "tokenizer")
+    if cfg.model.tokenizer.path:
+        return load_tokenizer(cfg.model.tokenizer.path)
+    if run_tok.is_dir():
+        return load_tokenizer(run_tok)
+    from jobs.data import tokenizer_corpus
+
+    t = time.perf_counter()
+    tok = train_bpe_tokenizer(tokenizer_corpus(job.data), vocab_size=cfg.model.tokenizer.vocab_size)
+    save_tokenizer(tok, run_tok)
+    log(f"[{stage}] trained a {len(tok)}-token BPE on {job.data} in {time.perf_counter() - t:.1f}s")
+    return tok
+
+
+def eval_sets(stage: str, cfg: Config, job: JobConfig) -> dict[str, Any]:
+    """Held-out data rank 0 scores at each eval (world directories only)."""
+    from jobs.data import read_heldout_pairs, read_sft
+
+    size = cfg.model.vision.image_size
+    if stage == "contrastive":
+        pixels, captions = read_heldout_pairs(job.data, size=size, limit=job.eval_samples)
+        return {"pixels": pixels, "captions": captions}
+    return {"examples": read_sft(job.data, size=size, split="heldout", limit=job.eval_samples)}
+
+
+def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
+    """The ``TorchTrainer`` for a stage (its run is ``job.output/ray_train``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.data import pairs_dataset, sft_dataset
+    from jobs.loop import train_loop
+
+    size = cfg.model.vision.image_size
+    if stage == "contrastive":
+        ds = pairs_dataset(job.data, size=size)
+    else:
+        ds = sft_dataset(job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None)
+    resources = {"CPU": job.cpus_per_worker}
+    if job.gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"stage": stage, "cfg": cfg, "job": job, "tokenizer": tokenizer, "evals": eval_sets(stage, cfg, job)},
+        torch_config=TorchConfig(backend="nccl" if job.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RAY_DIR,
+            storage_path=job.output,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.keep_checkpoints,
+                checkpoint_score_attribute=job.checkpoint_score or "step",
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets={"train": ds},
+    )
+
+
+def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]:
+    """Train (or resume) a stage and export its final model; returns ``result.json``'s content."""
+    import ray
+
+    from jobs.metrics import read_metrics, save_curves
+
+    out = Path(job.output)
+    out.mkdir(parents=True, exist_ok=True)
+    save_job(cfg, job, stage, out / "job.yaml")
+    tokenizer = resolve_tokenizer(stage, cfg, job, log=log)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    t0 = time.perf_counter()
+    result = build_trainer(stage, cfg, job, tokenizer).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"the run in {out / RAY_DIR} finished without a checkpoint")
+    summary: dict[str, Any] = {"stage": stage, "metrics": result.metrics, "seconds": time.perf_counter() - t0}
+    with result.checkpoint.as_directory() as d:
+        for name, dest in (("model", "final"), ("hf", "final-hf")):
+            if (Path(d) / name).is_dir():
+                shutil.rmtree(out / dest, ignore_errors=True)
+                shutil.copytree(Path(d) / name, out / dest)
+                summary[dest] = str(out / dest)
+    summary["checkpoint"] = result.checkpoint.path
+    rows = read_metrics(out / "metrics.csv")
+    if rows:
+        summary["curves"] = str(save_curves(rows, out / "curves.png", title=f"{stage} ({cfg.name}, ZeRO-{job.zero_stage}, {job.num_workers} workers)"))
+    (out / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(f"[{stage}] done: final model in {summary.get('final')}; metrics {out / 'metrics.csv'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        stage, cfg, job, a = resolve(argv)
+    except ConfigError as e:
+        print(f"vlm train: config error: {e}", file=sys.stderr)
+        return 2
+    if a.address:
+        import ray
+
+        ray.init(address=a.address)
+    run(stage, cfg, job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Typed configuration of a curation run (``vlm curate``).
+
+Nested dataclasses, filled from an optional YAML file and strict ``key.sub=value`` overrides
+through ``vlm.config.from_dict`` / ``apply_overrides``: an unknown key or a wrong type is an
+error naming the key, the expected type and the value that arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vlm.config import ConfigError, apply_overrides, from_dict
+
+INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "img2dataset")
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+ENCODE_FORMATS = ("jpg", "webp", "png")
+RESAMPLE_FILTERS = ("area", "bilinear", "bicubic", "lanczos", "nearest")
+ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+
+@dataclass
+class InputConfig:
+    """Where the samples come from and which columns mean what."""
+
+    format: str = "auto"  # auto (from the extension / a directory of img2dataset shards) | parquet | csv | tsv | jsonl | img2dataset
+    url_col: str = "url"
+    caption_col: str | None = "caption"  # None: no captions
+    save_additional_columns: bool = True  # extra input columns go to KEY.json and the parquet
+
+    def __post_init__(self) -> None:
+        if self.format not in INPUT_FORMATS:
+            raise ConfigError(f"input.format: expected one of {INPUT_FORMATS}, got {self.format!r}")
+
+
+@dataclass
+class DownloadConfig:
+    """HTTP fetching: one asyncio event loop per shard task, connections reused per host."""
+
+    concurrency: int = 64  # requests in flight per shard task
+    per_host: int = 16  # requests in flight per host, per shard task
+    timeout: float = 10.0  # total seconds per attempt: connect, headers and the whole body
+    max_body_bytes: int = 20_000_000
+    retries: int = 2  # extra attempts on connection errors, timeouts, 5xx and 429
+    backoff: float = 0.5  # seconds; attempt k waits backoff * 2**k (plus up to 10% jitter)
+    max_retry_after: float = 30.0  # a Retry-After longer than this fails the sample instead of waiting
+    user_agent_token: str | None = "vlmforge"
+    disallowed_header_directives: list[str] = field(default_factory=lambda: list(ROBOTS_DIRECTIVES))
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.per_host < 1:
+            raise ConfigError(f"download.concurrency and download.per_host: expected >= 1, got {self.concurrency}, {self.per_host}")
+        if self.timeout <= 0:
+            raise ConfigError(f"download.timeout: expected seconds > 0, got {self.timeout}")
+        bad = [d for d in self.disallowed_header_directives if d not in ROBOTS_DIRECTIVES]
+        if bad:
+            raise ConfigError(f"download.disallowed_header_directives: expected a subset of {ROBOTS_DIRECTIVES}, got {bad}")
+
+
+@dataclass
+class ImageConfig:
+    """Decode, validate, resize and encode (img2dataset's resize modes)."""
+
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    downscale_filter: str = "area"  # area (box average, like OpenCV's INTER_AREA) | bilinear | bicubic | lanczos | nearest
+    upscale_filter: str = "lanczos"
+    encode_format: str = "jpg"
+    encode_quality: int = 95  # jpg/webp quality; png compression level is (100 - quality) // 10
+    max_image_pixels: int = 89_478_485  # the decompression-bomb guard (Pillow's default limit)
+    border_color: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"image.resize_mode: expected one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        for name in ("downscale_filter", "upscale_filter"):
+            if getattr(self, name) not in RESAMPLE_FILTERS:
+                raise ConfigError(f"image.{name}: expected one of {RESAMPLE_FILTERS}, got {getattr(self, name)!r}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ConfigError(f"image.encode_format: expected one of {ENCODE_FORMATS}, got {self.encode_format!r}")
+        if not 1 <= self.encode_quality <= 100:
+            raise ConfigError(f"image.encode_quality: expected 1-100, got {self.encode_quality}")
+        if self.image_size < 1:
+            raise ConfigError(f"image.image_size: expected >= 1, got {self.image_size}")
+
+
+@dataclass
+class FilterConfig:
+    """Per-sample filters (DataComp's basic filter: min_caption_words=3, min_caption_chars=6,
+    min_image_size=200, max_aspect_ratio=3)."""
+
+    min_image_size: int = 0  # shorter side of the original image, pixels
+    max_image_area: int | None = None  # original width * height
+    max_aspect_ratio: float | None = None  # max(w, h) / min(w, h) of the original image
+    min_caption_chars: int = 0
+    min_caption_words: int = 0
+    max_caption_chars: int | None = None
+
+
+@dataclass
+class DedupConfig:
+    """Dedup across the whole run (and across resumes): exact (sha256 of the downloaded bytes)
+    and near-duplicate (64-bit perceptual hash within ``phash_distance`` bits)."""
+
+    exact: bool = True
+    near: bool = True
+    phash_distance: int = 4  # Hamming distance; <= 7 keeps the 8-band index exact
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_distance <= 7:
+            raise ConfigError(f"dedup.phash_distance: expected 0-7, got {self.phash_distance}")
+
+
+@dataclass
+class ClipFilterConfig:
+    """CLIP-score filter with a stage-1 checkpoint of ours (DataComp: score >= threshold)."""
+
+    checkpoint: str | None = None  # a stage-1 checkpoint directory; None: no CLIP score
+    threshold: float | None = None  # drop samples with cosine(image, caption) below this
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and self.checkpoint is None:
+            raise ConfigError("clip.threshold: expected clip.checkpoint to be set too, got None")
+
+
+@dataclass
+class TokenizeConfig:
+    """Tokenize captions (or a column of chat messages) with the model's tokenizer."""
+
+    tokenizer: str | None = None  # a tokenizer directory; None: clip.checkpoint's, else no tokens
+    messages_col: str | None = None  # a column of chat messages (list or JSON text) instead of the caption
+    max_length: int | None = None  # truncate ids to this many tokens
+
+
+@dataclass
+class OutputConfig:
+    """The img2dataset-compatible layout: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json."""
+
+    shard_size: int = 1000  # input rows per shard (the unit of work and of resume)
+    report: bool = True  # write report.html (+ PNGs) and summary.json at the end
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shard_size <= 1_000_000:
+            raise ConfigError(f"output.shard_size: expected 1..1000000, got {self.shard_size}")
+
+
+@dataclass
+class RunConfig:
+    """Ray execution."""
+
+    address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    num_cpus: int | None = None  # local Ray only
+    threads: int = 4  # decode/resize threads per shard task (Pillow releases the GIL)
+    concurrency: int | None = None  # shard tasks at once; None: the cluster's CPUs
+    max_task_retries: int = 3  # a failed shard task is retried this often
+    error_warn_rate: float = 0.5  # warn when the failed fraction of a finished shard passes this
+    progress: bool = True
+
+
+@dataclass
+class CurateConfig:
+    """Everything one ``vlm curate`` run needs."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    clip: ClipFilterConfig = field(default_factory=ClipFilterConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_curate_config(*, path: str | Path | None = None, overrides: list[str] | None = None) -> CurateConfig:
+    """Defaults, then a YAML file, then ``key.sub=value`` overrides, all strictly typed.
+
+    Args:
+        path: an optional YAML file with any subset of the keys.
+        overrides: ``key.sub=value`` strings applied last.
+    """
+    cfg = CurateConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"expected --config to name a YAML file, got {str(p)!r} (no such file)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from e
+        cfg = from_dict(CurateConfig, data)
+    return apply_overrides(cfg, list(overrides or []))

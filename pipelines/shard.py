@@ -1,0 +1,272 @@
+"""One shard, end to end: read its rows, download (or take the bytes of img2dataset input),
+decode and validate, resize, filter, dedup, CLIP-score, tokenize, write.
+
+``process_shard`` is a plain function: Ray runs one call per shard (``pipelines/graph.py``) and a
+test calls it directly. Downloads stream into a thread pool that decodes and resizes while
+other bodies are still arriving (Pillow releases the GIL while it decodes, resizes, encodes).
+
+Every input row gets exactly one output row in ``NNNNN.parquet``, with ``status`` one of
+``STATUSES`` and ``error_message`` the reason; successes also go to ``NNNNN.tar`` as
+``KEY.jpg`` (or .webp/.png), ``KEY.txt``, ``KEY.json``. The three files are written under
+temporary names and renamed, ``NNNNN_stats.json`` last: its presence marks the shard done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import CurateConfig
+from pipelines.download import FetchResult, fetch_many
+from pipelines.imaging import Rejected, check_caption, check_image, decode, encode, phash, resize, sha256
+from pipelines.inputs import read_shard_rows
+
+STATUSES = ("success", "failed_to_download", "failed_to_decode", "filtered", "duplicate")
+
+
+class Dedup(Protocol):
+    def claim(self, keys: list[str], sha256s: list[str | None], phashes: list[int | None]) -> list[str | None]: ...
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+def stats_path(output_dir: str | os.PathLike, shard: int) -> Path:
+    return Path(output_dir) / f"{shard_name(shard)}_stats.json"
+
+
+def sample_key(shard: int, index: int, *, shard_size: int) -> str:
+    """img2dataset's key: the 5-digit shard then the index (at least 4 digits)."""
+    return f"{shard:05d}{index:0{max(4, len(str(shard_size - 1)))}d}"
+
+
+def process_image(data: bytes, *, config: CurateConfig) -> dict[str, Any]:
+    """Decode, validate, filter by size, resize and encode one downloaded body.
+
+    Returns the sample's fields: ``status``, ``error_message``, sizes, ``sha256``, ``phash``
+    and, on success, ``image`` (the encoded bytes).
+
+    Args:
+        data: the body.
+        config: the run config (``image``, ``filter``, ``dedup``).
+    """
+    out: dict[str, Any] = {"sha256": sha256(data) if config.dedup.exact else None}
+    try:
+        decoded = decode(data, max_pixels=config.image.max_image_pixels)
+    except Rejected as e:
+        return {**out, "status": "failed_to_decode", "error_message": e.reason}
+    out.update(original_width=decoded.original_width, original_height=decoded.original_height)
+    try:
+        check_image(decoded.original_width, decoded.original_height, config=config.filter)
+    except Rejected as e:
+        return {**out, "status": "filtered", "error_message": e.reason}
+    img = resize(decoded.image, config=config.image)
+    same = (
+        config.image.resize_mode == "no" and not decoded.transposed and decoded.source_format == config.image.encode_format
+    )
+    image_bytes = data if same else encode(img, config=config.image)
+    return {
+        **out,
+        "status": "success",
+        "error_message": None,
+        "width": img.size[0],
+        "height": img.size[1],
+        "phash": phash(img) if config.dedup.near else None,
+        "image": image_bytes,
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per writer: a stale attempt cannot clobber it
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_tar(path: Path, samples: list[tuple[str, bytes, str, dict]], ext: str) -> None:
+    import webdataset as wds
+
+    with open(path, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        for key, image, caption, meta in samples:
+            writer.write({"__key__": key, ext: image, "txt": caption.encode("utf-8"),
+                          "json": json.dumps(meta, default=_json_default).encode("utf-8")})
+        writer.close()
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def process_shard(
+    spec: dict,
+    *,
+    config: CurateConfig,
+    output_dir: str,
+    dedup: Dedup | None = None,
+    fail_after_download: bool = False,
+) -> dict[str, Any]:
+    """Curate one shard and write its three files; returns a summary (counts by status).
+
+    Args:
+        spec: ``{"shard": k, "kind": "urls" | "img2dataset", "path": ...}`` from ``prepare_shards``.
+        config: the run config.
+        output_dir: where ``NNNNN.tar``/``.parquet``/``_stats.json`` go.
+        dedup: the run-wide dedup index (anything with ``claim``); None dedups within the shard only.
+        fail_after_download: raise after downloading (tests of task retry use it).
+    """
+    from pipelines.dedup import DedupIndex
+
+    start = time.time()
+    shard = int(spec["shard"])
+    cin = config.input
+    rows, given = read_shard_rows(spec, config=cin)
+    n = len(rows)
+    keys = [sample_key(shard, i, shard_size=max(config.output.shard_size, n)) for i in range(n)]
+    results: list[dict[str, Any]] = [{} for _ in range(n)]
+    captions = [None if cin.caption_col is None else rows[i].get(cin.caption_col) for i in range(n)]
+
+    todo: list[int] = []
+    for i in range(n):
+        try:
+            check_caption(captions[i], config=config.filter)
+        except Rejected as e:
+            results[i] = {"status": "filtered", "error_message": e.reason}
+            continue
+        todo.append(i)
+
+    lock = threading.Lock()
+    bytes_in = [0]
+    with ThreadPoolExecutor(max_workers=max(1, config.run.threads)) as pool:
+        futures = {}
+
+        def on_result(j: int, r: FetchResult) -> None:
+            i = todo[j]
+            base = {"http_status": r.http_status, "attempts": r.attempts}
+            if r.error is not None:
+                results[i] = {**base, "status": "failed_to_download", "error_message": r.error}
+                return
+            with lock:
+                bytes_in[0] += len(r.data)
+            futures[i] = (base, pool.submit(process_image, r.data, config=config))
+
+        if given is None:
+            fetch_many([str(rows[i].get(cin.url_col) or "") for i in todo], config=config.download, on_result=on_result)
+        else:
+            for j, i in enumerate(todo):
+                data = given[i]
+                res = FetchResult(data, None if data else "no_image_in_input", None, 0)
+                on_result(j, res)
+        for i, (base, fut) in futures.items():
+            results[i] = {**base, **fut.result()}
+    if fail_after_download:
+        raise RuntimeError(f"injected failure in shard {shard}")
+
+    ok = [i for i in range(n) if results[i].get("status") == "success"]
+    if ok and (config.dedup.exact or config.dedup.near):
+        index = dedup if dedup is not None else DedupIndex(exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance)
+        reasons = index.claim([keys[i] for i in ok], [results[i].get("sha256") for i in ok], [results[i].get("phash") for i in ok])
+        for i, reason in zip(ok, reasons):
+            if reason is not None:
+                kind, owner = reason.split(":", 1)
+                results[i].update(status="duplicate", error_message=kind, duplicate_of=owner)
+                results[i].pop("image", None)
+        ok = [i for i in ok if results[i]["status"] == "success"]
+
+    if ok and config.clip.checkpoint is not None:
+        from PIL import Image
+
+        from pipelines.clip_score import ClipScorer
+
+        scorer = ClipScorer(checkpoint=config.clip.checkpoint, batch_size=config.clip.batch_size)
+        images = [Image.open(io.BytesIO(results[i]["image"])).convert("RGB") for i in ok]
+        scores = scorer.score(images, [captions[i] or "" for i in ok])
+        for i, s in zip(ok, scores):
+            results[i]["clip_score"] = float(s)
+            if config.clip.threshold is not None and s < config.clip.threshold:
+                results[i].update(status="filtered", error_message="clip_score_below_threshold")
+                results[i].pop("image", None)
+        ok = [i for i in ok if results[i]["status"] == "success"]
+
+    tok_path = config.tokenize.tokenizer or config.clip.checkpoint
+    if ok and tok_path is not None:
+        from pipelines.tokens import Tokenize, cached_tokenizer
+
+        stage = Tokenize(tokenizer=cached_tokenizer(str(tok_path)), messages_col=config.tokenize.messages_col,
+                         max_length=config.tokenize.max_length)
+        msgs = [rows[i].get(config.tokenize.messages_col) for i in ok] if config.tokenize.messages_col else None
+        for i, ids in zip(ok, stage.ids([captions[i] for i in ok], msgs)):
+            results[i]["input_ids"] = ids.tolist()
+            results[i]["num_tokens"] = len(ids)
+
+    # ------------------------------------------------------------------ write
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = shard_name(shard)
+    ext = config.image.encode_format
+    records, samples = [], []
+    for i in range(n):
+        r = results[i]
+        extra = {k: v for k, v in rows[i].items()} if cin.save_additional_columns else {
+            k: rows[i].get(k) for k in (cin.url_col, cin.caption_col) if k is not None}
+        rec = {
+            **extra,
+            "key": keys[i],
+            "shard": shard,
+            "status": r.get("status"),
+            "error_message": r.get("error_message"),
+            "http_status": r.get("http_status"),
+            "attempts": r.get("attempts"),
+            "width": r.get("width"),
+            "height": r.get("height"),
+            "original_width": r.get("original_width"),
+            "original_height": r.get("original_height"),
+            "sha256": r.get("sha256"),
+            "phash": r.get("phash"),
+            "duplicate_of": r.get("duplicate_of"),
+            "clip_score": r.get("clip_score"),
+            "num_tokens": r.get("num_tokens"),
+            "input_ids": r.get("input_ids"),
+        }
+        records.append(rec)
+        if rec["status"] == "success":
+            meta = {k: v for k, v in rec.items() if not isinstance(v, bytes)}
+            samples.append((keys[i], r["image"], str(captions[i] or ""), meta))
+
+    _atomic_write(out / f"{name}.tar", lambda p: _write_tar(p, samples, ext))
+    table = pa.Table.from_pylist(records)
+    _atomic_write(out / f"{name}.parquet", lambda p: pq.write_table(table, p))
+    statuses = Counter(rec["status"] for rec in records)
+    reasons = Counter(f"{rec['status']}:{rec['error_message']}" for rec in records if rec["status"] != "success")
+    end = time.time()
+    stats = {
+        "shard": shard,
+        "count": n,
+        "successes": statuses.get("success", 0),
+        **{s: statuses.get(s, 0) for s in STATUSES if s != "success"},
+        "status_dict": dict(sorted(statuses.items())),
+        "reason_dict": dict(sorted(reasons.items())),
+        "bytes_downloaded": bytes_in[0],
+        "start_time": start,
+        "end_time": end,
+        "duration": end - start,
+    }
+    _atomic_write(stats_path(out, shard), lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"))
+    return stats

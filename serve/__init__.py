@@ -1,0 +1,1 @@
+"""Serving: Ray Serve deployments behind an OpenAI-compatible API (in progress)."""

@@ -1,0 +1,38 @@
+"""Prometheus metrics, exported by Ray's metrics agent (``ray_vlm_*`` on each node's metrics port).
+
+Ray Serve adds the deployment, replica and application tags itself. Created lazily, once per
+process, so importing this module outside a Ray worker costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.requests = Counter("vlm_requests", description="HTTP requests by route and status code",
+                                tag_keys=("route", "code"))
+        self.errors = Counter("vlm_errors", description="requests answered with an error, by route and code",
+                              tag_keys=("route", "code"))
+        self.tokens = Counter("vlm_tokens", description="tokens by kind: prompt, completion, image",
+                              tag_keys=("kind",))
+        self.images = Counter("vlm_images", description="images and video frames received")
+        self.latency = Histogram("vlm_request_latency_s", description="request latency (s)",
+                                 boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route",))
+        self.ttft = Histogram("vlm_time_to_first_token_s", description="time to the first streamed token (s)",
+                              boundaries=LATENCY_BOUNDARIES_S)
+        self.batch_size = Histogram("vlm_batch_size", description="rows per batch", boundaries=BATCH_BOUNDARIES,
+                                    tag_keys=("stage",))
+        self.cache = Counter("vlm_image_cache", description="image-embedding cache lookups by result (hit/miss)",
+                             tag_keys=("result",))
+
+
+@functools.cache
+def get() -> _Metrics:
+    return _Metrics()

@@ -1,0 +1,160 @@
+"""The OpenAI wire format: request models, error bodies, response and SSE chunk builders.
+
+Requests are parsed leniently (unknown OpenAI fields are accepted and ignored) but every value
+we use is type-checked, and a bad one is a 400 whose message names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+class ApiError(Exception):
+    """An error the client caused or should retry; becomes an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error"),
+                "param": self.param,
+                "code": self.code or str(self.status),
+            }
+        }
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return (_rebuild_api_error, (self.status, self.message, self.param, self.code))
+
+
+def _rebuild_api_error(status: int, message: str, param: str | None, code: str | None) -> ApiError:
+    return ApiError(status, message, param=param, code=code)
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(_Lenient):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ApiError(400, f"stop: expected up to 4 non-empty strings, got {stops!r}", param="stop")
+        return stops
+
+
+class EmbeddingRequest(_Lenient):
+    model: str
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    """Validate ``data``; a pydantic error becomes a 400 naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        got = err.get("input")
+        got_s = json.dumps(got)[:80] if isinstance(got, (str, int, float, bool, type(None))) else type(got).__name__
+        raise ApiError(400, f"{loc}: {err['msg']} (got {got_s})", param=loc or None) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int, *, image_tokens: int = 0, num_images: int = 0,
+          cached_images: int = 0) -> dict[str, Any]:
+    """OpenAI's usage block; ``prompt_tokens`` includes the image tokens, which are also
+    reported on their own (``prompt_tokens_details.image_tokens``) with the image count (video
+    frames count as images) and how many of them the encoder cache answered."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": image_tokens, "num_images": num_images,
+                                  "cached_images": cached_images},
+    }
+
+
+def completion_body(rid: str, model: str, text: str, finish: str, usage_: dict[str, Any], created: int) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        ],
+        "usage": usage_,
+    }
+
+
+def chunk(rid: str, model: str, created: int, *, delta: dict[str, Any] | None, finish: str | None = None,
+          usage_: dict[str, Any] | None = None) -> str:
+    """One SSE event of a streamed chat completion."""
+    body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    if usage_ is not None:
+        body["usage"] = usage_
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def sse_error(err: ApiError) -> str:
+    return f"data: {json.dumps(err.body())}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def now() -> int:
+    return int(time.time())

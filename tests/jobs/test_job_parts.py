@@ -1,0 +1,97 @@
+"""The job's pieces without Ray: config + DeepSpeed config, decode stages, metrics sinks, FLOPs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from jobs.data import DecodePairs, DecodeSFT, read_sft, sft_examples, tokenizer_corpus
+from jobs.job_config import deepspeed_config, load_job, micro_batch
+from jobs.metrics import MetricsLog, read_metrics, tower_flops, zero_memory_formula
+from vlm.config import ConfigError
+
+from .conftest import write_tiny_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_tiny_world(tmp_path_factory.mktemp("parts") / "world", num_train=4)
+
+
+def test_yaml_job_section_and_overrides_build_the_deepspeed_config(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("preset: tiny\nstage2: {batch_size: 16, grad_clip: 0.5}\njob: {zero_stage: 3, precision: bf16, grad_accum: 2, offload_optimizer: true}\n")
+    cfg, job = load_job(path=f, overrides=["job.num_workers=4", "stage2.lr=1e-4"])
+    assert (job.zero_stage, job.num_workers, cfg.stage2.lr) == (3, 4, 1e-4)
+    ds = deepspeed_config(cfg.stage2, job)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+
+
+def test_job_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="job.zero_stage"):
+        load_job(overrides=["job.zero_stage=4"])
+    with pytest.raises(ConfigError, match="job config.*nope"):
+        load_job(overrides=["job.nope=1"])
+    cfg, job = load_job(overrides=["job.num_workers=3", "stage1.batch_size=8"])
+    with pytest.raises(ConfigError, match="multiple of num_workers"):
+        micro_batch(cfg.stage1, job)
+
+
+def test_decode_world_rows_including_video(world):
+    lines = (world / "sft.jsonl").read_text().splitlines()
+    video = next(ln for ln in lines if json.loads(ln)["video"])
+    image = next(ln for ln in lines if not json.loads(ln)["video"])
+    batch = DecodeSFT(str(world), 32)({"text": np.array([image, video], dtype=object)})
+    exs = sft_examples(batch, 32)
+    frames = next(p["num_frames"] for m in json.loads(video)["messages"] if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "video")
+    assert [len(e.images) for e in exs] == [1, frames]
+    assert exs[1].images[0].shape == (32, 32, 3) and exs[1].images[0].dtype == np.uint8
+    assert len(read_sft(str(world), size=32, split="heldout", limit=3)) == 3
+    assert any("describe" in t for t in tokenizer_corpus(str(world)))
+
+
+def test_decode_webdataset_shard_rows(tmp_path):
+    from PIL import Image
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 30), (10 * i, 0, 0)).save(buf, format="JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", f"caption {i}".encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(shard) as tar:
+        jpgs = [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    out = DecodePairs(None, 16)({"jpg": np.array(jpgs, dtype=object), "txt": np.array([b"a", b"b", b"c"], dtype=object)})
+    assert out["pixels"].shape == (3, 16, 16, 3) and list(out["caption"]) == ["a", "b", "c"]
+    assert "caption 2" in tokenizer_corpus(str(tmp_path))
+
+
+def test_metrics_log_drops_rows_past_the_resume_step(tmp_path):
+    log = MetricsLog(tmp_path, resume_step=0, tensorboard=False)
+    for s in range(1, 6):
+        log.log({"step": s, "loss": 1.0 / s})
+    log.close()
+    log = MetricsLog(tmp_path, resume_step=3, tensorboard=False)  # a restart from step 3
+    log.log({"step": 4, "loss": 9.0, "lr": 0.1})
+    log.close()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 9.0 and rows[-1]["lr"] == 0.1
+
+
+def test_flop_and_zero_memory_formulas():
+    # a trained tower: 6 N T + 12 L d T^2; forward only: 2 N T + 4 L d T^2
+    assert tower_flops(100, 10, layers=2, width=4, mode="train") == 6 * 100 * 10 + 12 * 2 * 4 * 100
+    assert tower_flops(100, 10, layers=2, width=4, mode="forward") == 2 * 100 * 10 + 4 * 2 * 4 * 100
+    p = 1e9
+    assert zero_memory_formula(p, 0, 8) == 16e9
+    assert zero_memory_formula(p, 3, 8) == 2e9
+    assert zero_memory_formula(p, 1, 8) > zero_memory_formula(p, 2, 8) > zero_memory_formula(p, 3, 8)

@@ -1,0 +1,221 @@
+"""The curation stages called directly on bytes, images and dicts of numpy arrays: no Ray."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.config import DownloadConfig, FilterConfig, ImageConfig, load_curate_config
+from pipelines.dedup import DedupIndex, hamming
+from pipelines.download import Downloader, retry_after_seconds, robots_opt_out
+from pipelines.imaging import Rejected, check_caption, check_image, decode, encode, phash, resize
+from pipelines.local_server import bomb_png
+from vlm.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _jpeg(w: int, h: int, *, orientation: int | None = None) -> bytes:
+    img = Image.new("RGB", (w, h), (200, 30, 30))
+    img.paste((30, 30, 200), (0, 0, w // 2, h))  # left half blue: orientation is visible
+    buf = io.BytesIO()
+    if orientation is None:
+        img.save(buf, format="JPEG")
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ decode / validate
+
+
+def test_decode_applies_exif_orientation():
+    d = decode(_jpeg(40, 20, orientation=6), max_pixels=10**8)  # 6: rotate 90 degrees clockwise
+    assert (d.original_width, d.original_height) == (20, 40)
+    assert d.transposed
+    top = np.asarray(d.image)[2, 10]  # after a clockwise turn the blue left half is on top
+    assert top[2] > 150 and top[0] < 100
+    plain = decode(_jpeg(40, 20), max_pixels=10**8)
+    assert (plain.original_width, plain.original_height, plain.transposed) == (40, 20, False)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty_body"),
+        (b"<html>hello</html>", "not_an_image"),
+        (_jpeg(64, 64)[:300], "truncated_or_corrupt"),
+        (bomb_png(), "decompression_bomb"),
+    ],
+)
+def test_decode_rejects(data, reason):
+    with pytest.raises(Rejected) as e:
+        decode(data, max_pixels=89_478_485)
+    assert e.value.reason == reason
+
+
+def test_bomb_guard_reads_the_header_only():
+    data = bomb_png()
+    assert len(data) < 100_000
+    start = time.perf_counter()
+    with pytest.raises(Rejected):
+        decode(data, max_pixels=1_000_000)
+    assert time.perf_counter() - start < 2.0  # rejected before 144 M pixels were decoded (that takes far longer)
+
+
+# ------------------------------------------------------------------ resize / encode
+
+
+@pytest.mark.parametrize(
+    "mode, size, expected",
+    [
+        ("no", (640, 480), (640, 480)),
+        ("keep_ratio", (640, 480), (341, 256)),
+        ("keep_ratio_largest", (640, 480), (256, 192)),
+        ("center_crop", (640, 480), (256, 256)),
+        ("border", (640, 480), (256, 256)),
+        ("keep_ratio", (100, 50), (512, 256)),  # upscales unless resize_only_if_bigger
+    ],
+)
+def test_resize_modes(mode, size, expected):
+    img = Image.new("RGB", size, (10, 200, 10))
+    assert resize(img, config=ImageConfig(image_size=256, resize_mode=mode)).size == expected
+
+
+def test_resize_only_if_bigger_and_border_padding():
+    small = Image.new("RGB", (100, 50), (10, 200, 10))
+    cfg = ImageConfig(image_size=256, resize_mode="keep_ratio", resize_only_if_bigger=True)
+    assert resize(small, config=cfg).size == (100, 50)
+    bordered = resize(Image.new("RGB", (640, 320), (0, 0, 0)), config=ImageConfig(image_size=128, resize_mode="border"))
+    px = np.asarray(bordered)
+    assert bordered.size == (128, 128) and px[0, 64].tolist() == [255, 255, 255] and px[64, 64].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("fmt, pil", [("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
+def test_encode_formats(fmt, pil):
+    data = encode(Image.new("RGB", (32, 16), (1, 2, 3)), config=ImageConfig(encode_format=fmt, encode_quality=90))
+    back = Image.open(io.BytesIO(data))
+    assert back.format == pil and back.size == (32, 16)
+
+
+def test_filters():
+    cfg = FilterConfig(min_image_size=200, max_aspect_ratio=3.0, min_caption_chars=6, min_caption_words=3)
+    check_image(300, 200, config=cfg)
+    for (w, h), reason in (((150, 300), "image_too_small"), ((1000, 300), "aspect_ratio_too_large")):
+        with pytest.raises(Rejected, match=reason):
+            check_image(w, h, config=cfg)
+    check_caption("a red circle", config=cfg)
+    for text, reason in (("", "caption_too_short"), ("red circle", "caption_too_few_words")):
+        with pytest.raises(Rejected, match=reason):
+            check_caption(text, config=cfg)
+
+
+# ------------------------------------------------------------------ dedup
+
+
+def test_dedup_exact_near_and_own_key(world_dir):
+    good = Image.open(world_dir / "images" / "train-000001.jpg").convert("RGB")
+    other = Image.open(world_dir / "images" / "train-000002.jpg").convert("RGB")
+    near_src = pq.read_table(world_dir / "urls.parquet").to_pylist()
+    near = next(r for r in near_src if r["kind"] == "near_duplicate")
+    source = Image.open(world_dir / "images" / f"{near['source_id']}.jpg").convert("RGB")
+    near_img = Image.open(world_dir / near["path"]).convert("RGB")
+    assert hamming(phash(source), phash(near_img)) <= 4 < hamming(phash(source), phash(other))
+
+    index = DedupIndex(exact=True, near=True, distance=4)
+    assert index.claim(["a", "b"], ["s1", "s2"], [phash(good), phash(source)]) == [None, None]
+    got = index.claim(["c", "d", "e"], ["s1", "s3", "s4"], [phash(other), phash(near_img), phash(other)])
+    assert got == ["duplicate_of:a", "near_duplicate_of:b", None]
+    # a retried shard asking about its own samples again is not told they are duplicates
+    assert index.claim(["a", "e"], ["s1", "s4"], [phash(good), phash(other)]) == [None, None]
+    exact_only = DedupIndex(exact=True, near=False)
+    exact_only.add(["a"], ["s1"], [phash(good)])
+    assert exact_only.claim(["x", "y"], ["s9", "s1"], [phash(good), None]) == [None, "duplicate_of:a"]
+
+
+# ------------------------------------------------------------------ download (real HTTP, no Ray)
+
+
+def test_downloader_hostile_endpoints(server):
+    names = ["stall", "404", "500", "flaky500/x", "429/x", "redirect", "noai", "otherbot-noai", "oversized"]
+    batch = {"url": np.array([f"{server.url}/hostile/{n}" for n in names] + ["ftp://nope/x.jpg"])}
+    cfg = DownloadConfig(timeout=1.0, retries=1, backoff=0.05, max_body_bytes=1_000_000)
+    start = time.perf_counter()
+    out = Downloader(config=cfg)(batch)
+    elapsed = time.perf_counter() - start
+    got = dict(zip(names + ["ftp"], out["error_message"]))
+    assert got == {
+        "stall": "timeout", "404": "http_404", "500": "http_500", "flaky500/x": None, "429/x": None,
+        "redirect": None, "noai": "x_robots_tag_noai", "otherbot-noai": None, "oversized": "body_too_large",
+        "ftp": "invalid_url",
+    }  # fmt: skip
+    assert server.hits["/hostile/500"] >= 2 and server.hits["/hostile/404"] == 1  # 5xx retried, 4xx not
+    assert server.hits["/hostile/429/x"] == 2
+    assert 1.0 <= elapsed < 7.5  # waited Retry-After (1 s); the stalled body (8 s) was cut at the 1 s deadline twice
+    for i, n in enumerate(names):
+        if got[n] is None:
+            Image.open(io.BytesIO(out["bytes"][i])).verify()
+    assert any("vlmforge" in ua for ua in server.user_agents)
+
+
+def test_retry_after_too_long_fails_fast(server):
+    cfg = DownloadConfig(timeout=1.0, retries=2, backoff=0.01, max_retry_after=0.5)
+    out = Downloader(config=cfg)({"url": np.array([f"{server.url}/hostile/429/long"])})
+    assert out["error_message"][0] == "retry_after_too_long" and server.hits["/hostile/429/long"] == 1  # no wait, no retry
+
+
+def test_robots_and_retry_after_parsing():
+    dis = ["noai", "noimageai", "noindex", "noimageindex"]
+    assert robots_opt_out(["noindex, nofollow"], disallowed=dis, token="vlmforge") == "noindex"
+    assert robots_opt_out(["otherbot: noai"], disallowed=dis, token="vlmforge") is None
+    assert robots_opt_out(["VLMForge: noimageai"], disallowed=dis, token="vlmforge") == "noimageai"
+    assert robots_opt_out(["noai"], disallowed=[], token="vlmforge") is None
+    assert retry_after_seconds("7") == 7.0 and retry_after_seconds("soon") is None
+    assert 50 < retry_after_seconds(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))) <= 61
+
+
+# ------------------------------------------------------------------ tokenize, config, imports
+
+
+def test_tokenize_stage(tmp_path):
+    from pipelines.tokens import Tokenize
+    from vlm.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a red circle", "a blue square on grey"] * 20, vocab_size=300)
+    out = Tokenize(tokenizer=tok)({"caption": np.array(["a red circle", "a blue square"])})
+    assert tok.decode(out["input_ids"][0].tolist()) == "a red circle"
+    assert out["num_tokens"].tolist() == [len(x) for x in out["input_ids"]]
+    msgs = Tokenize(tokenizer=tok, messages_col="messages")(
+        {"caption": np.array([""]), "messages": np.array(['[{"role": "user", "content": "hi"}]'])}
+    )
+    assert msgs["num_tokens"][0] > 2
+
+
+def test_config_is_strict(tmp_path):
+    cfg = load_curate_config(overrides=["image.image_size=128", "filter.max_aspect_ratio=3"])
+    assert cfg.image.image_size == 128 and cfg.filter.max_aspect_ratio == 3.0
+    for bad, match in (("image.resize_mode=squash", "resize_mode"), ("image.size=3", "unknown key"),
+                       ("download.timeout=soon", "download.timeout"), ("clip.threshold=0.3", "clip.checkpoint")):
+        with pytest.raises(ConfigError, match=match):
+            load_curate_config(overrides=[bad])
+    path = tmp_path / "c.yaml"
+    path.write_text("output:\n  shard_size: 50\ndedup:\n  near: false\n")
+    assert load_curate_config(path=path).output.shard_size == 50
+
+
+def test_stage_modules_do_not_import_ray():
+    code = (
+        "import sys; import pipelines.shard, pipelines.download, pipelines.imaging, pipelines.dedup, "
+        "pipelines.tokens, pipelines.report, pipelines.inputs; assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

@@ -1,0 +1,140 @@
+"""Helpers shared by tests/serve (imported by name: conftest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SMALL = [
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.hidden_size=32",
+    "model.vision.intermediate_size=64",
+    "model.vision.num_layers=2",
+    "model.vision.num_heads=2",
+    "model.text.hidden_size=32",
+    "model.text.intermediate_size=64",
+    "model.text.num_layers=1",
+    "model.text.num_heads=2",
+    "model.contrastive.embed_dim=16",
+    "model.decoder.hidden_size=64",
+    "model.decoder.intermediate_size=128",
+    "model.decoder.num_layers=2",
+    "model.decoder.num_heads=4",
+    "model.decoder.num_kv_heads=2",
+]
+CORPUS = ["a red square above a blue circle.", "the green triangle is left of the cat.", "how many shapes?",
+          "describe the picture.", "what colour is the circle?"] * 20
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- media
+
+
+def scene_png(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
+    from vlm.world import render_scene, sample_scene
+
+    img = render_scene(sample_scene(np.random.default_rng(seed)), width=size, height=size)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def make_mp4(n: int = 12, size: int = 32) -> bytes:
+    from pipelines.world import encode_mp4
+    from vlm.world import render_scene, sample_scene
+
+    rng = np.random.default_rng(7)
+    frames = [render_scene(sample_scene(rng), width=size, height=size) for _ in range(n)]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "v.mp4"
+        try:
+            encode_mp4(frames, path, codec="libx264", fps=4)
+        except Exception:
+            encode_mp4(frames, path, codec="mpeg4", fps=4)
+        return path.read_bytes()
+
+
+def bomb_png() -> bytes:
+    """A 1-bit 12000x12000 PNG: a few KB on the wire, 144 M pixels decoded."""
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+class MediaServer:
+    """A local HTTP server with good, bad and slow media."""
+
+    def __init__(self) -> None:
+        png = scene_png(1)
+        self.files: dict[str, tuple[bytes, str]] = {
+            "/a.png": (png, "image/png"),
+            "/b.jpg": (scene_png(2, fmt="JPEG"), "image/jpeg"),
+            "/c.png": (scene_png(3), "image/png"),
+            "/video.mp4": (make_mp4(), "video/mp4"),
+            "/corrupt.png": (png[: len(png) // 2], "image/png"),
+            "/text.txt": (b"hello, I am not an image" * 10, "text/plain"),
+            "/bomb.png": (bomb_png(), "image/png"),
+            "/big.png": (scene_png(4, size=600), "image/png"),
+        }
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                if self.path.startswith("/slow"):
+                    time.sleep(4)
+                if self.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", "/a.png")
+                    self.end_headers()
+                    return
+                path = "/a.png" if self.path.startswith("/slow") else self.path
+                if path not in files:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                data, ctype = files[path]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+

@@ -1,0 +1,120 @@
+"""Shared fixtures: tiny random checkpoints, a media server on 127.0.0.1, one Ray instance and the
+serve apps under test (real Ray Serve over real HTTP; nothing leaves 127.0.0.1)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers import API_KEY, CORPUS, SMALL, MediaServer, free_port  # noqa: E402
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A stage-2 (vlm) and a stage-1 (contrastive) checkpoint of tiny random models."""
+    from vlm.checkpoint import save_checkpoint
+    from vlm.config import load_config
+    from vlm.contrastive import ContrastiveModel
+    from vlm.llava import VisionLanguageModel
+    from vlm.tokenizer import IMAGE, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=300)
+    cfg = load_config(preset="tiny", overrides=SMALL)
+    torch.manual_seed(0)
+    vlm = VisionLanguageModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id, image_token_id=tok.convert_tokens_to_ids(IMAGE))
+    save_checkpoint(vlm.eval(), root / "tiny-vlm", config=cfg, tokenizer=tok)
+    clip = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    save_checkpoint(clip.eval(), root / "tiny-clip", config=cfg, tokenizer=tok)
+    return {"vlm": root / "tiny-vlm", "clip": root / "tiny-clip"}
+
+
+@pytest.fixture(scope="session")
+def media():
+    server = MediaServer()
+    yield server
+    server.close()
+
+
+# ----------------------------------------------------------------------------- ray + serve
+
+
+@pytest.fixture(scope="session")
+def serve_port():
+    """One Ray instance and Serve's HTTP proxy for every test module of tests/serve."""
+    import ray
+    from ray import serve
+
+    repo = str(Path(__file__).resolve().parents[2])
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": repo}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+TEST_LIMITS = {
+    "max_images": 3,
+    "max_video_frames": 8,
+    "default_video_frames": 4,
+    "max_image_pixels": 256 * 256,
+    "max_body_bytes": 2 * 1024 * 1024,
+    "max_prompt_tokens": 400,
+    "max_output_tokens": 64,
+    "default_max_tokens": 8,
+}
+
+SMALL_CPU = {"ray_actor_options": {"num_cpus": 0.25}}
+
+
+# The language model autoscales fast (1 -> 2 replicas) so tests can see it; the rest stay at one.
+AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "metrics_interval_s": 0.5,
+             "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 3.0}
+INGRESS = {"limits": TEST_LIMITS, "api_keys": [API_KEY], "request_timeout_s": 30,
+           "media": {"allow_loopback": True, "image_fetch_timeout_s": 1.0, "video_fetch_timeout_s": 5.0}}
+
+
+@pytest.fixture(scope="session")
+def main_args(checkpoints):
+    """``main_args(**ingress)``: the main app's args, with ingress ``user_config`` keys replaced."""
+    from serve.config import AppArgs
+
+    fixed = {**SMALL_CPU, "autoscaling_config": None, "num_replicas": 1}
+
+    def make(**ingress) -> AppArgs:
+        return AppArgs(
+            checkpoint=str(checkpoints["vlm"]),
+            embedding_checkpoint=str(checkpoints["clip"]),
+            ingress={**INGRESS, **ingress},
+            encoder={"torch_threads": 1},
+            lm={"torch_threads": 1, "max_batch_size": 16},
+            deployments={"Ingress": fixed, "ImageEncoder": fixed, "Embedder": fixed,
+                         "LanguageModel": {**SMALL_CPU, "autoscaling_config": AUTOSCALE, "max_ongoing_requests": 16,
+                                           "max_queued_requests": 64}},
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def main_app(serve_port, main_args):
+    """The app every test talks to: auth on, loopback media allowed, small limits."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app(main_args()), name="main", route_prefix="/")
+    return f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.fixture(scope="session")
+def client(main_app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{main_app}/v1", api_key=API_KEY, max_retries=0, timeout=60)

@@ -1,0 +1,109 @@
+"""Pieces without Ray: the SSRF guard, media decoding, the batch engine against ``generate``."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import numpy as np
+import pytest
+import torch
+from _helpers import make_mp4, scene_png
+
+from serve.config import Limits, MediaOptions
+from serve.media import check_address, decode_image, decode_video, parse_data_url, resolve_checked
+from serve.protocol import ApiError
+
+
+@pytest.mark.parametrize(
+    "ip, loopback_ok, private_ok, denied",
+    [
+        ("127.0.0.1", False, False, True),
+        ("127.0.0.1", True, False, False),
+        ("::1", False, False, True),
+        ("::ffff:127.0.0.1", False, False, True),
+        ("10.1.2.3", True, False, True),
+        ("172.16.0.1", False, False, True),
+        ("169.254.169.254", True, False, True),
+        ("169.254.169.254", False, True, False),
+        ("100.64.0.1", False, False, True),
+        ("0.0.0.0", False, False, True),
+        ("8.8.8.8", False, False, False),
+        ("2606:4700:4700::1111", False, False, False),
+    ],
+)
+def test_check_address(ip, loopback_ok, private_ok, denied):
+    opts = MediaOptions(allow_loopback=loopback_ok, allow_private=private_ok)
+    assert (check_address(ipaddress.ip_address(ip), opts) is not None) == denied
+
+
+def test_resolve_pins_the_checked_address_and_domains():
+    opts = MediaOptions(allow_loopback=True)
+    pinned, host = asyncio.run(resolve_checked("http://localhost:8080/x.png?a=1", opts, where="w"))
+    assert host == "localhost" and pinned in ("http://127.0.0.1:8080/x.png?a=1", "http://[::1]:8080/x.png?a=1")
+    with pytest.raises(ApiError, match="loopback"):
+        asyncio.run(resolve_checked("http://localhost/x.png", MediaOptions(), where="w"))
+    with pytest.raises(ApiError, match="allowed media domains"):
+        asyncio.run(resolve_checked("http://localhost/x.png", MediaOptions(allow_loopback=True,
+                                                                          allowed_domains=["example.com"]), where="w"))
+
+
+def test_decode_image_and_video():
+    lim = Limits(max_image_pixels=100 * 100)
+    arr = decode_image(scene_png(1, size=48), size=32, limits=lim, where="w")
+    assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
+    with pytest.raises(ApiError, match="over the limit"):
+        decode_image(scene_png(1, size=120), size=32, limits=lim, where="w")
+    with pytest.raises(ApiError) as e:
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 50, size=32, limits=lim, where="w")
+    assert e.value.status == 400
+    mp4 = make_mp4(12)
+    assert decode_video(mp4, size=32, limits=Limits(), where="w", num_frames=5).shape == (5, 32, 32, 3)
+    assert decode_video(mp4, size=32, limits=Limits(max_video_frames=4), where="w", fps=10).shape[0] == 4
+    with pytest.raises(ApiError, match="too many|over the limit"):
+        decode_video(mp4, size=32, limits=Limits(max_video_frames=4), where="w", num_frames=5)
+
+
+def test_data_urls():
+    assert parse_data_url("data:image/png;base64,aGk=", kind="image", max_bytes=10, where="w").data == b"hi"
+    with pytest.raises(ApiError) as e:
+        parse_data_url("data:image/png;base64," + "A" * 100, kind="image", max_bytes=10, where="w")
+    assert e.value.status == 413
+    with pytest.raises(ApiError, match="data URL like"):
+        parse_data_url("data:image/png,raw", kind="image", max_bytes=10, where="w")
+
+
+def test_engine_batches_and_matches_generate(checkpoints):
+    """Concurrent requests share batches, and each answer equals generate() alone."""
+    from vlm.checkpoint import load_checkpoint
+    from vlm.generation import GenerationConfig, generate
+
+    from serve.engine import BatchEngine, GenRequest
+
+    ck = load_checkpoint(checkpoints["vlm"])
+    m, tok = ck.model, ck.tokenizer
+    g = torch.Generator().manual_seed(0)
+    t, img = m.tokens_per_image, m.image_token_id
+    prompts = [[2, 40, 41] + [img] * t + [50, 51], [2, 60, 61, 62, 63, 3, 2, 70], [2] + [img] * t + [img] * t + [80]]
+    pix = [torch.randn(1, 3, 32, 32, generator=g), None, torch.randn(2, 3, 32, 32, generator=g)]
+    with torch.inference_mode():
+        feats = [None if p is None else m.image_features(p).numpy() for p in pix]
+    want = [generate(m, input_ids=[p], image_features=[None if f is None else torch.as_tensor(f)], tokenizer=tok,
+                     config=GenerationConfig(max_new_tokens=6 + i))[0] for i, (p, f) in enumerate(zip(prompts, feats))]
+    sizes: list[int] = []
+    engine = BatchEngine(m, tok, max_batch_size=8, batch_wait_timeout_s=0.05, on_batch=sizes.append)
+
+    async def run():
+        reqs = [GenRequest(input_ids=p, image_features=f, max_new_tokens=6 + i) for i, (p, f) in
+                enumerate(zip(prompts, feats))] * 3
+        return await asyncio.gather(*[engine.generate(r) for r in reqs])
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.close()
+    assert max(sizes) > 1 and sum(sizes) == 9
+    for i, out in enumerate(outs):
+        w = want[i % 3]
+        assert (out["text"], out["completion_tokens"], out["finish_reason"]) == (w.text, w.num_generated_tokens,
+                                                                                  w.finish_reason)

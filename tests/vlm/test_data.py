@@ -1,0 +1,67 @@
+"""Stage-1 and stage-2 batches; skipped samples are reported with their reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vlm import world
+from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of, world_pairs, world_sft
+from vlm.tokenizer import special_token_ids, train_bpe_tokenizer
+
+WC = world.WorldConfig(num_train=12, num_heldout=4, num_pairs=3, num_heldout_pairs=2, num_videos=2, num_heldout_videos=1, video_frames=3)
+
+
+def _tok():
+    texts = [s.caption for s in world.generate(WC, "train")] + [qa.question + " " + qa.answer for s in world.generate(WC, "train") for qa in s.qas]
+    return train_bpe_tokenizer(texts * 4, vocab_size=300)
+
+
+def _img(v: int) -> np.ndarray:
+    return np.full((32, 32, 3), v, np.uint8)
+
+
+def test_collate_pairs_shapes_and_normalisation():
+    tok = _tok()
+    pix, caps, _ = world_pairs(WC, "heldout", size=32)
+    b = collate_pairs(pix, caps, tok, vision_kind="clip", max_length=96)
+    assert b["pixel_values"].shape == (4, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
+    assert b["input_ids"].shape[0] == 4 and b["attention_mask"].sum(1).min() > 5
+    assert abs(float(b["pixel_values"].mean())) < 3
+
+
+def test_collate_sft_keeps_images_in_reading_order_and_skips_bad_samples():
+    tok = _tok()
+    ids = special_token_ids(tok)
+    q = lambda n, ans: [{"role": "user", "content": [*([{"type": "image"}] * n), {"type": "text", "text": "how many shapes are there?"}]}, {"role": "assistant", "content": ans}]  # noqa: E731
+    exs = [
+        SFTExample("a", q(1, "1"), [_img(10)], "count"),
+        SFTExample("b", q(2, "2"), [_img(20), _img(30)], "count"),
+        SFTExample("wrong-count", q(2, "2"), [_img(40)], "count"),
+        SFTExample("too-long", q(1, "red " * 200), [_img(50)], "count"),
+    ]
+    batch, skipped = collate_sft(exs, tok, num_image_tokens=4, max_length=64, vision_kind="clip", image_size=32)
+    assert {i: e.reason for i, e in skipped} == {"wrong-count": "image_count_mismatch", "too-long": "answer_truncated"}
+    assert batch["input_ids"].shape[0] == 2
+    assert int((batch["input_ids"] == ids.image).sum()) == 3 * 4
+    # images are in reading order: 10, 20, 30
+    means = batch["pixel_values"].mean(dim=(1, 2, 3))
+    assert means[0] < means[1] < means[2] and batch["pixel_values"].shape[0] == 3
+    # only answer tokens are supervised
+    sup = batch["labels"] != -100
+    assert int(sup.sum()) > 0 and not bool((batch["labels"][sup] == ids.image).any())
+    none, skipped = collate_sft(exs[2:], tok, num_image_tokens=4, max_length=64, vision_kind="clip", image_size=32)
+    assert none is None and len(skipped) == 2
+
+
+def test_world_sft_covers_every_task_with_matching_images():
+    exs = world_sft(WC, "train", size=32)
+    tasks = {ex.task for ex in exs}
+    assert {"colour", "shape", "count", "presence", "caption", "multi_image", "video"} <= tasks
+    for ex in exs:
+        parts = [p for m in ex.messages for p in (m["content"] if isinstance(m["content"], list) else [])]
+        n = sum(1 for p in parts if p["type"] == "image") + sum(p.get("num_frames", 0) for p in parts if p["type"] == "video")
+        assert n == len(ex.images), ex.id
+        assert answer_of(ex) and prompt_of(ex)[-1]["role"] == "user"
+    video = next(ex for ex in exs if ex.task == "video")
+    assert len(video.images) == 3 and answer_of(video) in world.DIRECTIONS
