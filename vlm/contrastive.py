@@ -41,8 +41,9 @@ class ContrastiveModel(nn.Module):
         self.text_proj = nn.Linear(text_width(self.text), c.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=vision_width(self.vision) ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=text_width(self.text) ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(c.init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(c.init_logit_bias))) if c.loss == "siglip" else None
+        # shape (1,), not 0-dim: DeepSpeed ZeRO-3 cannot partition 0-dim parameters
+        self.logit_scale = nn.Parameter(torch.tensor([float(c.init_logit_scale)]))
+        self.logit_bias = nn.Parameter(torch.tensor([float(c.init_logit_bias)])) if c.loss == "siglip" else None
         if c.loss == "siglip" and math.isclose(c.init_logit_scale, math.log(1 / 0.07)):
             self.logit_scale.data.fill_(math.log(10.0))  # SigLIP's init: t' = log 10
 
@@ -60,7 +61,7 @@ class ContrastiveModel(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at ``max_logit_scale`` as CLIP does (scale <= 100)."""
-        return self.logit_scale.clamp(max=self.cfg.contrastive.max_logit_scale).exp()
+        return self.logit_scale.clamp(max=self.cfg.contrastive.max_logit_scale).exp().squeeze(0)
 
     def forward(
         self,
