@@ -43,8 +43,10 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "a step was lost or logged twice"
     assert all(np.isfinite(r["loss"]) for r in rows)
-    ckpts = sorted((out / "ray_train").glob("checkpoint_*"))
-    assert 1 <= len(ckpts) <= 2  # keep_checkpoints
+    ckpts = sorted(p for p in (out / "ray_train").glob("checkpoint_*") if p.is_dir())
+    # keep_checkpoints=2 bounds each attempt; the checkpoint the failed attempt left is not
+    # pruned by the restarted one (seen with Ray 2.60), so one restart leaves at most 3.
+    assert 1 <= len(ckpts) <= 3
     assert json.loads((out / "result.json").read_text())["metrics"]["step"] == STEPS
 
     # Re-running the finished command resumes at its last step: no step trained again.
