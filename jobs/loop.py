@@ -203,35 +203,12 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
     return out
 
 
-def _patch_scalar_broadcast() -> None:
-    """DeepSpeed 0.19's ``_broadcast_model`` views each parameter as uint8, which fails on 0-dim
-    parameters (our ``logit_scale``). Broadcast a 1-D view of the same storage instead (same
-    bytes, same effect). Our own code because the DeepSpeed fix is not released."""
-    import deepspeed.comm as ds_dist
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    from deepspeed.utils import groups
-
-    if getattr(DeepSpeedEngine, "_vlm_patched", False):
-        return
-
-    def _broadcast_model(self) -> None:
-        for _, p in self.module.named_parameters():
-            if getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) is not ZeroParamStatus.AVAILABLE or hasattr(p, "ds_optim_param"):
-                continue  # partitioned (ZeRO-3 zero.Init) parameters are not replicated
-            ds_dist.broadcast(p.data.reshape(-1).view(torch.uint8), groups._get_broadcast_src_rank(), group=self.seq_data_parallel_group)
-
-    DeepSpeedEngine._broadcast_model = _broadcast_model
-    DeepSpeedEngine._vlm_patched = True
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the ``TorchTrainer`` (both stages)."""
     import deepspeed  # imported inside the loop: the driver never needs it
     import ray.train
     import torch.distributed as dist
 
-    _patch_scalar_broadcast()
     stage: str = config["stage"]
     cfg: Config = config["cfg"]
     job: JobConfig = config["job"]
