@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test demo bench-learn clean
+.PHONY: setup test demo demo-model bench-learn clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
+# The whole product on a local Ray: world -> curate -> stage 1 -> stage 2 -> serve -> questions.
 demo: $(STAMP)
-	$(VENV)/bin/vlm demo --output runs/demo
+	$(VENV)/bin/vlm flow --output runs/demo
+
+# The model library alone, in one process (no Ray): the learning demo of benchmarks/learn.py.
+demo-model: $(STAMP)
+	$(VENV)/bin/vlm demo --output runs/demo-model
 
 bench-learn: $(STAMP)
 	$(PY) benchmarks/learn.py

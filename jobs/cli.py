@@ -85,6 +85,7 @@ def _available(fn) -> bool:
 
 
 COMMANDS = {
+    "flow": (_lazy("jobs.flow"), "the whole product on a local Ray: world -> curate -> train both stages -> serve -> ask it questions"),
     "curate": (_lazy("pipelines.cli"), "download, validate, filter, dedup and tokenize image-text pairs into WebDataset shards (Ray Data)"),
     "train": (_lazy("jobs.train"), "train a stage on Ray Train + DeepSpeed: `vlm train contrastive|sft`"),
     "submit": (_lazy("jobs.submit"), "submit a command to a Ray cluster as a Ray Job and stream its logs"),

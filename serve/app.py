@@ -304,10 +304,10 @@ class Ingress:
         return req, gen, counts
 
     def _count(self, prompt: int, completion: int, image_tokens: int) -> None:
-        self.m.tokens.inc(prompt, tags={"kind": "prompt"})
-        self.m.tokens.inc(completion, tags={"kind": "completion"})
-        if image_tokens:
-            self.m.tokens.inc(image_tokens, tags={"kind": "image"})
+        # Ray's Counter.inc rejects 0 (an image-only embedding, an answer that stops at once).
+        for kind, n in (("prompt", prompt), ("completion", completion), ("image", image_tokens)):
+            if n > 0:
+                self.m.tokens.inc(n, tags={"kind": kind})
 
     async def _chat(self, body: bytes):
         start = time.perf_counter()
@@ -409,7 +409,7 @@ class Ingress:
             emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
                 else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        self.m.tokens.inc(n_tok, tags={"kind": "prompt"})
+        self._count(n_tok, 0, 0)
         return JSONResponse({"object": "list", "data": data, "model": req.model,
                              "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
 

@@ -1,0 +1,85 @@
+"""`vlm flow`: the whole product, end to end, on one local Ray (real Ray Data, Ray Train +
+DeepSpeed, Ray Serve, real HTTP on 127.0.0.1), at a size that runs in about a minute."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.jobs.conftest import TINY
+
+WORLD = [
+    "data.num_train=48",
+    "data.num_heldout=8",
+    "data.num_pairs=4",
+    "data.num_heldout_pairs=2",
+    "data.num_videos=4",
+    "data.num_heldout_videos=2",
+    "data.video_frames=2",
+    "data.max_shapes=2",
+]
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    from jobs.flow import run_flow
+
+    out = tmp_path_factory.mktemp("flow")
+    argv = ["--output", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--questions", "12",
+            "--retrieval-pool", "8", *TINY, *WORLD, "stage1.batch_size=8", "stage2.batch_size=4",
+            "job.checkpoint_every=2", "job.eval_samples=4", "job.sample_generations=1", "job.progress=false",
+            "job.tensorboard=false"]
+    report = run_flow(argv)
+    return out, argv, report
+
+
+def test_every_step_ran_and_left_its_output(flow):
+    out, _, report = flow
+    steps = report["steps"]
+    assert list(steps) == ["world", "tokenizer", "curate", "stage1", "stage2", "serve"]
+    assert json.loads((out / "flow.json").read_text())["steps"].keys() == steps.keys()
+
+    curate = steps["curate"]
+    # Every URL of the list has a status row; the deliberately broken entries are not kept.
+    assert curate["count"] == pq.read_table(out / "world" / "urls.parquet").num_rows
+    assert 0 < curate["successes"] < curate["count"], curate
+    assert set(curate["status"]) - {"success"}, "the broken entries should have failed with a status"
+    assert (out / "shards" / "report.html").is_file()
+
+    for stage, files in (("stage1", ["model.safetensors", "config.yaml"]), ("stage2", ["model.safetensors", "config.yaml"])):
+        final = out / stage / "final"
+        for f in files:
+            assert (final / f).is_file(), f"{stage}: {f} missing in {final}"
+    assert (out / "stage2" / "final-hf" / "config.json").is_file()
+    # Stage 1 trained on the curated shards: its tokenizer is the flow's, shared by both stages.
+    from vlm.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out / "stage1" / "final" / "tokenizer").get_vocab() == load_tokenizer(out / "tokenizer").get_vocab()
+
+
+def test_the_served_model_answered_every_kind_of_question(flow):
+    _, _, report = flow
+    served = report["steps"]["serve"]
+    # Single image, two images and video questions all went through the HTTP endpoint.
+    assert {"colour", "count", "multi_image", "video"} <= set(served["exact_match"]), served["exact_match"]
+    assert served["questions"] >= 6
+    assert all(isinstance(s["answer"], str) for s in served["samples"])
+    ret = served["retrieval"]
+    assert ret["pool"] == 8 and 0.0 <= ret["t2i_r1"] <= 1.0
+
+
+def test_running_again_resumes_and_redoes_nothing(flow):
+    from jobs.flow import run_flow
+
+    out, argv, first = flow
+    mtime = (out / "shards" / "00000.tar").stat().st_mtime_ns
+    again = run_flow(argv)
+    assert (out / "shards" / "00000.tar").stat().st_mtime_ns == mtime, "curation rewrote a finished shard"
+    assert again["steps"]["curate"]["successes"] == first["steps"]["curate"]["successes"]
+    for stage in ("stage1", "stage2"):
+        assert again["steps"][stage].get("skipped") is True, again["steps"][stage]
+        assert again["steps"][stage]["last_metrics"]["step"] == first["steps"][stage]["last_metrics"]["step"] == 3
+    # The endpoint is deployed again from the same checkpoints and answers the same questions.
+    assert again["steps"]["serve"]["questions"] == first["steps"]["serve"]["questions"]
