@@ -250,11 +250,15 @@ def ask(url: str, world: Path, base_url: str, *, questions: int, pool: int, log:
         rows = [r for r in pq.read_table(world / "pairs.parquet").to_pylist() if r["split"] == "heldout"][:pool]
         retrieval: dict[str, Any] = {}
         if rows:
-            def embed(items: list[Any]) -> np.ndarray:
-                r = http.post(f"{url}/embeddings", json={"model": "vlmforge-flow-clip", "input": items})
-                if r.status_code != 200:
-                    raise RuntimeError(f"POST /v1/embeddings answered {r.status_code}: {r.text[:300]}")
-                return np.array([d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])], np.float32)
+            def embed(items: list[Any], chunk: int = 8) -> np.ndarray:
+                """In requests of ``chunk`` inputs: the endpoint's default limit is 8 images per request."""
+                vecs: list[list[float]] = []
+                for i in range(0, len(items), chunk):
+                    r = http.post(f"{url}/embeddings", json={"model": "vlmforge-flow-clip", "input": items[i:i + chunk]})
+                    if r.status_code != 200:
+                        raise RuntimeError(f"POST /v1/embeddings answered {r.status_code}: {r.text[:300]}")
+                    vecs += [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]
+                return np.array(vecs, np.float32)
 
             img = embed([{"type": "image_url", "image_url": {"url": _data_url(world / r["image"])}} for r in rows])
             txt = embed([r["caption"] for r in rows])
