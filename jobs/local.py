@@ -54,7 +54,11 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
 def _length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int, seed: int, *, window: int = 16):
     """Like ``_batches``, but each window of ``window`` batches is sorted by length before it is
     cut, and the batches are then yielded in random order: little padding, still shuffled
-    (transformers' ``LengthGroupedSampler`` does the same with mega-batches)."""
+    (transformers' ``LengthGroupedSampler`` does the same with mega-batches).
+
+    Beware data whose length carries the label: in the generated world a caption's length follows
+    the shape count, so grouped batches hold scenes of one count and the model can learn each
+    batch's answer prior instead of looking at the image."""
     g = torch.Generator().manual_seed(seed)
     n = len(lengths)
     produced = 0
