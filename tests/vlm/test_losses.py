@@ -135,7 +135,7 @@ def test_lm_loss_token_average_is_the_causal_lm_loss_and_turn_average_weighs_tur
     out = lm(input_ids=ids, labels=labels)
     assert torch.allclose(lm_loss(out.logits, labels, average="token"), out.loss, atol=1e-6)
     # by hand: the per-token losses, each turn's mean, then the mean over the three turns
-    logp = out.logits.log_softmax(-1)
+    logp = out.logits.detach().log_softmax(-1)
     tok = lambda b, t: -float(logp[b, t - 1, ids[b, t]])  # noqa: E731
     turns = [[tok(0, 3)], [tok(0, t) for t in range(6, 11)], [tok(1, 8), tok(1, 9)]]
     expected = sum(sum(t) / len(t) for t in turns) / 3
