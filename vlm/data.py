@@ -172,7 +172,7 @@ def world_sft(
             turns = [(qa.question, qa.answer) for qa in chunk]
             if last and with_caption:
                 turns.append((world.CAPTION_PROMPT, s.caption))
-            out.append(SFTExample(f"{s.id}/turns{start}", world.to_conversation([{"type": "image"}], turns), [img], "conversation"))
+            out.append(SFTExample(f"{s.id}/turns{start}", _conversation(turns), [img], "conversation"))
     for p in items.pairs:
         imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]
         imgs = [im if im is not None else to_uint8([sm.image], size)[0] for im, sm in zip(imgs, (p.first, p.second))]
@@ -181,6 +181,16 @@ def world_sft(
         frames = list(to_uint8(v.frames, size))
         out.append(SFTExample(v.id, world.to_messages(v, v.qa), frames, v.qa.kind))
     return out
+
+
+def _conversation(turns: Sequence[tuple[str, str]]) -> list[dict]:
+    """Chat messages for (question, answer) turns about one image, which comes with the first question."""
+    messages: list[dict] = []
+    for i, (question, answer) in enumerate(turns):
+        media = [{"type": "image"}] if i == 0 else []
+        messages.append({"role": "user", "content": [*media, {"type": "text", "text": question}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
 
 
 def _items_of(items: world.SplitItems, split: str) -> world.SplitItems:

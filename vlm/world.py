@@ -781,22 +781,7 @@ def to_messages(item: Sample | Pair | Video, qa: QA | None = None) -> list[dict]
         raise TypeError(f"expected a Sample, Pair or Video, got {type(item).__name__}")
     if qa is not None:
         prompt, target = qa.question, qa.answer
-    return to_conversation(media, [(prompt, target)])
-
-
-def to_conversation(media: list[dict], turns: Sequence[tuple[str, str]]) -> list[dict]:
-    """Chat messages for several (question, answer) turns about the same media, which come
-    with the first question.
-
-    Args:
-        media: the first user turn's media parts, e.g. ``[{"type": "image"}]``.
-        turns: (question, answer) pairs in order; at least one.
-    """
-    if not turns:
-        raise ValueError("expected at least one (question, answer) turn, got none")
-    messages: list[dict] = []
-    for i, (question, answer) in enumerate(turns):
-        parts = [*media] if i == 0 else []
-        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages
+    return [
+        {"role": "user", "content": [*media, {"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "text", "text": target}]},
+    ]
