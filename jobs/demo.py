@@ -23,20 +23,15 @@ from vlm.evaluate import normalize_answer
 from vlm.tokenizer import train_bpe_tokenizer
 
 
-def world_config(cfg: Config) -> world.WorldConfig:
-    return cfg.data
-
-
-def corpus(cfg: Config) -> list[str]:
+def corpus(train: world.SplitItems) -> list[str]:
     """Every text the tokenizer must cover: captions, questions and answers of the train split."""
     texts: list[str] = [world.CAPTION_PROMPT, world.VIDEO_CAPTION_PROMPT]
-    wc = world_config(cfg)
-    for s in world.generate(wc, "train"):
+    for s in train.samples:
         texts.append(s.caption)
         texts.extend(f"{qa.question} {qa.answer}" for qa in s.qas)
-    for p in world.generate_pairs(wc, "train"):
+    for p in train.pairs:
         texts.append(f"{p.qa.question} {p.qa.answer}")
-    for v in world.generate_videos(wc, "train"):
+    for v in train.videos:
         texts.append(f"{v.caption} {v.qa.question} {v.qa.answer}")
     return texts
 
@@ -47,7 +42,7 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
     torch.manual_seed(cfg.seed)
     save_config(cfg, output / "config.yaml")
     t_start = time.perf_counter()
-    wc = world_config(cfg)
+    wc = cfg.data
     size = cfg.model.vision.image_size
     report: dict = {"preset": cfg.name, "output": str(output)}
 
@@ -61,9 +56,10 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
         del manifest
 
     log("[data] rendering the generated world in memory")
-    tr_pix, tr_cap, _ = world_pairs(wc, "train", size=size)
-    ev_pix, ev_cap, ev_samples = world_pairs(wc, "heldout", size=size)
-    tokenizer = train_bpe_tokenizer(corpus(cfg), vocab_size=cfg.model.tokenizer.vocab_size)
+    train, heldout = world.generate_split(wc, "train"), world.generate_split(wc, "heldout")
+    tr_pix, tr_cap, _ = world_pairs(wc, "train", size=size, items=train)
+    ev_pix, ev_cap, ev_samples = world_pairs(wc, "heldout", size=size, items=heldout)
+    tokenizer = train_bpe_tokenizer(corpus(train), vocab_size=cfg.model.tokenizer.vocab_size)
     log(f"[data] {len(tr_cap)} train / {len(ev_cap)} held-out images; tokenizer of {len(tokenizer)} tokens")
 
     log(f"[stage 1] contrastive, {cfg.stage1.steps} steps of {cfg.stage1.batch_size}")
@@ -78,8 +74,16 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
     report["stage1"] = s1.metrics
 
     log(f"[stage 2] SFT from the stage-1 vision tower, {cfg.stage2.steps} steps of {cfg.stage2.batch_size}")
-    train_ex = world_sft(wc, "train", size=size, pixels=tr_pix, caption_every=cfg.mix.caption_every)
-    eval_ex = world_sft(wc, "heldout", size=size, pixels=ev_pix)
+    train_ex = world_sft(
+        wc,
+        "train",
+        size=size,
+        pixels=tr_pix,
+        items=train,
+        caption_every=cfg.mix.caption_every,
+        questions_per_conversation=cfg.mix.questions_per_conversation,
+    )
+    eval_ex = world_sft(wc, "heldout", size=size, pixels=ev_pix, items=heldout)
     s2 = train_sft(cfg, tokenizer=tokenizer, train_examples=train_ex, eval_examples=eval_ex, vision=s1.model.vision, log=log, progress=progress)
     log("[stage 2] held-out exact match: " + ", ".join(f"{k} {v:.3f}" for k, v in s2.metrics.items()))
     save_checkpoint(s2.model, output / "stage2", config=cfg, tokenizer=tokenizer, meta={"metrics": s2.metrics, "skipped": s2.skipped})

@@ -51,6 +51,41 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         pos += batch_size
 
 
+def _length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int, seed: int, *, window: int = 16):
+    """Like ``_batches``, but each window of ``window`` batches is sorted by length before it is
+    cut, and the batches are then yielded in random order: little padding, still shuffled
+    (transformers' ``LengthGroupedSampler`` does the same with mega-batches).
+
+    Beware data whose length carries the label: in the generated world a caption's length follows
+    the shape count, so grouped batches hold scenes of one count and the model can learn each
+    batch's answer prior instead of looking at the image."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(lengths)
+    produced = 0
+    while produced < steps:
+        perm = torch.randperm(n, generator=g).tolist()
+        epoch: list[list[int]] = []
+        for w in range(0, n - batch_size + 1, window * batch_size):
+            chunk = sorted(perm[w : w + window * batch_size], key=lambda i: lengths[i])
+            epoch += [chunk[b : b + batch_size] for b in range(0, len(chunk) - batch_size + 1, batch_size)]
+        if not epoch:
+            raise ValueError(f"expected at least batch_size={batch_size} examples, got {n}")
+        for j in torch.randperm(len(epoch), generator=g).tolist():
+            if produced == steps:
+                return
+            yield epoch[j]
+            produced += 1
+
+
+def _approx_tokens(ex: SFTExample, image_tokens: int) -> int:
+    """A cheap length estimate for grouping: ~3 characters per text token, plus image tokens."""
+    chars = 0
+    for m in ex.messages:
+        parts = m["content"] if isinstance(m["content"], list) else [{"text": m["content"]}]
+        chars += sum(len(p.get("text", "")) + 8 for p in parts)
+    return chars // 3 + image_tokens * len(ex.images)
+
+
 def _grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
@@ -213,7 +248,12 @@ def train_sft(
     t0 = time.perf_counter()
     bar = tqdm(total=opt_cfg.steps, desc="stage 2", disable=not progress, leave=False)
     model.train()
-    for step, idx in enumerate(_batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)):
+    if cfg.mix.group_by_length:
+        lengths = [_approx_tokens(ex, cfg.model.image_tokens) for ex in train_examples]
+        order = _length_grouped_batches(lengths, opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)
+    else:
+        order = _batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)
+    for step, idx in enumerate(order):
         batch, bad = collate_sft(
             [train_examples[i] for i in idx],
             tokenizer,

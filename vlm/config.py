@@ -133,8 +133,11 @@ class LlavaConfig:
     freeze_decoder: bool = False
     max_length: int = 512
     system_prompt: str | None = None
+    loss_average: str = "token"  # token | turn (each answer turn weighs the same)
 
     def __post_init__(self) -> None:
+        if self.loss_average not in ("token", "turn"):
+            raise ConfigError(f"llava.loss_average: expected 'token' or 'turn', got {self.loss_average!r}")
         if self.vision_feature_select not in ("patch", "full"):
             raise ConfigError(
                 "llava.vision_feature_select: expected 'patch' or 'full', "
@@ -196,6 +199,14 @@ class MixConfig:
     """The stage-2 training mixture drawn from the generated world."""
 
     caption_every: int = 1  # the captioning task for every k-th image (0: never)
+    questions_per_conversation: int = 1  # >1: an image's questions as turns of one conversation
+    group_by_length: bool = False  # batches of similar length (less padding), in random order
+
+    def __post_init__(self) -> None:
+        if self.caption_every < 0:
+            raise ConfigError(f"mix.caption_every: expected an integer >= 0, got {self.caption_every}")
+        if self.questions_per_conversation < 1:
+            raise ConfigError(f"mix.questions_per_conversation: expected an integer >= 1, got {self.questions_per_conversation}")
 
 
 @dataclass

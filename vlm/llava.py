@@ -16,6 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
+from vlm.losses import lm_loss
 from vlm.projector import Projector
 from vlm.towers import build_decoder, build_vision_tower, set_trainable, vision_width
 
@@ -125,14 +126,17 @@ class VisionLanguageModel(nn.Module):
         past_key_values=None,
         use_cache: bool = False,
     ) -> CausalLMOutputWithPast:
-        """Logits (and the mean next-token loss over ``labels != -100`` when labels are given)."""
+        """Logits, and with ``labels`` the next-token loss over ``labels != -100``, averaged per
+        token or per answer turn (``llava.loss_average``)."""
         embeds = self.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)
         kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
-        return self.decoder(
+        out = self.decoder(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
             use_cache=use_cache,
             **kwargs,
         )
+        if labels is not None:
+            out["loss"] = lm_loss(out.logits, labels, average=self.cfg.llava.loss_average)
+        return out

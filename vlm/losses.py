@@ -4,6 +4,7 @@
   From Natural Language Supervision", eq. in Fig. 3).
 - ``siglip_loss``: pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
   Pre-Training", Algorithm 1).
+- ``lm_loss``: the stage-2 next-token loss, averaged over supervised tokens or over answer turns.
 
 Distributed context is passed in, never read from the environment: ``rank``, ``world_size`` and
 a ``gather`` function that maps a local (B, D) tensor to the list of every rank's (B, D) tensor.
@@ -137,3 +138,32 @@ def siglip_loss(
     signs[idx, idx + rank * b] = 1.0
     loss = -F.logsigmoid(signs * logits).sum() / b
     return {"loss": loss}
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token") -> torch.Tensor:
+    """Next-token cross-entropy on the positions whose label is not -100.
+
+    Args:
+        logits: (B, L, V) the decoder's logits; position t predicts label t + 1.
+        labels: (B, L) target ids, -100 where there is no loss.
+        average: ``token`` (the mean over supervised tokens, as transformers' causal LMs) or
+            ``turn``: each answer turn (a run of supervised positions) weighs the same whatever
+            its length, so a one-word answer counts as much as a caption.
+    """
+    if average not in ("token", "turn"):
+        raise ValueError(f"expected average to be 'token' or 'turn', got {average!r}")
+    target = labels[:, 1:]  # (B, L-1)
+    mask = target != -100  # (B, L-1)
+    ce = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="none"
+    ).view_as(target)  # (B, L-1), 0 where masked
+    if not bool(mask.any()):
+        raise ValueError("expected at least one supervised label (labels != -100), got none")
+    if average == "token":
+        return ce[mask].mean()
+    start = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)  # (B, L-1) first position of each turn
+    turn = torch.cumsum(start.reshape(-1).long(), 0).view_as(target) - 1  # (B, L-1) turn index
+    ids = turn[mask]  # (N_supervised,)
+    n_turns = int(start.sum())
+    sizes = torch.bincount(ids, minlength=n_turns)  # (N_turns,)
+    return (ce[mask] / sizes[ids]).sum() / n_turns

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vlm import world
+from vlm.chat import encode_chat
 from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of, world_pairs, world_sft
 from vlm.tokenizer import special_token_ids, train_bpe_tokenizer
 
@@ -65,3 +67,28 @@ def test_world_sft_covers_every_task_with_matching_images():
         assert answer_of(ex) and prompt_of(ex)[-1]["role"] == "user"
     video = next(ex for ex in exs if ex.task == "video")
     assert len(video.images) == 3 and answer_of(video) in world.DIRECTIONS
+
+
+def test_world_sft_multi_turn_asks_every_question_once_and_captions_last():
+    single = world_sft(WC, "train", size=32, caption_every=1)
+    multi = world_sft(WC, "train", size=32, caption_every=1, questions_per_conversation=8)
+    tok = _tok()
+    qa_single = sorted((ex.id.split("/")[0], prompt_of(ex)[-1]["content"][-1]["text"], answer_of(ex)) for ex in single if "/" in ex.id)
+    qa_multi = []
+    for ex in (e for e in multi if e.task == "conversation"):
+        sample_id = ex.id.split("/")[0]
+        msgs = ex.messages
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2)
+        assert msgs[0]["content"][0] == {"type": "image"} and len(ex.images) == 1
+        assert all(p["type"] == "text" for m in msgs[1:] for p in m["content"])  # the image comes once
+        questions = [m["content"][-1]["text"] for m in msgs[0::2]]
+        assert questions[-1] == world.CAPTION_PROMPT and world.CAPTION_PROMPT not in questions[:-1]
+        qa_multi += [(sample_id, q, m["content"][0]["text"]) for q, m in zip(questions, msgs[1::2])]
+        # every answer carries loss: one supervised span per assistant turn
+        enc = encode_chat(msgs, tok, num_image_tokens=4, max_length=512)
+        assert tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != -100]).count("<|im_end|>") == len(msgs) // 2
+    assert sorted(qa_multi) == qa_single
+    # the same number of pair and video items, unchanged
+    assert [ex.id for ex in multi if ex.task != "conversation"] == [ex.id for ex in single if "/" not in ex.id]
+    with pytest.raises(ValueError, match="questions_per_conversation"):
+        world_sft(WC, "train", size=32, questions_per_conversation=0)

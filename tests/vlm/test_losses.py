@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm.losses import clip_loss, siglip_loss
+from vlm.losses import clip_loss, lm_loss, siglip_loss
 
 
 def _feats(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,3 +119,28 @@ def test_gather_with_wrong_world_size_is_an_error():
     img, txt = _feats(4, 8, 5)
     with pytest.raises(ValueError, match="world_size=3"):
         clip_loss(img, txt, torch.tensor(1.0), rank=0, world_size=3, gather=lambda x: [x, x])
+
+
+def test_lm_loss_token_average_is_the_causal_lm_loss_and_turn_average_weighs_turns_equally():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 40, (2, 12), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3:4] = ids[0, 3:4]  # a one-token answer
+    labels[0, 6:11] = ids[0, 6:11]  # a five-token answer
+    labels[1, 8:10] = ids[1, 8:10]  # a two-token answer
+    out = lm(input_ids=ids, labels=labels)
+    assert torch.allclose(lm_loss(out.logits, labels, average="token"), out.loss, atol=1e-6)
+    # by hand: the per-token losses, each turn's mean, then the mean over the three turns
+    logp = out.logits.detach().log_softmax(-1)
+    tok = lambda b, t: -float(logp[b, t - 1, ids[b, t]])  # noqa: E731
+    turns = [[tok(0, 3)], [tok(0, t) for t in range(6, 11)], [tok(1, 8), tok(1, 9)]]
+    expected = sum(sum(t) / len(t) for t in turns) / 3
+    assert math.isclose(float(lm_loss(out.logits, labels, average="turn")), expected, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="average"):
+        lm_loss(out.logits, labels, average="sample")
+    with pytest.raises(ValueError, match="supervised"):
+        lm_loss(out.logits, torch.full_like(labels, -100))
