@@ -1,10 +1,11 @@
 """Batched generation for concurrent requests: one decode loop, many asyncio consumers.
 
 Requests arrive from any number of coroutines (``stream``); a worker thread gathers the waiting
-ones (up to ``max_batch_size``, after ``batch_wait_timeout_s``), prefills them together with
-``vlm.generation.prefill`` (left padding, a shared KV cache) and decodes one token per row per
-step with ``decode_step``; each row leaves the batch when it stops, and every step's new text is
-pushed to its consumer, so streaming costs nothing extra. Requests that arrive while a batch runs
+ones (up to ``max_batch_size``, after ``batch_wait_timeout_s``) and runs them through
+``vlm.generation.decode_tokens`` (one prefill with left padding and a shared KV cache, then one
+token per row per step); each row stops by ``RowState``'s rules, as in ``generate``, and leaves
+the batch when it stops or its consumer goes away, and every step's new text is pushed to its
+consumer, so streaming costs nothing extra. Requests that arrive while a batch runs
 wait for the next one (static batching per wave; joining a running batch is not done yet).
 
 Each row keeps its own sampling knobs and ``torch.Generator``, and position ids come from the
@@ -26,15 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlm.generation import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    decode_step,
-    default_stop_token_ids,
-    left_pad,
-    prefill,
-    sample_next,
-)
+from vlm.generation import GenerationConfig, RowState, decode_tokens, row_state
 
 
 @dataclass
@@ -50,43 +43,38 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    def config(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k or None, stop_strings=list(self.stop), seed=self.seed)
 
-class _Row:
-    def __init__(self, req: GenRequest, *, emit: Callable[[dict[str, Any]], None], stop_ids: set[int], max_new: int) -> None:
+
+class _StreamRow:
+    """A ``RowState`` plus what its consumer has been sent: each pushed token emits the new text
+    (held back by the longest stop string's length less one, and any incomplete character)."""
+
+    def __init__(self, req: GenRequest, state: RowState, *, emit: Callable[[dict[str, Any]], None]) -> None:
         self.req = req
+        self.state = state
         self.emit = emit
-        self.stop_ids = stop_ids
-        self.max_new = max_new
-        self.generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
-        self.ids: list[int] = []
         self.sent = ""  # text already pushed to the consumer
-        self.finish: str | None = None
-        self.cancelled = False
-        self.hold = max((len(s) for s in req.stop), default=1) - 1  # chars held back for a partial stop string
+        self.hold = max((len(s) for s in req.stop), default=1) - 1
 
     def push(self, token: int, tokenizer) -> None:
-        self.ids.append(token)
-        if token in self.stop_ids:
-            self.finish = FINISH_STOP
-            text = tokenizer.decode(self.ids[:-1], skip_special_tokens=True)
-        else:
-            text = tokenizer.decode(self.ids, skip_special_tokens=True)
-            hits = [at for at in (text.find(s) for s in self.req.stop) if at >= 0]
-            if hits:
-                text, self.finish = text[: min(hits)], FINISH_STOP
-            elif len(self.ids) >= self.max_new:
-                self.finish = FINISH_LENGTH
-        if self.finish is None:
+        st = self.state
+        st.push(token, tokenizer)
+        if st.finish is None:
+            text = st.text if st.cfg.stop_strings else tokenizer.decode(st.ids, skip_special_tokens=True)
             safe = text.rstrip("\ufffd")  # a multi-byte character still incomplete
             safe = safe[: max(0, len(safe) - self.hold)] if self.req.stop else safe
         else:
-            safe = text
+            res = st.result(tokenizer)
+            safe = res.text
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
             self.emit({"delta": safe[len(self.sent):]})
             self.sent = safe
-        if self.finish is not None:
-            self.emit({"finish_reason": self.finish, "text": text, "prompt_tokens": len(self.req.input_ids),
-                       "completion_tokens": len(self.ids)})
+        if st.finish is not None:
+            self.emit({"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
+                       "completion_tokens": res.num_generated_tokens})
 
 
 class BatchEngine:
@@ -107,9 +95,7 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.on_batch = on_batch
-        self.stop_ids = set(default_stop_token_ids(tokenizer))
-        self.max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
-        self._waiting: list[_Row] = []
+        self._waiting: list[_StreamRow] = []
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="vlm-batch-engine", daemon=True)
@@ -126,16 +112,14 @@ class BatchEngine:
     async def stream(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"delta": text}`` events, then one ``{"finish_reason", "text", "prompt_tokens",
         "completion_tokens"}``. Leaving the loop early cancels the row."""
-        if self.max_pos and len(req.input_ids) >= self.max_pos:
-            raise ValueError(f"the prompt has {len(req.input_ids)} tokens; the model's context is {self.max_pos}")
+        state = row_state(self.model, self.tokenizer, req.input_ids, req.config(), where="the prompt")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(event: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        max_new = req.max_new_tokens if not self.max_pos else min(req.max_new_tokens, self.max_pos - len(req.input_ids))
-        row = _Row(req, emit=emit, stop_ids=self.stop_ids, max_new=max_new)
+        row = _StreamRow(req, state, emit=emit)
         with self._cv:
             self._waiting.append(row)
             self._cv.notify()
@@ -148,7 +132,7 @@ class BatchEngine:
                 if "finish_reason" in event:
                     return
         finally:
-            row.cancelled = True
+            row.state.cancelled = True
 
     async def generate(self, req: GenRequest) -> dict[str, Any]:
         """The final event of ``stream`` (the whole answer)."""
@@ -159,7 +143,7 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ the worker thread
 
-    def _take(self) -> list[_Row]:
+    def _take(self) -> list[_StreamRow]:
         with self._cv:
             while not self._waiting and not self._closed:
                 self._cv.wait()
@@ -168,7 +152,7 @@ class BatchEngine:
         if self.batch_wait_timeout_s > 0 and len(self._waiting) < self.max_batch_size:
             time.sleep(self.batch_wait_timeout_s)
         with self._cv:
-            rows = [r for r in self._waiting[: self.max_batch_size] if not r.cancelled]
+            rows = [r for r in self._waiting[: self.max_batch_size] if not r.state.cancelled]
             del self._waiting[: self.max_batch_size]
         return rows
 
@@ -181,39 +165,17 @@ class BatchEngine:
                 self._run(rows)
             except Exception as e:  # a bug, not the client's: fail the batch's requests, keep serving
                 for r in rows:
-                    if r.finish is None:
+                    if r.state.finish is None:
                         r.emit({"error": f"{type(e).__name__}: {e}"})
 
-    def _run(self, rows: list[_Row]) -> None:
+    def _run(self, rows: list[_StreamRow]) -> None:
         if self.on_batch:
             self.on_batch(len(rows))
-        model = self.model
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        ids, mask = left_pad([r.req.input_ids for r in rows], pad_token_id=model.pad_token_id)  # (B, L)
-        feats = [torch.as_tensor(r.req.image_features) for r in rows if r.req.image_features is not None
-                 and len(r.req.image_features)]
-        feats_t = torch.cat(feats).to(device, dtype) if feats else None  # (N, T, D)
-        with torch.inference_mode():
-            logits, state = prefill(model, input_ids=ids.to(device), attention_mask=mask.to(device),
-                                    image_features=feats_t)
-            active = rows
-            while active:
-                next_ids = sample_next(
-                    logits,
-                    temperature=torch.tensor([r.req.temperature for r in active]),
-                    top_p=torch.tensor([r.req.top_p for r in active]),
-                    top_k=torch.tensor([r.req.top_k or 0 for r in active]),
-                    generators=[r.generator for r in active],
-                )  # (B_active,)
-                for r, tok in zip(active, next_ids.tolist()):
-                    if not r.cancelled:
-                        r.push(tok, self.tokenizer)
-                keep = [j for j, r in enumerate(active) if r.finish is None and not r.cancelled]
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    state.select(keep)
-                    next_ids = next_ids[keep]
-                    active = [active[j] for j in keep]
-                logits = decode_step(model, state=state, token_ids=next_ids.to(device))
+        feats = [torch.as_tensor(r.req.image_features) for r in rows
+                 if r.req.image_features is not None and len(r.req.image_features)]
+        steps = decode_tokens(self.model, [r.state for r in rows], input_ids=[r.req.input_ids for r in rows],
+                              image_features=torch.cat(feats) if feats else None)  # features (N, T, D)
+        for step in steps:
+            for i, token in step:
+                if not rows[i].state.cancelled:
+                    rows[i].push(token, self.tokenizer)

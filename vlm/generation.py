@@ -9,8 +9,10 @@ Three layers, so that serving can drive its own batches with the same pieces:
 - ``sample_next``: logits -> token ids, per-row temperature / top-k / top-p (nucleus: Holtzman
   et al. 2020, "The Curious Case of Neural Text Degeneration") and per-row ``torch.Generator``.
 
-``generate`` wires them into the usual loop: rows stop on their own (a stop token id, a stop
-string, ``max_new_tokens``) and a finished row is dropped from the batch and its cache.
+``decode_tokens`` is the step-wise loop on top: it prefills a batch, then yields each live row's
+next token per step; a row whose ``RowState`` is done (a stop token id, a stop string,
+``max_new_tokens``, or cancelled by its consumer) is dropped from the batch and its cache before
+the next step. ``generate`` and the serving engine (``serve.engine``) both consume it.
 
 Position ids come from the attention mask (``cumsum - 1``), so a left-padded row sees exactly
 the positions it would see alone, and batched greedy decoding matches unbatched decoding.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -368,8 +370,20 @@ def _stack_media(
     return torch.cat(parts) if parts else None
 
 
-class _Row:
-    """Bookkeeping of one row while it decodes."""
+class RowState:
+    """One row while it decodes: its sampling knobs, its tokens so far, and whether it is done.
+
+    ``generate`` and the serving engine keep one per prompt; ``push`` applies the stopping rules
+    (a stop token id, a stop string, ``max_new``), so both stop a row the same way.
+
+    Args:
+        cfg: the row's knobs (``max_new_tokens`` is capped by ``max_new``).
+        stop_ids: token ids that end the row (the stop token counts as generated).
+        generator: the row's own RNG for sampling; None uses the global one.
+        num_prompt: the prompt's length (reported in the result).
+        max_new: the most tokens this row may generate (``max_new_tokens`` or less when the
+            context would overflow).
+    """
 
     def __init__(
         self,
@@ -389,6 +403,11 @@ class _Row:
         self.text = ""
         self.finish: str | None = None
         self.stop: int | str | None = None
+        self.cancelled = False  # set by a consumer that went away; the row leaves the batch
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.cancelled
 
     def push(self, token: int, tokenizer: PreTrainedTokenizerBase) -> None:
         """Append ``token``; set ``finish`` if the row is done."""
@@ -426,6 +445,88 @@ class _Row:
             num_generated_tokens=len(self.ids),
             stop=self.stop,
         )
+
+
+def row_state(
+    model: VisionLanguageModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: Sequence[int],
+    cfg: GenerationConfig,
+    *,
+    seed_offset: int = 0,
+    where: str = "input_ids",
+) -> RowState:
+    """A ``RowState`` for ``prompt``: default stop ids, its generator, ``max_new`` capped by the
+    decoder's context. Raises ValueError for a prompt that fills the context."""
+    max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
+    if max_pos and len(prompt) >= max_pos:
+        raise ValueError(
+            f"{where}: expected a prompt shorter than the decoder's {max_pos} positions, got {len(prompt)} tokens"
+        )
+    gen = torch.Generator().manual_seed(cfg.seed + seed_offset) if cfg.seed is not None else None
+    max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(prompt))
+    stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_token_ids(tokenizer))
+    return RowState(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(prompt), max_new=max_new)
+
+
+def decode_tokens(
+    model: VisionLanguageModel,
+    rows: Sequence[RowState],
+    *,
+    input_ids: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor | None = None,
+    image_features: torch.Tensor | None = None,
+) -> Iterator[list[tuple[int, int]]]:
+    """Prefill the prompts together, then decode step by step.
+
+    Each step yields ``[(row, token), ...]`` for every live row (``row`` indexes ``rows``); the
+    consumer pushes the tokens into its rows. Before the next step, every row whose ``done`` is
+    true (finished, or cancelled by another thread) leaves the batch and its KV cache; the
+    generator ends when no row is left. Closing it early stops the decoding.
+
+    Args:
+        model: the vision-language model, in eval mode.
+        rows: one ``RowState`` per prompt (sampling knobs and generators are read from them).
+        input_ids: the prompts, unpadded, with image token ids where images go.
+        pixel_values: (N, 3, S, S) every image of the batch in reading order, or
+        image_features: (N, T, D) their precomputed ``model.image_features``.
+    """
+    if len(rows) != len(input_ids):
+        raise ValueError(f"rows: expected one per prompt ({len(input_ids)}), got {len(rows)}")
+    p = next(model.parameters())
+    ids, mask = left_pad(input_ids, pad_token_id=model.pad_token_id)  # (B, L)
+    # No inference_mode block spans the yields (it would leak into the consumer's code):
+    # prefill and decode_step carry their own.
+    logits, state = prefill(
+        model,
+        input_ids=ids.to(p.device),
+        attention_mask=mask.to(p.device),
+        pixel_values=None if pixel_values is None else pixel_values.to(p.device, p.dtype),
+        image_features=None if image_features is None else image_features.to(p.device, p.dtype),
+    )  # (B, V)
+    live = [i for i, r in enumerate(rows) if not r.done]
+    if live and len(live) < len(rows):
+        state.select(live)
+        logits = logits[live]
+    while live:
+        now = [rows[i] for i in live]
+        with torch.inference_mode():
+            next_ids = sample_next(
+                logits,
+                temperature=torch.tensor([r.cfg.temperature for r in now]),
+                top_p=torch.tensor([r.cfg.top_p for r in now]),
+                top_k=torch.tensor([r.cfg.top_k or 0 for r in now]),
+                generators=[r.generator for r in now],
+            )  # (B_live,)
+        yield list(zip(live, next_ids.tolist()))
+        keep = [j for j, i in enumerate(live) if not rows[i].done]
+        if not keep:
+            return
+        if len(keep) < len(live):
+            state.select(keep)
+            next_ids = next_ids[keep]
+            live = [live[j] for j in keep]
+        logits = decode_step(model, state=state, token_ids=next_ids)  # (B_live, V)
 
 
 def generate(
@@ -472,51 +573,12 @@ def generate(
     if pixels is None and feats is None and any(image_id in p for p in prompts):
         raise ValueError("the prompts hold image tokens but neither images nor image_features were given")
 
-    max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
-    default_stops = default_stop_token_ids(tokenizer)
-    rows: list[_Row] = []
-    for i, (p, cfg) in enumerate(zip(prompts, configs)):
-        if max_pos and len(p) >= max_pos:
-            raise ValueError(
-                f"input_ids[{i}]: expected a prompt shorter than the decoder's {max_pos} positions, "
-                f"got {len(p)} tokens"
-            )
-        gen = None
-        if cfg.seed is not None:
-            gen = torch.Generator().manual_seed(cfg.seed + (i if isinstance(config, GenerationConfig) else 0))
-        max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(p))
-        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stops)
-        rows.append(_Row(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(p), max_new=max_new))
-
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_token_id=model.pad_token_id)  # (B, L)
-    with torch.inference_mode():
-        dtype = next(model.parameters()).dtype
-        logits, state = prefill(
-            model,
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            pixel_values=None if pixels is None else pixels.to(device, dtype),
-            image_features=None if feats is None else feats.to(device, dtype),
-        )
-        active = list(range(len(rows)))  # batch row -> prompt index
-        while active:
-            live = [rows[r] for r in active]
-            next_ids = sample_next(
-                logits,
-                temperature=torch.tensor([r.cfg.temperature for r in live]),
-                top_p=torch.tensor([r.cfg.top_p for r in live]),
-                top_k=torch.tensor([r.cfg.top_k or 0 for r in live]),
-                generators=[r.generator for r in live],
-            )  # (B_active,)
-            for row, tok in zip(live, next_ids.tolist()):
-                row.push(tok, tokenizer)
-            keep = [j for j, row in enumerate(live) if row.finish is None]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                state.select(keep)
-                next_ids = next_ids[keep]
-                active = [active[j] for j in keep]
-            logits = decode_step(model, state=state, token_ids=next_ids)
+    shared = isinstance(config, GenerationConfig)
+    rows = [
+        row_state(model, tokenizer, p, cfg, seed_offset=i if shared else 0, where=f"input_ids[{i}]")
+        for i, (p, cfg) in enumerate(zip(prompts, configs))
+    ]
+    for step in decode_tokens(model, rows, input_ids=prompts, pixel_values=pixels, image_features=feats):
+        for i, token in step:
+            rows[i].push(token, tokenizer)
     return [r.result(tokenizer) for r in rows]
