@@ -7,29 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _helpers import API_KEY, CORPUS, SMALL, MediaServer, free_port  # noqa: E402
+import tinymodels  # noqa: E402
+from _helpers import API_KEY, MediaServer, free_port  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """A stage-2 (vlm) and a stage-1 (contrastive) checkpoint of tiny random models."""
     from vlm.checkpoint import save_checkpoint
-    from vlm.config import load_config
-    from vlm.contrastive import ContrastiveModel
-    from vlm.llava import VisionLanguageModel
-    from vlm.tokenizer import IMAGE, train_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("ckpt")
-    tok = train_bpe_tokenizer(CORPUS, vocab_size=300)
-    cfg = load_config(preset="tiny", overrides=SMALL)
-    torch.manual_seed(0)
-    vlm = VisionLanguageModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id, image_token_id=tok.convert_tokens_to_ids(IMAGE))
-    save_checkpoint(vlm.eval(), root / "tiny-vlm", config=cfg, tokenizer=tok)
-    clip = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-    save_checkpoint(clip.eval(), root / "tiny-clip", config=cfg, tokenizer=tok)
+    tok = tinymodels.tokenizer()
+    cfg = tinymodels.config()
+    save_checkpoint(tinymodels.vlm_model(tok), root / "tiny-vlm", config=cfg, tokenizer=tok)
+    save_checkpoint(tinymodels.clip_model(tok), root / "tiny-clip", config=cfg, tokenizer=tok)
     return {"vlm": root / "tiny-vlm", "clip": root / "tiny-clip"}
 
 
