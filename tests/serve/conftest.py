@@ -35,6 +35,15 @@ def media():
 # ----------------------------------------------------------------------------- ray + serve
 
 
+METRICS_PORT = free_port()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_port) -> str:
+    """Ray's Prometheus endpoint (every replica's metrics, exported every half second)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
+
+
 @pytest.fixture(scope="session")
 def serve_port():
     """One Ray instance and Serve's HTTP proxy for every test module of tests/serve."""
@@ -42,7 +51,8 @@ def serve_port():
     from ray import serve
 
     repo = str(Path(__file__).resolve().parents[2])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 500},
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": repo}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
