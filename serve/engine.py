@@ -1,16 +1,17 @@
-"""Batched generation for concurrent requests: one decode loop, many asyncio consumers.
+"""Continuous batching for concurrent requests: one decode loop, many asyncio consumers.
 
-Requests arrive from any number of coroutines (``stream``); a worker thread gathers the waiting
-ones (up to ``max_batch_size``, after ``batch_wait_timeout_s``) and runs them through
-``vlm.generation.decode_tokens`` (one prefill with left padding and a shared KV cache, then one
-token per row per step); each row stops by ``RowState``'s rules, as in ``generate``, and leaves
-the batch when it stops or its consumer goes away, and every step's new text is pushed to its
-consumer, so streaming costs nothing extra. Requests that arrive while a batch runs
-wait for the next one (static batching per wave; joining a running batch is not done yet).
+Requests arrive from any number of coroutines (``stream``). When the worker thread is idle it
+gathers the waiting ones (up to ``max_batch_size``, after ``batch_wait_timeout_s``) and runs them
+through ``vlm.generation.decode_tokens`` (one prefill with left padding and a shared KV cache,
+then one token per row per step). Requests that arrive while it decodes join the running batch
+at the next step boundary (prefilled on their own, their KV cache merged into the batch's), as
+long as there is room; each row stops by ``RowState``'s rules, as in ``generate``, and leaves the
+batch when it stops or its consumer goes away. Every step's new text is pushed to its consumer,
+so streaming costs nothing extra.
 
 Each row keeps its own sampling knobs and ``torch.Generator``, and position ids come from the
-attention mask, so a request's answer does not depend on which others share its batch (greedy:
-identical to ``vlm.generation.generate`` alone; tests check it).
+attention mask, so a request's answer does not depend on which others share its batch or when
+it joined (greedy: identical to ``vlm.generation.generate`` alone; tests check it).
 
 No Ray here: a test drives ``BatchEngine`` directly.
 """
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlm.generation import GenerationConfig, RowState, decode_tokens, row_state
+from vlm.generation import GenerationConfig, Prompts, RowState, decode_tokens
 
 
 @dataclass
@@ -48,31 +49,34 @@ class GenRequest:
                                 top_k=self.top_k or None, stop_strings=list(self.stop), seed=self.seed)
 
 
-class _StreamRow:
-    """A ``RowState`` plus what its consumer has been sent: each pushed token emits the new text
+class _StreamRow(RowState):
+    """A ``RowState`` that pushes each new piece of text to its consumer as it is generated
     (held back by the longest stop string's length less one, and any incomplete character)."""
 
-    def __init__(self, req: GenRequest, state: RowState, *, emit: Callable[[dict[str, Any]], None]) -> None:
-        self.req = req
-        self.state = state
-        self.emit = emit
-        self.sent = ""  # text already pushed to the consumer
-        self.hold = max((len(s) for s in req.stop), default=1) - 1
+    req: GenRequest
+    emit: Callable[[dict[str, Any]], None]
+
+    @classmethod
+    def open(cls, model, tokenizer, req: GenRequest, emit: Callable[[dict[str, Any]], None]) -> _StreamRow:
+        row = cls.for_prompt(model, tokenizer, req.input_ids, req.config(), where="the prompt")
+        row.req, row.emit = req, emit
+        row.sent = ""  # text already pushed to the consumer
+        row.hold = max((len(s) for s in req.stop), default=1) - 1
+        return row
 
     def push(self, token: int, tokenizer) -> None:
-        st = self.state
-        st.push(token, tokenizer)
-        if st.finish is None:
-            text = st.text if st.cfg.stop_strings else tokenizer.decode(st.ids, skip_special_tokens=True)
+        super().push(token, tokenizer)
+        if self.finish is None:
+            text = self.text if self.cfg.stop_strings else tokenizer.decode(self.ids, skip_special_tokens=True)
             safe = text.rstrip("\ufffd")  # a multi-byte character still incomplete
             safe = safe[: max(0, len(safe) - self.hold)] if self.req.stop else safe
         else:
-            res = st.result(tokenizer)
+            res = self.result(tokenizer)
             safe = res.text
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
             self.emit({"delta": safe[len(self.sent):]})
             self.sent = safe
-        if st.finish is not None:
+        if self.finish is not None:
             self.emit({"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
                        "completion_tokens": res.num_generated_tokens})
 
@@ -84,7 +88,8 @@ class BatchEngine:
         model: a ``VisionLanguageModel`` in eval mode.
         tokenizer: its tokenizer (stop ids, decoding).
         max_batch_size: rows decoded together.
-        batch_wait_timeout_s: after the first waiting request, wait this long for more.
+        batch_wait_timeout_s: when idle, after the first waiting request, wait this long for more
+            (requests that arrive while a batch decodes join it at once).
         on_batch: called with each batch's size (metrics).
     """
 
@@ -96,6 +101,7 @@ class BatchEngine:
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.on_batch = on_batch
         self._waiting: list[_StreamRow] = []
+        self._running: list[_StreamRow] = []  # the rows of the decode loop now running
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="vlm-batch-engine", daemon=True)
@@ -112,14 +118,13 @@ class BatchEngine:
     async def stream(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"delta": text}`` events, then one ``{"finish_reason", "text", "prompt_tokens",
         "completion_tokens"}``. Leaving the loop early cancels the row."""
-        state = row_state(self.model, self.tokenizer, req.input_ids, req.config(), where="the prompt")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(event: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        row = _StreamRow(req, state, emit=emit)
+        row = _StreamRow.open(self.model, self.tokenizer, req, emit)
         with self._cv:
             self._waiting.append(row)
             self._cv.notify()
@@ -132,7 +137,7 @@ class BatchEngine:
                 if "finish_reason" in event:
                     return
         finally:
-            row.state.cancelled = True
+            row.cancelled = True
 
     async def generate(self, req: GenRequest) -> dict[str, Any]:
         """The final event of ``stream`` (the whole answer)."""
@@ -152,7 +157,7 @@ class BatchEngine:
         if self.batch_wait_timeout_s > 0 and len(self._waiting) < self.max_batch_size:
             time.sleep(self.batch_wait_timeout_s)
         with self._cv:
-            rows = [r for r in self._waiting[: self.max_batch_size] if not r.state.cancelled]
+            rows = [r for r in self._waiting[: self.max_batch_size] if not r.cancelled]
             del self._waiting[: self.max_batch_size]
         return rows
 
@@ -161,21 +166,31 @@ class BatchEngine:
             rows = self._take()
             if not rows:
                 continue
+            self._running = []
             try:
-                self._run(rows)
-            except Exception as e:  # a bug, not the client's: fail the batch's requests, keep serving
-                for r in rows:
-                    if r.state.finish is None:
+                for step in decode_tokens(self.model, self._prompts(rows), join=self._join):
+                    for row, token in step:
+                        row.push(token, self.tokenizer)
+            except Exception as e:  # a bug, not the client's: fail the running requests, keep serving
+                for r in self._running:
+                    if r.finish is None:
                         r.emit({"error": f"{type(e).__name__}: {e}"})
 
-    def _run(self, rows: list[_StreamRow]) -> None:
+    def _join(self, live: int) -> Prompts | None:
+        """Waiting requests that fit beside ``live`` running rows join the batch at once."""
+        room = self.max_batch_size - live
+        if room <= 0 or self._closed or not self._waiting:
+            return None
+        with self._cv:
+            rows = [r for r in self._waiting[:room] if not r.cancelled]
+            del self._waiting[:room]
+        return self._prompts(rows) if rows else None
+
+    def _prompts(self, rows: list[_StreamRow]) -> Prompts:
         if self.on_batch:
             self.on_batch(len(rows))
+        self._running = [r for r in self._running if not r.done] + rows
         feats = [torch.as_tensor(r.req.image_features) for r in rows
                  if r.req.image_features is not None and len(r.req.image_features)]
-        steps = decode_tokens(self.model, [r.state for r in rows], input_ids=[r.req.input_ids for r in rows],
-                              image_features=torch.cat(feats) if feats else None)  # features (N, T, D)
-        for step in steps:
-            for i, token in step:
-                if not rows[i].state.cancelled:
-                    rows[i].push(token, self.tokenizer)
+        return Prompts(list(rows), [r.req.input_ids for r in rows],
+                       image_features=torch.cat(feats) if feats else None)  # (N, T, D)

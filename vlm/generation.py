@@ -12,7 +12,9 @@ Three layers, so that serving can drive its own batches with the same pieces:
 ``decode_tokens`` is the step-wise loop on top: it prefills a batch, then yields each live row's
 next token per step; a row whose ``RowState`` is done (a stop token id, a stop string,
 ``max_new_tokens``, or cancelled by its consumer) is dropped from the batch and its cache before
-the next step. ``generate`` and the serving engine (``serve.engine``) both consume it.
+the next step, and new prompts may join the running batch at a step boundary (continuous
+batching: ``DecodeState.extend`` left-pads the shorter KV cache). ``generate`` and the serving
+engine both consume it.
 
 Position ids come from the attention mask (``cumsum - 1``), so a left-padded row sees exactly
 the positions it would see alone, and batched greedy decoding matches unbatched decoding.
@@ -25,11 +27,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from vlm.llava import VisionLanguageModel
 from vlm.tokenizer import IM_END
@@ -204,6 +207,31 @@ class DecodeState:
         self.cache.batch_select_indices(idx)
         self.attention_mask = self.attention_mask[idx]
         self.next_positions = self.next_positions[idx]
+
+    def extend(self, other: DecodeState) -> None:
+        """Append ``other``'s rows after these (continuous batching: prompts prefilled while this
+        batch decodes join it). The shorter of the two caches is left-padded to the longer, and
+        its mask is 0 there, so every row attends to exactly what it saw before."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
+                raise ValueError(f"extend: expected plain DynamicLayer caches, got {type(mine).__name__} "
+                                 f"and {type(theirs).__name__} (sliding windows cannot be left-padded)")
+            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=2), _pad_left(theirs.keys, width, dim=2)])  # (B+B', H, W, Dh)
+            mine.values = torch.cat([_pad_left(mine.values, width, dim=2), _pad_left(theirs.values, width, dim=2)])
+        self.attention_mask = torch.cat(
+            [_pad_left(self.attention_mask, width, dim=1), _pad_left(other.attention_mask, width, dim=1)]
+        )  # (B+B', W)
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])  # (B+B',)
+
+
+def _pad_left(t: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left along ``dim`` to ``width``."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.ndim - 1 - dim) + [missing, 0]  # F.pad lists the last dimension first
+    return torch.nn.functional.pad(t, pad)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], *, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,6 +433,30 @@ class RowState:
         self.stop: int | str | None = None
         self.cancelled = False  # set by a consumer that went away; the row leaves the batch
 
+    @classmethod
+    def for_prompt(
+        cls,
+        model: VisionLanguageModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt: Sequence[int],
+        cfg: GenerationConfig,
+        *,
+        seed_offset: int = 0,
+        where: str = "input_ids",
+    ) -> RowState:
+        """The row for ``prompt``: default stop ids, its generator (seeded ``cfg.seed +
+        seed_offset``), ``max_new`` capped by the decoder's context. Raises ValueError for a
+        prompt that fills the context."""
+        max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
+        if max_pos and len(prompt) >= max_pos:
+            raise ValueError(
+                f"{where}: expected a prompt shorter than the decoder's {max_pos} positions, got {len(prompt)} tokens"
+            )
+        gen = torch.Generator().manual_seed(cfg.seed + seed_offset) if cfg.seed is not None else None
+        max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(prompt))
+        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_token_ids(tokenizer))
+        return cls(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(prompt), max_new=max_new)
+
     @property
     def done(self) -> bool:
         return self.finish is not None or self.cancelled
@@ -447,86 +499,90 @@ class RowState:
         )
 
 
-def row_state(
-    model: VisionLanguageModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: Sequence[int],
-    cfg: GenerationConfig,
-    *,
-    seed_offset: int = 0,
-    where: str = "input_ids",
-) -> RowState:
-    """A ``RowState`` for ``prompt``: default stop ids, its generator, ``max_new`` capped by the
-    decoder's context. Raises ValueError for a prompt that fills the context."""
-    max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
-    if max_pos and len(prompt) >= max_pos:
-        raise ValueError(
-            f"{where}: expected a prompt shorter than the decoder's {max_pos} positions, got {len(prompt)} tokens"
-        )
-    gen = torch.Generator().manual_seed(cfg.seed + seed_offset) if cfg.seed is not None else None
-    max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(prompt))
-    stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_token_ids(tokenizer))
-    return RowState(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(prompt), max_new=max_new)
+@dataclass
+class Prompts:
+    """Prompts to start decoding: one ``RowState`` per prompt, the unpadded token ids (image
+    token ids where images go), and every image of the group in reading order as pixels
+    (N, 3, S, S) or precomputed ``model.image_features`` (N, T, D)."""
+
+    rows: list[RowState]
+    input_ids: list[list[int]]
+    pixel_values: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.input_ids):
+            raise ValueError(f"rows: expected one per prompt ({len(self.input_ids)}), got {len(self.rows)}")
+
+
+def _start(model: VisionLanguageModel, batch: Prompts) -> tuple[torch.Tensor, DecodeState]:
+    p = next(model.parameters())
+    ids, mask = left_pad(batch.input_ids, pad_token_id=model.pad_token_id)  # (B, L)
+    px, ft = batch.pixel_values, batch.image_features
+    return prefill(
+        model,
+        input_ids=ids.to(p.device),
+        attention_mask=mask.to(p.device),
+        pixel_values=None if px is None else px.to(p.device, p.dtype),
+        image_features=None if ft is None else ft.to(p.device, p.dtype),
+    )  # (B, V) logits
 
 
 def decode_tokens(
     model: VisionLanguageModel,
-    rows: Sequence[RowState],
+    batch: Prompts,
     *,
-    input_ids: Sequence[Sequence[int]],
-    pixel_values: torch.Tensor | None = None,
-    image_features: torch.Tensor | None = None,
-) -> Iterator[list[tuple[int, int]]]:
-    """Prefill the prompts together, then decode step by step.
+    join: Callable[[int], Prompts | None] | None = None,
+) -> Iterator[list[tuple[RowState, int]]]:
+    """Prefill a group of prompts, then decode step by step.
 
-    Each step yields ``[(row, token), ...]`` for every live row (``row`` indexes ``rows``); the
-    consumer pushes the tokens into its rows. Before the next step, every row whose ``done`` is
-    true (finished, or cancelled by another thread) leaves the batch and its KV cache; the
-    generator ends when no row is left. Closing it early stops the decoding.
+    Each step yields ``[(row, token), ...]`` for every live row; the consumer pushes the tokens
+    into its rows. Before the next step, every row whose ``done`` is true (finished, or
+    cancelled by another thread) leaves the batch and its KV cache. Then ``join`` (if given) is
+    called with the number of live rows and may return more prompts: they are prefilled and
+    join the running batch (continuous batching). The generator ends when no row is live and
+    nothing joins. Closing it early stops the decoding.
 
-    Args:
-        model: the vision-language model, in eval mode.
-        rows: one ``RowState`` per prompt (sampling knobs and generators are read from them).
-        input_ids: the prompts, unpadded, with image token ids where images go.
-        pixel_values: (N, 3, S, S) every image of the batch in reading order, or
-        image_features: (N, T, D) their precomputed ``model.image_features``.
+    No inference_mode block spans the yields (it would leak into the consumer's code): prefill
+    and decode_step carry their own.
     """
-    if len(rows) != len(input_ids):
-        raise ValueError(f"rows: expected one per prompt ({len(input_ids)}), got {len(rows)}")
-    p = next(model.parameters())
-    ids, mask = left_pad(input_ids, pad_token_id=model.pad_token_id)  # (B, L)
-    # No inference_mode block spans the yields (it would leak into the consumer's code):
-    # prefill and decode_step carry their own.
-    logits, state = prefill(
-        model,
-        input_ids=ids.to(p.device),
-        attention_mask=mask.to(p.device),
-        pixel_values=None if pixel_values is None else pixel_values.to(p.device, p.dtype),
-        image_features=None if image_features is None else image_features.to(p.device, p.dtype),
-    )  # (B, V)
-    live = [i for i, r in enumerate(rows) if not r.done]
-    if live and len(live) < len(rows):
-        state.select(live)
-        logits = logits[live]
-    while live:
-        now = [rows[i] for i in live]
+    live: list[RowState] = []
+    state: DecodeState | None = None
+    logits = torch.empty(0)
+    pending: Prompts | None = batch
+    while True:
+        if pending is not None and pending.rows:
+            new_logits, new_state = _start(model, pending)  # (B_new, V)
+            if live:
+                state.extend(new_state)
+                logits = torch.cat([logits, new_logits])  # (B_live + B_new, V)
+            else:
+                state, logits = new_state, new_logits
+            live = live + pending.rows
+            keep = [j for j, r in enumerate(live) if not r.done]  # cancelled while waiting
+            if len(keep) < len(live):
+                state.select(keep)
+                logits, live = logits[keep], [live[j] for j in keep]
+        if not live:
+            return
         with torch.inference_mode():
             next_ids = sample_next(
                 logits,
-                temperature=torch.tensor([r.cfg.temperature for r in now]),
-                top_p=torch.tensor([r.cfg.top_p for r in now]),
-                top_k=torch.tensor([r.cfg.top_k or 0 for r in now]),
-                generators=[r.generator for r in now],
+                temperature=torch.tensor([r.cfg.temperature for r in live]),
+                top_p=torch.tensor([r.cfg.top_p for r in live]),
+                top_k=torch.tensor([r.cfg.top_k or 0 for r in live]),
+                generators=[r.generator for r in live],
             )  # (B_live,)
         yield list(zip(live, next_ids.tolist()))
-        keep = [j for j, i in enumerate(live) if not rows[i].done]
-        if not keep:
-            return
+        keep = [j for j, r in enumerate(live) if not r.done]
         if len(keep) < len(live):
-            state.select(keep)
-            next_ids = next_ids[keep]
             live = [live[j] for j in keep]
-        logits = decode_step(model, state=state, token_ids=next_ids)  # (B_live, V)
+            if keep:
+                state.select(keep)
+                next_ids = next_ids[keep]
+        if live:
+            logits = decode_step(model, state=state, token_ids=next_ids)  # (B_live, V)
+        pending = join(len(live)) if join is not None else None
 
 
 def generate(
@@ -575,10 +631,10 @@ def generate(
 
     shared = isinstance(config, GenerationConfig)
     rows = [
-        row_state(model, tokenizer, p, cfg, seed_offset=i if shared else 0, where=f"input_ids[{i}]")
+        RowState.for_prompt(model, tokenizer, p, cfg, seed_offset=i if shared else 0, where=f"input_ids[{i}]")
         for i, (p, cfg) in enumerate(zip(prompts, configs))
     ]
-    for step in decode_tokens(model, rows, input_ids=prompts, pixel_values=pixels, image_features=feats):
-        for i, token in step:
-            rows[i].push(token, tokenizer)
+    for step in decode_tokens(model, Prompts(rows, prompts, pixel_values=pixels, image_features=feats)):
+        for row, token in step:
+            row.push(token, tokenizer)
     return [r.result(tokenizer) for r in rows]

@@ -43,8 +43,21 @@ def read(url: str) -> dict:
     return {key: sample_sum(text, key[0], application="main", **dict(key[1])) for key in EXPECTED}
 
 
+def settled(url: str, timeout: float = 30.0) -> dict:
+    """The metrics once earlier tests' requests are all exported (two reads 1.5 s apart agree)."""
+    deadline = time.monotonic() + timeout
+    last = read(url)
+    while time.monotonic() < deadline:
+        time.sleep(1.5)
+        now = read(url)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def test_metrics_move_with_requests(main_app, metrics_url):
-    before = read(metrics_url)
+    before = settled(metrics_url)
     auth = {"Authorization": f"Bearer {API_KEY}"}
     image = {"type": "image_url", "image_url": {"url": data_url(scene_png(91))}}  # not used by other tests
     body = {"model": MODEL, "max_tokens": 3, "temperature": 0,

@@ -8,13 +8,14 @@ import torch
 
 from vlm.generation import (
     GenerationConfig,
+    Prompts,
+    RowState,
     decode_step,
     decode_tokens,
     generate,
     left_pad,
     positions_from_mask,
     prefill,
-    row_state,
     sample_next,
 )
 from vlm.llava import VisionLanguageModel
@@ -95,18 +96,43 @@ def test_decode_tokens_drops_cancelled_rows_and_others_go_on(model, tokenizer):
     prompts, images = _prompts(model)
     cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=[])
     want = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
-    rows = [row_state(model, tokenizer, p, cfg) for p in prompts]
+    rows = [RowState.for_prompt(model, tokenizer, p, cfg) for p in prompts]
     pixels = torch.cat([im for im in images if im is not None])
     sizes = []
-    for n, step in enumerate(decode_tokens(model, rows, input_ids=prompts, pixel_values=pixels)):
+    for n, step in enumerate(decode_tokens(model, Prompts(rows, prompts, pixel_values=pixels))):
         sizes.append(len(step))
-        for i, token in step:
-            rows[i].push(token, tokenizer)
+        for row, token in step:
+            row.push(token, tokenizer)
         if n == 1:
             rows[1].cancelled = True
     assert sizes == [3, 3] + [2] * 6
     assert rows[1].ids == want[1].token_ids[:2]
     assert [rows[0].ids, rows[2].ids] == [want[0].token_ids, want[2].token_ids]
+
+
+def test_rows_joining_a_running_batch_decode_as_alone(model, tokenizer):
+    """Continuous batching: prompts that join at later step boundaries (their KV caches merged
+    into the running one, the shorter left-padded) get exactly the tokens they get alone, and so
+    do the rows already running. Row 2 (short) joins a longer cache; row 1 (longest) a shorter one."""
+    prompts, images = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=[])
+    want = [generate(model, input_ids=[p], images=[im], tokenizer=tokenizer, config=cfg)[0]
+            for p, im in zip(prompts, images)]
+    rows = [RowState.for_prompt(model, tokenizer, p, cfg) for p in prompts]
+    joins = {2: 2, 5: 1}  # after this many steps -> the prompt that joins
+    sizes: list[int] = []
+
+    def join(live: int) -> Prompts | None:
+        assert live == sum(1 for r in rows if r.ids and not r.done)  # the rows still running
+        i = joins.get(len(sizes))
+        return None if i is None else Prompts([rows[i]], [prompts[i]], pixel_values=images[i])
+
+    for step in decode_tokens(model, Prompts([rows[0]], [prompts[0]], pixel_values=images[0]), join=join):
+        sizes.append(len(step))
+        for row, token in step:
+            row.push(token, tokenizer)
+    assert sizes == [1, 1, 2, 2, 2, 3, 3, 3, 2, 2, 1, 1, 1]
+    assert [r.ids for r in rows] == [w.token_ids for w in want]
 
 
 def test_precomputed_image_features_equal_pixels(model, tokenizer):
