@@ -561,8 +561,9 @@ def decode_tokens(
             live = live + pending.rows
             keep = [j for j, r in enumerate(live) if not r.done]  # cancelled while waiting
             if len(keep) < len(live):
-                state.select(keep)
                 logits, live = logits[keep], [live[j] for j in keep]
+                if keep:
+                    state.select(keep)
         if not live:
             return
         with torch.inference_mode():
