@@ -54,13 +54,15 @@ class _StreamRow(RowState):
     (held back by the longest stop string's length less one, and any incomplete character)."""
 
     req: GenRequest
-    emit: Callable[[dict[str, Any]], None]
+    emit: Callable[[dict[str, Any]], None]  # called from the decode thread
+    sent: str  # the text already pushed to the consumer
+    hold: int  # characters held back while they may begin a stop string
 
     @classmethod
     def open(cls, model, tokenizer, req: GenRequest, emit: Callable[[dict[str, Any]], None]) -> _StreamRow:
         row = cls.for_prompt(model, tokenizer, req.input_ids, req.config(), where="the prompt")
         row.req, row.emit = req, emit
-        row.sent = ""  # text already pushed to the consumer
+        row.sent = ""
         row.hold = max((len(s) for s in req.stop), default=1) - 1
         return row
 
