@@ -9,8 +9,9 @@ image + a question each, greedy, ``--max-tokens`` tokens):
 
 - ours: ``serve.app:build_app`` (ingress -> batched, cached image encoder -> batched LM), streamed,
   so time to first token (TTFT) is the first content chunk;
-- naive: one replica that handles one request at a time with transformers' ``generate`` on the
-  decoder (image features recomputed per request, no cache); TTFT is the whole answer's latency.
+- naive: one replica that handles one request at a time (queued inside it, behind a lock) with
+  transformers' ``generate`` on the decoder (image features recomputed per request, no cache);
+  TTFT is the whole answer's latency.
 
 Printed per concurrency level: requests/s, TTFT p50/p99, generated tokens/s, and ours/naive as a
 ratio.
@@ -90,7 +91,9 @@ def naive_deployment(checkpoint: str, device: str, dtype: str):
 
     app = FastAPI()
 
-    @serve.deployment(name="Naive", num_replicas=1, max_ongoing_requests=1, max_queued_requests=-1,
+    # The replica takes every request (no router back-off between them) and answers one at a
+    # time behind a lock: the queue waits inside the replica, which is then never idle.
+    @serve.deployment(name="Naive", num_replicas=1, max_ongoing_requests=1024, max_queued_requests=-1,
                       ray_actor_options={"num_cpus": 1})
     @serve.ingress(app)
     class Naive:
@@ -101,16 +104,21 @@ def naive_deployment(checkpoint: str, device: str, dtype: str):
 
             ck = load_model(checkpoint, device=device, dtype=dtype)
             self.model, self.tok, self.cfg = ck.model, ck.tokenizer, ck.config.model
+            self.lock = asyncio.Lock()
 
         @app.post("/v1/chat/completions")
         async def chat(self, request: Request) -> dict:
+            body = await request.json()
+            async with self.lock:
+                return await asyncio.to_thread(self.answer, body)
+
+        def answer(self, body: dict) -> dict:
             from serve.config import Limits
             from serve.media import decode_image, parse_data_url
             from vlm.chat import encode_chat
             from vlm.generation import default_stop_token_ids
             from vlm.image import normalize
 
-            body = await request.json()
             content = body["messages"][0]["content"]
             url = content[0]["image_url"]["url"]
             data = parse_data_url(url, kind="image", max_bytes=1 << 26, where="x").data
