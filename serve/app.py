@@ -367,18 +367,21 @@ class Ingress:
             return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created))
 
         events = self.lm.options(stream=True).generate_stream.remote(gen).__aiter__()
-        first = await events.__anext__()  # errors before the first event are still HTTP errors
+        first = await events.__anext__()  # a list of events; errors before it are still HTTP errors
         self.m.ttft.observe(time.perf_counter() - start)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         deadline = start + self.cfg.request_timeout_s
 
         async def sse():
             yield chunk(rid, req.model, created, delta={"role": "assistant", "content": ""})
-            event = first
+            batch = first
+            event: dict[str, Any] = {}
             try:
                 while True:
-                    if event.get("delta"):
-                        yield chunk(rid, req.model, created, delta={"content": event["delta"]})
+                    text = "".join(e.get("delta", "") for e in batch)  # the steps since the last message
+                    if text:
+                        yield chunk(rid, req.model, created, delta={"content": text})
+                    event = batch[-1]
                     if "finish_reason" in event:
                         yield chunk(rid, req.model, created, delta={}, finish=event["finish_reason"])
                         p, c = event["prompt_tokens"], event["completion_tokens"]
@@ -386,7 +389,7 @@ class Ingress:
                         if include_usage:
                             yield chunk(rid, req.model, created, delta=None, usage_=usage(p, c, **counts))
                         break
-                    event = await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.perf_counter()))
+                    batch = await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.perf_counter()))
             except asyncio.TimeoutError:
                 yield sse_error(ApiError(504, f"the request took longer than {self.cfg.request_timeout_s:g}s",
                                          code="timeout"))

@@ -190,8 +190,9 @@ class LanguageModel:
             raise RuntimeError("the batch engine's thread has died")
 
     async def generate_stream(self, req: GenRequest):
-        async for event in self.engine.stream(req):
-            yield event
+        """Lists of events (``BatchEngine.stream``): one message per list, not per token."""
+        async for events in self.engine.stream(req):
+            yield events
 
     async def generate(self, req: GenRequest) -> dict[str, Any]:
         return await self.engine.generate(req)

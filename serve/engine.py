@@ -117,9 +117,11 @@ class BatchEngine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
-        """Yield ``{"delta": text}`` events, then one ``{"finish_reason", "text", "prompt_tokens",
-        "completion_tokens"}``. Leaving the loop early cancels the row."""
+    async def stream(self, req: GenRequest) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield lists of events: ``{"delta": text}`` ones, then one ``{"finish_reason", "text",
+        "prompt_tokens", "completion_tokens"}`` that ends the stream. Each list holds every event
+        made since the last one, so a consumer that falls behind gets fewer, larger messages
+        (one per step when it keeps up). Leaving the loop early cancels the row."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -132,11 +134,14 @@ class BatchEngine:
             self._cv.notify()
         try:
             while True:
-                event = await queue.get()
-                if "error" in event:
-                    raise RuntimeError(event["error"])
-                yield event
-                if "finish_reason" in event:
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                for event in events:
+                    if "error" in event:
+                        raise RuntimeError(event["error"])
+                yield events
+                if "finish_reason" in events[-1]:
                     return
         finally:
             row.cancelled = True
@@ -144,8 +149,8 @@ class BatchEngine:
     async def generate(self, req: GenRequest) -> dict[str, Any]:
         """The final event of ``stream`` (the whole answer)."""
         last: dict[str, Any] = {}
-        async for event in self.stream(req):
-            last = event
+        async for events in self.stream(req):
+            last = events[-1]
         return last
 
     # ------------------------------------------------------------------ the worker thread

@@ -130,10 +130,10 @@ def test_engine_requests_join_a_running_batch(checkpoints):
 
     async def one(i: int, started: asyncio.Event | None = None) -> dict:
         last: dict = {}
-        async for event in engine.stream(GenRequest(input_ids=prompts[i], max_new_tokens=news[i])):
+        async for events in engine.stream(GenRequest(input_ids=prompts[i], max_new_tokens=news[i])):
             if started is not None:
                 started.set()
-            last = event
+            last = events[-1]
         finished.append(i)
         return last
 
