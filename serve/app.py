@@ -4,7 +4,9 @@ deploy`` (``import_path: serve.app:build_app``) and ``vlm serve`` call.
 Request path: auth -> admission (503 when this replica is full) -> body size (413) -> JSON and
 schema (400) -> media fetch + decode, concurrently, off the event loop (400) -> chat template and
 token limits (400) -> ``ImageEncoder`` per image/frame (batched, cached) -> ``LanguageModel``
-(batched generation), streamed or whole. Any failure the client caused is an OpenAI-style error
+(batched generation), streamed or whole. An image whose bytes this replica has seen before
+skips decoding and the encoder: its features come from the ingress cache, keyed by a hash of
+the bytes (the encoder keeps its own cache keyed by pixels, shared by every ingress replica). Any failure the client caused is an OpenAI-style error
 body; a downstream queue that is full is a 503; a request past its deadline is a 504.
 """
 
@@ -12,9 +14,11 @@ body; a downstream queue that is full is a 503; a request past its deadline is a
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import httpx
@@ -27,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve import metrics
 from serve.config import AppArgs, IngressConfig
-from serve.deployments import Embedder, ImageEncoder, LanguageModel
+from serve.deployments import LRU, Embedder, ImageEncoder, LanguageModel
 from serve.engine import GenRequest
 from serve.media import decode_image, decode_video, fetch
 from serve.protocol import (
@@ -46,6 +50,20 @@ from serve.protocol import (
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="vlmforge", docs_url=None, redoc_url=None)
+
+
+@dataclass
+class _Media:
+    """One image or video part after fetching: pixels to encode, or features from the cache."""
+
+    start: float  # perf_counter() when its fetch began
+    pixels: Optional[np.ndarray] = None  # (K, S, S, 3): 1 for an image, K frames for a video
+    features: Optional[np.ndarray] = None  # (1, T, D): a repeated image, found by its bytes' hash
+    key: Optional[bytes] = None  # the hash of an image's bytes (None for a video)
+
+    @property
+    def count(self) -> int:
+        return len(self.pixels if self.pixels is not None else self.features)
 
 
 def _error_response(err: ApiError) -> JSONResponse:
@@ -84,6 +102,7 @@ class Ingress:
         self.encoder, self.lm, self.embedder = encoder, lm, embedder
         self.chat_model, self.embedding_model = chat_model, embedding_model
         self.cfg = IngressConfig()
+        self.features = LRU(int(self.cfg.image_cache_mb * 2**20), weigh=lambda a: a.nbytes)  # bytes hash -> (1, T, D)
         self.inflight = 0
         self.created = now()
         self.m = metrics.get()
@@ -105,6 +124,7 @@ class Ingress:
             if not extra and not cfg.api_keys:
                 raise ValueError(f"api_keys_env: the environment variable {cfg.api_keys_env!r} holds no keys")
             cfg.api_keys = [*cfg.api_keys, *extra]
+        self.features.resize(int(cfg.image_cache_mb * 2**20))
         self.cfg = cfg
 
     # ------------------------------------------------------------------ plumbing
@@ -192,25 +212,55 @@ class Ingress:
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
-    async def _media(self, url: Any, kind: str, where: str, opts: dict[str, Any]) -> np.ndarray:
-        """Fetch and decode one image (-> (1, S, S, 3)) or video (-> (T, S, S, 3))."""
+    async def _media(self, url: Any, kind: str, where: str, opts: dict[str, Any]) -> _Media:
+        """Fetch one image or video part; decode it to (1, S, S, 3) or (T, S, S, 3) pixels, unless
+        it is an image whose bytes were seen before: then its features come from the cache (no
+        decode, no encoder call)."""
         if not isinstance(url, str) or not url:
             raise ApiError(400, f"{where}.url: expected a URL string, got {type(url).__name__}", param=where)
+        start = time.perf_counter()
         lim = self.cfg.limits
         got = await fetch(url, kind=kind, opts=self.cfg.media, limits=lim, client=self.http, where=where)
         if kind == "image":
+            key = hashlib.blake2b(got.data, digest_size=16).digest() if self.features.size else None
+            feats = self.features.get(key) if key else None
+            if feats is not None:
+                self.m.cache.inc(tags={"result": "hit", "layer": "ingress"})
+                self.m.image_latency.observe(time.perf_counter() - start, tags={"cache": "hit"})
+                return _Media(start, features=feats)
+            if key:
+                self.m.cache.inc(tags={"result": "miss", "layer": "ingress"})
             arr = await asyncio.to_thread(decode_image, got.data, size=self.image_size, limits=lim, where=where)
-            return arr[None]
+            return _Media(start, pixels=arr[None], key=key)
         nf, fps = opts.get("num_frames"), opts.get("fps")
         if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf < 1):
             raise ApiError(400, f"{where}.num_frames: expected an integer >= 1, got {nf!r}", param=where)
         if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 60):
             raise ApiError(400, f"{where}.fps: expected a number in (0, 60], got {fps!r}", param=where)
-        return await asyncio.to_thread(decode_video, got.data, size=self.image_size, limits=lim, where=where,
-                                       num_frames=nf, fps=fps)
+        frames = await asyncio.to_thread(decode_video, got.data, size=self.image_size, limits=lim, where=where,
+                                         num_frames=nf, fps=fps)
+        return _Media(start, pixels=frames)
 
-    async def _convert(self, req: ChatRequest) -> tuple[list[dict], list[np.ndarray], int]:
-        """OpenAI messages -> our chat messages, every image/frame as (S, S, 3) in reading order."""
+    async def _encode(self, media: list[_Media]) -> tuple[Optional[np.ndarray], int]:
+        """Every image/frame's features, (N, T, D) in reading order, and how many were cached
+        (here or in the encoder). New images' features enter the ingress cache."""
+        async def one(item: _Media) -> tuple[np.ndarray, int]:
+            if item.features is not None:
+                return item.features, 1
+            outs = await asyncio.gather(*[self.encoder.encode.remote(f) for f in item.pixels])
+            feats = np.stack([o[0] for o in outs])  # (K, T, D)
+            if item.key is not None:
+                self.features.put(item.key, feats)
+                self.m.image_latency.observe(time.perf_counter() - item.start, tags={"cache": "miss"})
+            return feats, sum(bool(o[1]) for o in outs)
+
+        if not media:
+            return None, 0
+        done = await asyncio.gather(*[one(m) for m in media])
+        return np.concatenate([f for f, _ in done]), sum(c for _, c in done)
+
+    async def _convert(self, req: ChatRequest) -> tuple[list[dict], list[_Media]]:
+        """OpenAI messages -> our chat messages and their media parts in reading order."""
         lim = self.cfg.limits
         messages: list[dict] = []
         jobs: list[Any] = []
@@ -252,17 +302,16 @@ class Ingress:
                     raise ApiError(400, f"{where}.type: expected 'text', 'image_url' or 'video_url', got {kind!r}",
                                    param=where)
             messages.append({"role": role, "content": parts})
-        arrays = list(await asyncio.gather(*jobs)) if jobs else []
-        it = iter(arrays)
+        media = list(await asyncio.gather(*jobs)) if jobs else []
+        it = iter(media)
         for msg in messages:
             if isinstance(msg["content"], list):
                 for part in msg["content"]:
                     if part["type"] == "video":
-                        part["num_frames"] = int(next(it).shape[0])
+                        part["num_frames"] = next(it).count
                     elif part["type"] == "image":
                         next(it)
-        frames = [a for arr in arrays for a in arr]
-        return messages, frames, n_img
+        return messages, media
 
     async def _prepare(self, body: bytes) -> tuple[ChatRequest, GenRequest, dict[str, int]]:
         from vlm.chat import SampleError, encode_chat
@@ -279,7 +328,8 @@ class Ingress:
             raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {lim.max_output_tokens}",
                            param="max_tokens", code="max_tokens_too_large")
         stops = req.stop_list()
-        messages, frames, n_img = await self._convert(req)
+        messages, media = await self._convert(req)
+        n_frames = sum(m.count for m in media)
         try:
             enc = encode_chat(messages, self.tokenizer, num_image_tokens=self.tokens_per_image,
                               add_generation_prompt=True)
@@ -288,18 +338,15 @@ class Ingress:
         n_prompt = len(enc.input_ids)
         prompt_limit = min(lim.max_prompt_tokens, self.context - 1) if self.context else lim.max_prompt_tokens
         if n_prompt > prompt_limit:
-            raise ApiError(400, f"the prompt has {n_prompt} tokens ({len(frames)} images/frames x "
+            raise ApiError(400, f"the prompt has {n_prompt} tokens ({n_frames} images/frames x "
                            f"{self.tokens_per_image} tokens included), over the limit of {prompt_limit}",
                            param="messages", code="prompt_too_long")
-        feats, cached = None, 0
-        if frames:
-            self.m.images.inc(len(frames))
-            outs = await asyncio.gather(*[self.encoder.encode.remote(f) for f in frames])
-            feats = np.stack([o[0] for o in outs])  # (N, T, D)
-            cached = sum(bool(o[1]) for o in outs)
+        if n_frames:
+            self.m.images.inc(n_frames)
+        feats, cached = await self._encode(media)  # (N, T, D)
         gen = GenRequest(input_ids=list(enc.input_ids), image_features=feats, max_new_tokens=max_tokens,
                          temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0, stop=stops, seed=req.seed)
-        counts = {"image_tokens": len(frames) * self.tokens_per_image, "num_images": len(frames),
+        counts = {"image_tokens": n_frames * self.tokens_per_image, "num_images": n_frames,
                   "cached_images": cached}
         return req, gen, counts
 
@@ -320,18 +367,21 @@ class Ingress:
             return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created))
 
         events = self.lm.options(stream=True).generate_stream.remote(gen).__aiter__()
-        first = await events.__anext__()  # errors before the first event are still HTTP errors
+        first = await events.__anext__()  # a list of events; errors before it are still HTTP errors
         self.m.ttft.observe(time.perf_counter() - start)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         deadline = start + self.cfg.request_timeout_s
 
         async def sse():
             yield chunk(rid, req.model, created, delta={"role": "assistant", "content": ""})
-            event = first
+            batch = first
+            event: dict[str, Any] = {}
             try:
                 while True:
-                    if event.get("delta"):
-                        yield chunk(rid, req.model, created, delta={"content": event["delta"]})
+                    text = "".join(e.get("delta", "") for e in batch)  # the steps since the last message
+                    if text:
+                        yield chunk(rid, req.model, created, delta={"content": text})
+                    event = batch[-1]
                     if "finish_reason" in event:
                         yield chunk(rid, req.model, created, delta={}, finish=event["finish_reason"])
                         p, c = event["prompt_tokens"], event["completion_tokens"]
@@ -339,7 +389,7 @@ class Ingress:
                         if include_usage:
                             yield chunk(rid, req.model, created, delta=None, usage_=usage(p, c, **counts))
                         break
-                    event = await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.perf_counter()))
+                    batch = await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.perf_counter()))
             except asyncio.TimeoutError:
                 yield sse_error(ApiError(504, f"the request took longer than {self.cfg.request_timeout_s:g}s",
                                          code="timeout"))

@@ -55,6 +55,7 @@ class IngressConfig(_Strict):
     api_keys_env: str | None = Field(None, description="an environment variable of the replica holding comma-separated bearer tokens (e.g. from a Kubernetes Secret)")
     request_timeout_s: float = Field(60.0, gt=0, description="a request still running after this gets 504")
     max_inflight_requests: int = Field(256, ge=1, description="per ingress replica; above it new requests get 503")
+    image_cache_mb: float = Field(256, ge=0, description="image features kept in each ingress replica (LRU), keyed by a hash of the image's bytes: a repeated image skips decoding and the encoder; 0 disables")
 
 
 class EncoderConfig(_Strict):

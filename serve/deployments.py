@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,31 +36,50 @@ def load_model(path: str, *, device: str, dtype: str):
 
 
 def image_key(pixels: np.ndarray) -> str:
-    """The cache key: a hash of the preprocessed pixels (the same picture at any URL or in any
-    format that decodes to the same pixels hits)."""
+    """The encoder's cache key: a hash of the preprocessed pixels (the same picture at any URL or
+    in any format that decodes to the same pixels hits)."""
     h = hashlib.blake2b(pixels.tobytes(), digest_size=20)
     h.update(repr(pixels.shape).encode())
     return h.hexdigest()
 
 
 class LRU:
-    def __init__(self, size: int) -> None:
+    """A least-recently-used map holding at most ``size`` units: entries, or bytes when ``weigh``
+    gives each value's size (e.g. ``lambda a: a.nbytes``). A value heavier than ``size`` is not kept."""
+
+    def __init__(self, size: int, weigh: Callable[[Any], int] | None = None) -> None:
         self.size = size
-        self.items: OrderedDict[str, Any] = OrderedDict()
+        self.weigh = weigh or (lambda _: 1)
+        self.items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.used = 0
 
-    def get(self, key: str) -> Any:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        return None
+    def __len__(self) -> int:
+        return len(self.items)
 
-    def put(self, key: str, value: Any) -> None:
-        if self.size <= 0:
-            return
-        self.items[key] = value
+    def get(self, key: Any) -> Any:
+        got = self.items.get(key)
+        if got is None:
+            return None
         self.items.move_to_end(key)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        return got[0]
+
+    def put(self, key: Any, value: Any) -> None:
+        w = self.weigh(value)
+        if key in self.items:
+            self.used -= self.items.pop(key)[1]
+        if w > self.size:
+            return
+        self.items[key] = (value, w)
+        self.used += w
+        self.trim()
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self.trim()
+
+    def trim(self) -> None:
+        while self.used > self.size:
+            self.used -= self.items.popitem(last=False)[1][1]
 
 
 AUTOSCALE_ENCODER = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16,
@@ -95,7 +115,7 @@ class ImageEncoder:
         cfg = EncoderConfig.model_validate(config or {})
         self._encode_batch.set_max_batch_size(cfg.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        self.cache.size = cfg.cache_size
+        self.cache.resize(cfg.cache_size)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
 
@@ -104,12 +124,12 @@ class ImageEncoder:
         key = image_key(pixels)
         hit = self.cache.get(key)
         if hit is not None:
-            self.m.cache.inc(tags={"result": "hit"})
+            self.m.cache.inc(tags={"result": "hit", "layer": "encoder"})
             return hit, True
         if key in self.inflight:  # the same image is being encoded for another request
-            self.m.cache.inc(tags={"result": "hit"})
+            self.m.cache.inc(tags={"result": "hit", "layer": "encoder"})
             return await asyncio.shield(self.inflight[key]), True
-        self.m.cache.inc(tags={"result": "miss"})
+        self.m.cache.inc(tags={"result": "miss", "layer": "encoder"})
         fut = asyncio.get_running_loop().create_future()
         self.inflight[key] = fut
         try:
@@ -170,8 +190,9 @@ class LanguageModel:
             raise RuntimeError("the batch engine's thread has died")
 
     async def generate_stream(self, req: GenRequest):
-        async for event in self.engine.stream(req):
-            yield event
+        """Lists of events (``BatchEngine.stream``): one message per list, not per token."""
+        async for events in self.engine.stream(req):
+            yield events
 
     async def generate(self, req: GenRequest) -> dict[str, Any]:
         return await self.engine.generate(req)

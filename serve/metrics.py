@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+IMAGE_BOUNDARIES_S = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
@@ -29,10 +30,28 @@ class _Metrics:
                               boundaries=LATENCY_BOUNDARIES_S)
         self.batch_size = Histogram("vlm_batch_size", description="rows per batch", boundaries=BATCH_BOUNDARIES,
                                     tag_keys=("stage",))
-        self.cache = Counter("vlm_image_cache", description="image-embedding cache lookups by result (hit/miss)",
-                             tag_keys=("result",))
+        self.cache = Counter("vlm_image_cache", description="image-feature cache lookups by result (hit/miss) and "
+                             "layer (ingress: keyed by the image's bytes; encoder: keyed by its pixels)",
+                             tag_keys=("result", "layer"))
+        self.image_latency = Histogram(
+            "vlm_image_latency_s", boundaries=IMAGE_BOUNDARIES_S, tag_keys=("cache",),
+            description="per image part, seconds from the start of its fetch to its features in the ingress "
+                        "(hit: a repeated image, found by its bytes' hash; miss: decoded and encoded)")
 
 
 @functools.cache
 def get() -> _Metrics:
     return _Metrics()
+
+
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample called ``name`` (e.g. ``ray_vlm_requests_total``) whose labels
+    include ``labels``, in a Prometheus text exposition (what a ``/metrics`` scrape returns)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

@@ -9,8 +9,12 @@ Three layers, so that serving can drive its own batches with the same pieces:
 - ``sample_next``: logits -> token ids, per-row temperature / top-k / top-p (nucleus: Holtzman
   et al. 2020, "The Curious Case of Neural Text Degeneration") and per-row ``torch.Generator``.
 
-``generate`` wires them into the usual loop: rows stop on their own (a stop token id, a stop
-string, ``max_new_tokens``) and a finished row is dropped from the batch and its cache.
+``decode_tokens`` is the step-wise loop on top: it prefills a batch, then yields each live row's
+next token per step; a row whose ``RowState`` is done (a stop token id, a stop string,
+``max_new_tokens``, or cancelled by its consumer) is dropped from the batch and its cache before
+the next step, and new prompts may join the running batch at a step boundary (continuous
+batching: ``DecodeState.extend`` left-pads the shorter KV cache). ``generate`` and the serving
+engine both consume it.
 
 Position ids come from the attention mask (``cumsum - 1``), so a left-padded row sees exactly
 the positions it would see alone, and batched greedy decoding matches unbatched decoding.
@@ -23,11 +27,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from vlm.llava import VisionLanguageModel
 from vlm.tokenizer import IM_END
@@ -203,6 +208,31 @@ class DecodeState:
         self.attention_mask = self.attention_mask[idx]
         self.next_positions = self.next_positions[idx]
 
+    def extend(self, other: DecodeState) -> None:
+        """Append ``other``'s rows after these (continuous batching: prompts prefilled while this
+        batch decodes join it). The shorter of the two caches is left-padded to the longer, and
+        its mask is 0 there, so every row attends to exactly what it saw before."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
+                raise ValueError(f"extend: expected plain DynamicLayer caches, got {type(mine).__name__} "
+                                 f"and {type(theirs).__name__} (sliding windows cannot be left-padded)")
+            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=2), _pad_left(theirs.keys, width, dim=2)])  # (B+B', H, W, Dh)
+            mine.values = torch.cat([_pad_left(mine.values, width, dim=2), _pad_left(theirs.values, width, dim=2)])
+        self.attention_mask = torch.cat(
+            [_pad_left(self.attention_mask, width, dim=1), _pad_left(other.attention_mask, width, dim=1)]
+        )  # (B+B', W)
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])  # (B+B',)
+
+
+def _pad_left(t: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    """Zero-pad ``t`` on the left along ``dim`` to ``width``."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    pad = [0, 0] * (t.ndim - 1 - dim) + [missing, 0]  # F.pad lists the last dimension first
+    return torch.nn.functional.pad(t, pad)
+
 
 def left_pad(sequences: Sequence[Sequence[int]], *, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists to one (B, L) tensor; returns ``(input_ids, attention_mask)``."""
@@ -368,8 +398,20 @@ def _stack_media(
     return torch.cat(parts) if parts else None
 
 
-class _Row:
-    """Bookkeeping of one row while it decodes."""
+class RowState:
+    """One row while it decodes: its sampling knobs, its tokens so far, and whether it is done.
+
+    ``generate`` and the serving engine keep one per prompt; ``push`` applies the stopping rules
+    (a stop token id, a stop string, ``max_new``), so both stop a row the same way.
+
+    Args:
+        cfg: the row's knobs (``max_new_tokens`` is capped by ``max_new``).
+        stop_ids: token ids that end the row (the stop token counts as generated).
+        generator: the row's own RNG for sampling; None uses the global one.
+        num_prompt: the prompt's length (reported in the result).
+        max_new: the most tokens this row may generate (``max_new_tokens`` or less when the
+            context would overflow).
+    """
 
     def __init__(
         self,
@@ -389,6 +431,35 @@ class _Row:
         self.text = ""
         self.finish: str | None = None
         self.stop: int | str | None = None
+        self.cancelled = False  # set by a consumer that went away; the row leaves the batch
+
+    @classmethod
+    def for_prompt(
+        cls,
+        model: VisionLanguageModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt: Sequence[int],
+        cfg: GenerationConfig,
+        *,
+        seed_offset: int = 0,
+        where: str = "input_ids",
+    ) -> RowState:
+        """The row for ``prompt``: default stop ids, its generator (seeded ``cfg.seed +
+        seed_offset``), ``max_new`` capped by the decoder's context. Raises ValueError for a
+        prompt that fills the context."""
+        max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
+        if max_pos and len(prompt) >= max_pos:
+            raise ValueError(
+                f"{where}: expected a prompt shorter than the decoder's {max_pos} positions, got {len(prompt)} tokens"
+            )
+        gen = torch.Generator().manual_seed(cfg.seed + seed_offset) if cfg.seed is not None else None
+        max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(prompt))
+        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_token_ids(tokenizer))
+        return cls(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(prompt), max_new=max_new)
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.cancelled
 
     def push(self, token: int, tokenizer: PreTrainedTokenizerBase) -> None:
         """Append ``token``; set ``finish`` if the row is done."""
@@ -426,6 +497,93 @@ class _Row:
             num_generated_tokens=len(self.ids),
             stop=self.stop,
         )
+
+
+@dataclass
+class Prompts:
+    """Prompts to start decoding: one ``RowState`` per prompt, the unpadded token ids (image
+    token ids where images go), and every image of the group in reading order as pixels
+    (N, 3, S, S) or precomputed ``model.image_features`` (N, T, D)."""
+
+    rows: list[RowState]
+    input_ids: list[list[int]]
+    pixel_values: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.input_ids):
+            raise ValueError(f"rows: expected one per prompt ({len(self.input_ids)}), got {len(self.rows)}")
+
+
+def _start(model: VisionLanguageModel, batch: Prompts) -> tuple[torch.Tensor, DecodeState]:
+    p = next(model.parameters())
+    ids, mask = left_pad(batch.input_ids, pad_token_id=model.pad_token_id)  # (B, L)
+    px, ft = batch.pixel_values, batch.image_features
+    return prefill(
+        model,
+        input_ids=ids.to(p.device),
+        attention_mask=mask.to(p.device),
+        pixel_values=None if px is None else px.to(p.device, p.dtype),
+        image_features=None if ft is None else ft.to(p.device, p.dtype),
+    )  # (B, V) logits
+
+
+def decode_tokens(
+    model: VisionLanguageModel,
+    batch: Prompts,
+    *,
+    join: Callable[[int], Prompts | None] | None = None,
+) -> Iterator[list[tuple[RowState, int]]]:
+    """Prefill a group of prompts, then decode step by step.
+
+    Each step yields ``[(row, token), ...]`` for every live row; the consumer pushes the tokens
+    into its rows. Before the next step, every row whose ``done`` is true (finished, or
+    cancelled by another thread) leaves the batch and its KV cache. Then ``join`` (if given) is
+    called with the number of live rows and may return more prompts: they are prefilled and
+    join the running batch (continuous batching). The generator ends when no row is live and
+    nothing joins. Closing it early stops the decoding.
+
+    No inference_mode block spans the yields (it would leak into the consumer's code): prefill
+    and decode_step carry their own.
+    """
+    live: list[RowState] = []
+    state: DecodeState | None = None
+    logits = torch.empty(0)
+    pending: Prompts | None = batch
+    while True:
+        if pending is not None and pending.rows:
+            new_logits, new_state = _start(model, pending)  # (B_new, V)
+            if live:
+                state.extend(new_state)
+                logits = torch.cat([logits, new_logits])  # (B_live + B_new, V)
+            else:
+                state, logits = new_state, new_logits
+            live = live + pending.rows
+            keep = [j for j, r in enumerate(live) if not r.done]  # cancelled while waiting
+            if len(keep) < len(live):
+                logits, live = logits[keep], [live[j] for j in keep]
+                if keep:
+                    state.select(keep)
+        if not live:
+            return
+        with torch.inference_mode():
+            next_ids = sample_next(
+                logits,
+                temperature=torch.tensor([r.cfg.temperature for r in live]),
+                top_p=torch.tensor([r.cfg.top_p for r in live]),
+                top_k=torch.tensor([r.cfg.top_k or 0 for r in live]),
+                generators=[r.generator for r in live],
+            )  # (B_live,)
+        yield list(zip(live, next_ids.tolist()))
+        keep = [j for j, r in enumerate(live) if not r.done]
+        if len(keep) < len(live):
+            live = [live[j] for j in keep]
+            if keep:
+                state.select(keep)
+                next_ids = next_ids[keep]
+        if live:
+            logits = decode_step(model, state=state, token_ids=next_ids)  # (B_live, V)
+        pending = join(len(live)) if join is not None else None
 
 
 def generate(
@@ -472,51 +630,12 @@ def generate(
     if pixels is None and feats is None and any(image_id in p for p in prompts):
         raise ValueError("the prompts hold image tokens but neither images nor image_features were given")
 
-    max_pos = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
-    default_stops = default_stop_token_ids(tokenizer)
-    rows: list[_Row] = []
-    for i, (p, cfg) in enumerate(zip(prompts, configs)):
-        if max_pos and len(p) >= max_pos:
-            raise ValueError(
-                f"input_ids[{i}]: expected a prompt shorter than the decoder's {max_pos} positions, "
-                f"got {len(p)} tokens"
-            )
-        gen = None
-        if cfg.seed is not None:
-            gen = torch.Generator().manual_seed(cfg.seed + (i if isinstance(config, GenerationConfig) else 0))
-        max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(p))
-        stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stops)
-        rows.append(_Row(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(p), max_new=max_new))
-
-    device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_token_id=model.pad_token_id)  # (B, L)
-    with torch.inference_mode():
-        dtype = next(model.parameters()).dtype
-        logits, state = prefill(
-            model,
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            pixel_values=None if pixels is None else pixels.to(device, dtype),
-            image_features=None if feats is None else feats.to(device, dtype),
-        )
-        active = list(range(len(rows)))  # batch row -> prompt index
-        while active:
-            live = [rows[r] for r in active]
-            next_ids = sample_next(
-                logits,
-                temperature=torch.tensor([r.cfg.temperature for r in live]),
-                top_p=torch.tensor([r.cfg.top_p for r in live]),
-                top_k=torch.tensor([r.cfg.top_k or 0 for r in live]),
-                generators=[r.generator for r in live],
-            )  # (B_active,)
-            for row, tok in zip(live, next_ids.tolist()):
-                row.push(tok, tokenizer)
-            keep = [j for j, row in enumerate(live) if row.finish is None]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                state.select(keep)
-                next_ids = next_ids[keep]
-                active = [active[j] for j in keep]
-            logits = decode_step(model, state=state, token_ids=next_ids)
+    shared = isinstance(config, GenerationConfig)
+    rows = [
+        RowState.for_prompt(model, tokenizer, p, cfg, seed_offset=i if shared else 0, where=f"input_ids[{i}]")
+        for i, (p, cfg) in enumerate(zip(prompts, configs))
+    ]
+    for step in decode_tokens(model, Prompts(rows, prompts, pixel_values=pixels, image_features=feats)):
+        for row, token in step:
+            row.push(token, tokenizer)
     return [r.result(tokenizer) for r in rows]

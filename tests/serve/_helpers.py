@@ -14,26 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SMALL = [
-    "model.vision.image_size=32",
-    "model.vision.patch_size=8",
-    "model.vision.hidden_size=32",
-    "model.vision.intermediate_size=64",
-    "model.vision.num_layers=2",
-    "model.vision.num_heads=2",
-    "model.text.hidden_size=32",
-    "model.text.intermediate_size=64",
-    "model.text.num_layers=1",
-    "model.text.num_heads=2",
-    "model.contrastive.embed_dim=16",
-    "model.decoder.hidden_size=64",
-    "model.decoder.intermediate_size=128",
-    "model.decoder.num_layers=2",
-    "model.decoder.num_heads=4",
-    "model.decoder.num_kv_heads=2",
-]
-CORPUS = ["a red square above a blue circle.", "the green triangle is left of the cat.", "how many shapes?",
-          "describe the picture.", "what colour is the circle?"] * 20
 API_KEY = "test-key"
 
 

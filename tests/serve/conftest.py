@@ -7,29 +7,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _helpers import API_KEY, CORPUS, SMALL, MediaServer, free_port  # noqa: E402
+import tinymodels  # noqa: E402
+from _helpers import API_KEY, MediaServer, free_port  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """A stage-2 (vlm) and a stage-1 (contrastive) checkpoint of tiny random models."""
     from vlm.checkpoint import save_checkpoint
-    from vlm.config import load_config
-    from vlm.contrastive import ContrastiveModel
-    from vlm.llava import VisionLanguageModel
-    from vlm.tokenizer import IMAGE, train_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("ckpt")
-    tok = train_bpe_tokenizer(CORPUS, vocab_size=300)
-    cfg = load_config(preset="tiny", overrides=SMALL)
-    torch.manual_seed(0)
-    vlm = VisionLanguageModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id, image_token_id=tok.convert_tokens_to_ids(IMAGE))
-    save_checkpoint(vlm.eval(), root / "tiny-vlm", config=cfg, tokenizer=tok)
-    clip = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
-    save_checkpoint(clip.eval(), root / "tiny-clip", config=cfg, tokenizer=tok)
+    tok = tinymodels.tokenizer()
+    cfg = tinymodels.config()
+    save_checkpoint(tinymodels.vlm_model(tok), root / "tiny-vlm", config=cfg, tokenizer=tok)
+    save_checkpoint(tinymodels.clip_model(tok), root / "tiny-clip", config=cfg, tokenizer=tok)
     return {"vlm": root / "tiny-vlm", "clip": root / "tiny-clip"}
 
 
@@ -43,6 +35,15 @@ def media():
 # ----------------------------------------------------------------------------- ray + serve
 
 
+METRICS_PORT = free_port()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_port) -> str:
+    """Ray's Prometheus endpoint (every replica's metrics, exported every half second)."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
+
+
 @pytest.fixture(scope="session")
 def serve_port():
     """One Ray instance and Serve's HTTP proxy for every test module of tests/serve."""
@@ -50,7 +51,8 @@ def serve_port():
     from ray import serve
 
     repo = str(Path(__file__).resolve().parents[2])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 500},
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": repo}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from _helpers import API_KEY, data_url, make_mp4, scene_png
 
 from serve.config import Limits
@@ -148,14 +149,23 @@ def test_stop_strings_and_seed(client):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
-def test_repeated_image_hits_encoder_cache(client):
-    url = data_url(scene_png(99))
+def test_repeated_image_hits_the_caches(client):
+    """The same bytes again: the ingress cache; the same pixels in other bytes: the encoder's."""
+    png = scene_png(99)
+    url = data_url(png)
     messages = [{"role": "user", "content": [image_part(url), image_part(url), {"type": "text", "text": "twice?"}]}]
     r1 = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=messages)
     r2 = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=messages)
     assert r1.usage.prompt_tokens_details.cached_images >= 1  # the second copy in the same request
     assert r2.usage.prompt_tokens_details.cached_images == 2
     assert r1.choices[0].message.content == r2.choices[0].message.content
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(buf, format="PNG", compress_level=1)  # other bytes, the same pixels
+    assert buf.getvalue() != png
+    other = [{"role": "user", "content": [image_part(data_url(buf.getvalue())), {"type": "text", "text": "again?"}]}]
+    r3 = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=other)
+    assert r3.usage.prompt_tokens_details.cached_images == 1
 
 
 def test_embeddings_text_and_image(client, checkpoints, media):

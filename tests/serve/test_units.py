@@ -107,3 +107,49 @@ def test_engine_batches_and_matches_generate(checkpoints):
         w = want[i % 3]
         assert (out["text"], out["completion_tokens"], out["finish_reason"]) == (w.text, w.num_generated_tokens,
                                                                                   w.finish_reason)
+
+
+def test_engine_requests_join_a_running_batch(checkpoints):
+    """Continuous batching: requests that arrive while a long one decodes join its batch at a
+    step boundary (so they finish first, not after it) and still answer as generate() alone."""
+    from vlm.checkpoint import load_checkpoint
+    from vlm.generation import GenerationConfig, generate
+
+    from serve.engine import BatchEngine, GenRequest
+
+    ck = load_checkpoint(checkpoints["vlm"])
+    m, tok = ck.model, ck.tokenizer
+    prompts = [[2, 60, 61, 62, 63, 3, 2, 70], [2, 40, 41, 3, 2, 50], [2, 80, 81, 82, 3, 2]]
+    news = [40, 3, 4]
+    want = [generate(m, input_ids=[p], tokenizer=tok, config=GenerationConfig(max_new_tokens=n))[0]
+            for p, n in zip(prompts, news)]
+    assert want[0].num_generated_tokens == 40  # the long one runs its whole length alone
+    sizes: list[int] = []
+    finished: list[int] = []
+    engine = BatchEngine(m, tok, max_batch_size=8, batch_wait_timeout_s=0.0, on_batch=sizes.append)
+
+    async def one(i: int, started: asyncio.Event | None = None) -> dict:
+        last: dict = {}
+        async for events in engine.stream(GenRequest(input_ids=prompts[i], max_new_tokens=news[i])):
+            if started is not None:
+                started.set()
+            last = events[-1]
+        finished.append(i)
+        return last
+
+    async def run() -> list[dict]:
+        started = asyncio.Event()
+        long = asyncio.create_task(one(0, started))
+        await started.wait()  # the long request is decoding
+        rest = await asyncio.gather(one(1), one(2))
+        return [await long, *rest]
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.close()
+    assert sizes[0] == 1 and sum(sizes) == 3, sizes  # prefilled as they came: the long one alone first
+    assert finished[-1] == 0, finished  # the others joined its batch and finished before it
+    for out, w in zip(outs, want):
+        assert (out["text"], out["completion_tokens"], out["finish_reason"]) == (w.text, w.num_generated_tokens,
+                                                                                  w.finish_reason)

@@ -4,58 +4,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tinymodels
 import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from vlm.config import load_config
 from vlm.export import export_llava_hf
 from vlm.generation import GenerationConfig, generate, left_pad
 from vlm.image import preprocess
 from vlm.llava import VisionLanguageModel
-from vlm.tokenizer import IMAGE, train_bpe_tokenizer
 
-SMALL = [
-    "model.vision.image_size=32",
-    "model.vision.patch_size=8",
-    "model.vision.hidden_size=32",
-    "model.vision.intermediate_size=64",
-    "model.vision.num_layers=2",
-    "model.vision.num_heads=2",
-    "model.decoder.hidden_size=64",
-    "model.decoder.intermediate_size=128",
-    "model.decoder.num_layers=2",
-    "model.decoder.num_heads=4",
-    "model.decoder.num_kv_heads=2",
-]
-CORPUS = ["a red square above a blue circle.", "the green triangle is left of the cat.", "how many shapes?"] * 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and other jobs may share the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+    return tinymodels.tokenizer()
 
 
 def _model(tokenizer, *overrides: str, seed: int = 0) -> VisionLanguageModel:
-    cfg = load_config(preset="tiny", overrides=SMALL + list(overrides))
-    torch.manual_seed(seed)
-    m = VisionLanguageModel(
-        cfg.model,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-    )
-    return m.eval()
+    return tinymodels.vlm_model(tokenizer, *overrides, seed=seed)
 
 
 def _batch(model: VisionLanguageModel) -> tuple[list[list[int]], torch.Tensor, list[torch.Tensor | None]]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import tinymodels
 import torch
 
-from vlm.config import load_config
 from vlm.generation import (
     GenerationConfig,
+    Prompts,
+    RowState,
     decode_step,
+    decode_tokens,
     generate,
     left_pad,
     positions_from_mask,
@@ -16,50 +19,18 @@ from vlm.generation import (
     sample_next,
 )
 from vlm.llava import VisionLanguageModel
-from vlm.tokenizer import IMAGE, train_bpe_tokenizer
 
-SMALL = [
-    "model.vision.image_size=32",
-    "model.vision.patch_size=8",
-    "model.vision.hidden_size=32",
-    "model.vision.intermediate_size=64",
-    "model.vision.num_layers=2",
-    "model.vision.num_heads=2",
-    "model.decoder.hidden_size=64",
-    "model.decoder.intermediate_size=128",
-    "model.decoder.num_layers=2",
-    "model.decoder.num_heads=4",
-    "model.decoder.num_kv_heads=2",
-]
-CORPUS = ["a red square above a blue circle.", "the green triangle is left of the cat.", "how many shapes?"] * 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and other jobs may share the CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_bpe_tokenizer(CORPUS, vocab_size=300)
+    return tinymodels.tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> VisionLanguageModel:
-    cfg = load_config(preset="tiny", overrides=SMALL)
-    torch.manual_seed(0)
-    m = VisionLanguageModel(
-        cfg.model,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-    )
-    return m.eval()
+    return tinymodels.vlm_model(tokenizer)
 
 
 def _prompts(model: VisionLanguageModel) -> tuple[list[list[int]], list[torch.Tensor | None]]:
@@ -117,6 +88,51 @@ def test_batched_greedy_equals_unbatched(model, tokenizer):
         assert got.text == alone.text
         assert got.finish_reason == "length"
         assert got.num_generated_tokens == 12 and got.num_prompt_tokens == len(p)
+
+
+def test_decode_tokens_drops_cancelled_rows_and_others_go_on(model, tokenizer):
+    """The step-wise generator: a row cancelled after two steps gets no more tokens, the others
+    decode exactly as in ``generate`` (its KV-cache rows are dropped, not mixed up)."""
+    prompts, images = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=[])
+    want = generate(model, input_ids=prompts, images=images, tokenizer=tokenizer, config=cfg)
+    rows = [RowState.for_prompt(model, tokenizer, p, cfg) for p in prompts]
+    pixels = torch.cat([im for im in images if im is not None])
+    sizes = []
+    for n, step in enumerate(decode_tokens(model, Prompts(rows, prompts, pixel_values=pixels))):
+        sizes.append(len(step))
+        for row, token in step:
+            row.push(token, tokenizer)
+        if n == 1:
+            rows[1].cancelled = True
+    assert sizes == [3, 3] + [2] * 6
+    assert rows[1].ids == want[1].token_ids[:2]
+    assert [rows[0].ids, rows[2].ids] == [want[0].token_ids, want[2].token_ids]
+
+
+def test_rows_joining_a_running_batch_decode_as_alone(model, tokenizer):
+    """Continuous batching: prompts that join at later step boundaries (their KV caches merged
+    into the running one, the shorter left-padded) get exactly the tokens they get alone, and so
+    do the rows already running. Row 2 (short) joins a longer cache; row 1 (longest) a shorter one."""
+    prompts, images = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=8, stop_token_ids=[])
+    want = [generate(model, input_ids=[p], images=[im], tokenizer=tokenizer, config=cfg)[0]
+            for p, im in zip(prompts, images)]
+    rows = [RowState.for_prompt(model, tokenizer, p, cfg) for p in prompts]
+    joins = {2: 2, 5: 1}  # after this many steps -> the prompt that joins
+    sizes: list[int] = []
+
+    def join(live: int) -> Prompts | None:
+        assert live == sum(1 for r in rows if r.ids and not r.done)  # the rows still running
+        i = joins.get(len(sizes))
+        return None if i is None else Prompts([rows[i]], [prompts[i]], pixel_values=images[i])
+
+    for step in decode_tokens(model, Prompts([rows[0]], [prompts[0]], pixel_values=images[0]), join=join):
+        sizes.append(len(step))
+        for row, token in step:
+            row.push(token, tokenizer)
+    assert sizes == [1, 1, 2, 2, 2, 3, 3, 3, 2, 2, 1, 1, 1]
+    assert [r.ids for r in rows] == [w.token_ids for w in want]
 
 
 def test_precomputed_image_features_equal_pixels(model, tokenizer):
