@@ -51,8 +51,17 @@ img2dataset.download(url_list=url_list, input_format="parquet", url_col="url", c
 """
 
 
-def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> int:
-    """RSS of the tree now; records each process's CPU seconds so far in ``cpu``."""
+def _process_name(p: psutil.Process) -> str:
+    """A short name for the CPU table: Ray's process title, else the program and its module."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split("(")[0]
+    args = [a for a in cmd[1:] if not a.startswith("-")][:1]
+    return " ".join([Path(cmd[0]).name if cmd else p.name(), *(Path(a).name for a in args)])[:40]
+
+
+def _tree_sample(proc: psutil.Process, cpu: dict[int, float], names: dict[int, str]) -> int:
+    """RSS of the tree now; records each process's CPU seconds so far in ``cpu`` (and its name)."""
     total = 0
     try:
         procs = [proc] + proc.children(recursive=True)
@@ -64,6 +73,8 @@ def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> int:
                 total += p.memory_info().rss
                 t = p.cpu_times()
                 cpu[p.pid] = t.user + t.system
+                if p.pid not in names:
+                    names[p.pid] = _process_name(p)
         except psutil.Error:
             pass
     return total
@@ -71,15 +82,16 @@ def _tree_sample(proc: psutil.Process, cpu: dict[int, float]) -> int:
 
 def run_measured(cmd: list[str], *, env: dict | None = None, server: psutil.Process | None = None) -> dict:
     """Run ``cmd``; wall seconds, the peak RSS and CPU seconds of its process tree (polled every
-    50 ms; a process that lives < 50 ms is missed), and the server's CPU seconds meanwhile."""
+    50 ms; a process that lives < 50 ms is missed), the CPU seconds by process name, and the
+    server's CPU seconds meanwhile."""
     server_cpu0 = sum(server.cpu_times()[:2]) if server else 0.0
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps, peak, stop, cpu = psutil.Process(proc.pid), [0], threading.Event(), {}
+    ps, peak, stop, cpu, names = psutil.Process(proc.pid), [0], threading.Event(), {}, {}
 
     def poll() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_sample(ps, cpu))
+            peak[0] = max(peak[0], _tree_sample(ps, cpu, names))
             time.sleep(0.05)
 
     t = threading.Thread(target=poll, daemon=True)
@@ -91,7 +103,12 @@ def run_measured(cmd: list[str], *, env: dict | None = None, server: psutil.Proc
     if proc.returncode != 0:
         raise RuntimeError(f"expected {cmd[:4]}... to exit 0, got {proc.returncode}:\n{out[-3000:]}")
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu0 if server else 0.0
-    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "cpu_s": sum(cpu.values()), "server_cpu_s": server_cpu, "log": out}
+    by_name: dict[str, float] = {}
+    for pid, seconds in cpu.items():
+        by_name[names.get(pid, "?")] = by_name.get(names.get(pid, "?"), 0.0) + seconds
+    top = dict(sorted(((k, round(v, 1)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8])
+    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "cpu_s": sum(cpu.values()), "server_cpu_s": server_cpu,
+            "cpu_by_process": top, "log": out}
 
 
 def count_successes(out_dir: Path) -> int:
@@ -214,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"peak RSS {max(r['peak_rss_mb'] for r in rs):6.0f} MB  CPU {median(tool, 'cpu_s'):5.1f} s "
                      f"(+ server {median(tool, 'server_cpu_s'):4.1f} s) = {args.num / cpu:5.1f} samples per CPU-second  "
                      f"PSNR vs reference {rs[0]['psnr_db']:.2f} dB ({rs[0]['psnr_n']} images)")
+    for tool in tools:
+        lines.append(f"{tool} CPU seconds by process (first run): {runs[tool][0]['cpu_by_process']}")
     if "ours" in runs:
         lines.append(f"ours after Ray is up: {median('ours', 'pipeline_s'):.1f} s, "
                      f"{args.num / median('ours', 'pipeline_s'):.1f} samples/s (Ray start {median('ours', 'ray_start_s'):.1f} s)")

