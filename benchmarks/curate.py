@@ -73,8 +73,8 @@ def _tree_sample(proc: psutil.Process, cpu: dict[int, float], names: dict[int, s
                 total += p.memory_info().rss
                 t = p.cpu_times()
                 cpu[p.pid] = t.user + t.system
-                if p.pid not in names:
-                    names[p.pid] = _process_name(p)
+                if names.get(p.pid, "python default_worker.py") == "python default_worker.py":
+                    names[p.pid] = _process_name(p)  # a Ray worker takes its ray::NAME title once it runs
         except psutil.Error:
             pass
     return total
@@ -103,10 +103,10 @@ def run_measured(cmd: list[str], *, env: dict | None = None, server: psutil.Proc
     if proc.returncode != 0:
         raise RuntimeError(f"expected {cmd[:4]}... to exit 0, got {proc.returncode}:\n{out[-3000:]}")
     server_cpu = sum(server.cpu_times()[:2]) - server_cpu0 if server else 0.0
-    by_name: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
     for pid, seconds in cpu.items():
-        by_name[names.get(pid, "?")] = by_name.get(names.get(pid, "?"), 0.0) + seconds
-    top = dict(sorted(((k, round(v, 1)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8])
+        by_name.setdefault(names.get(pid, "?"), []).append(seconds)
+    top = dict(sorted(((f"{k} x{len(v)}", round(sum(v), 1)) for k, v in by_name.items()), key=lambda kv: -kv[1])[:8])
     return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "cpu_s": sum(cpu.values()), "server_cpu_s": server_cpu,
             "cpu_by_process": top, "log": out}
 
@@ -120,28 +120,31 @@ def count_successes(out_dir: Path) -> int:
     )
 
 
-def output_psnr(out_dir: Path, world: Path, *, limit: int = 100) -> tuple[float, int]:
-    """Mean PSNR (dB) of up to ``limit`` output images against the reference: the source image
-    (found by the sample's URL in KEY.json) decoded in full and Lanczos-resized to the output's size."""
+def output_psnr(out_dir: Path, world: Path, *, every: int = 100) -> tuple[float, int]:
+    """Mean PSNR (dB) of the output images of every ``every``-th source image (the same images
+    for both tools, wherever they landed) against the reference: the source decoded in full
+    and Lanczos-resized to the output's size. Returns (mean dB, images compared)."""
     import io
     import tarfile
 
     import numpy as np
     from PIL import Image
 
+    wanted = {p.name for p in sorted((world / "images").glob("*.jpg"))[::every]}
     values = []
     for tar_path in sorted(out_dir.glob("[0-9]*.tar")):
         with tarfile.open(tar_path) as tar:
             members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".jpg")):
-                meta = json.loads(tar.extractfile(members[name[:-4] + ".json"]).read())
-                out = Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")
-                src = Image.open(world / "images" / meta["url"].rsplit("/", 1)[1]).convert("RGB")
+            for name in (n for n in members if n.endswith(".json")):
+                source = json.loads(tar.extractfile(members[name]).read())["url"].rsplit("/", 1)[1]
+                image = members.get(name[:-5] + ".jpg")
+                if source not in wanted or image is None:
+                    continue
+                out = Image.open(io.BytesIO(tar.extractfile(image).read())).convert("RGB")
+                src = Image.open(world / "images" / source).convert("RGB")
                 ref = np.asarray(src.resize(out.size, Image.Resampling.LANCZOS), dtype=np.float64)
                 mse = np.mean((np.asarray(out, dtype=np.float64) - ref) ** 2)
                 values.append(10 * np.log10(255**2 / max(mse, 1e-10)))
-                if len(values) >= limit:
-                    return float(np.mean(values)), len(values)
     return (float(np.mean(values)) if values else float("nan")), len(values)
 
 

@@ -26,10 +26,12 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipelines.config import CurateConfig
 from pipelines.download import FetchResult, fetch_many
-from pipelines.imaging import Rejected, check_caption, check_image, decode, encode, phash, resize, sha256
+from pipelines.imaging import Rejected, check_caption, check_image, decode, encode, open_checked, phash, resize, sha256
+from pipelines.transcode import transcode_jpeg
 from pipelines.inputs import read_shard_rows
 
 STATUSES = ("success", "failed_to_download", "failed_to_decode", "filtered", "duplicate")
@@ -64,15 +66,23 @@ def process_image(data: bytes, *, config: CurateConfig) -> dict[str, Any]:
     """
     out: dict[str, Any] = {"sha256": sha256(data) if config.dedup.exact else None}
     try:
-        decoded = decode(data, max_pixels=config.image.max_image_pixels)
+        head = open_checked(data, max_pixels=config.image.max_image_pixels)
     except Rejected as e:
         return {**out, "status": "failed_to_decode", "error_message": e.reason}
-    out.update(original_width=decoded.original_width, original_height=decoded.original_height)
+    out.update(original_width=head.size[0], original_height=head.size[1])
     try:
-        check_image(decoded.original_width, decoded.original_height, config=config.filter)
+        check_image(*head.size, config=config.filter)
     except Rejected as e:
         return {**out, "status": "filtered", "error_message": e.reason}
-    img = resize(decoded.image, config=config.image)
+    fast = transcode_jpeg(data, head=head, config=config.image)
+    if fast is not None:
+        return {**out, "status": "success", "error_message": None, "width": fast.width, "height": fast.height,
+                "phash": phash(Image.fromarray(fast.grey)) if config.dedup.near else None, "image": fast.data}
+    try:
+        decoded = decode(data, max_pixels=config.image.max_image_pixels, resize_for=config.image)
+    except Rejected as e:
+        return {**out, "status": "failed_to_decode", "error_message": e.reason}
+    img = resize(decoded.image, config=config.image, source_size=(decoded.original_width, decoded.original_height))
     same = (
         config.image.resize_mode == "no" and not decoded.transposed and decoded.source_format == config.image.encode_format
     )

@@ -101,6 +101,64 @@ def test_resize_only_if_bigger_and_border_padding():
     assert bordered.size == (128, 128) and px[0, 64].tolist() == [255, 255, 255] and px[64, 64].tolist() == [0, 0, 0]
 
 
+def _detailed(w: int, h: int) -> Image.Image:
+    """A smooth scene with fine detail (rings, a grid and noise), where a poor filter shows."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = np.hypot(xx - w / 2, yy - h / 2)
+    rings = 127 + 100 * np.sin(r / 3.0)
+    grid = 60 * (((xx // 7) + (yy // 5)) % 2)
+    noise = np.random.default_rng(0).normal(0, 12, (h, w))
+    base = np.stack([rings, rings * 0.5 + grid, 255 - rings + noise], -1)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(10 * np.log10(255**2 / np.mean(diff**2)))
+
+
+def test_area_downscale_is_as_close_to_lanczos_as_an_area_resample():
+    import cv2
+
+    src = _detailed(640, 480)
+    ref = src.resize((341, 256), Image.Resampling.LANCZOS)
+    ours = resize(src, config=ImageConfig(image_size=256, resize_mode="keep_ratio"))
+    area = Image.fromarray(cv2.resize(np.asarray(src), (341, 256), interpolation=cv2.INTER_AREA))
+    assert ours.size == (341, 256)
+    assert _psnr(ours, ref) > _psnr(area, ref) - 0.5  # what img2dataset's INTER_AREA gives, or better
+    # a 4x+ downscale halves first: the same closeness
+    big = _detailed(1600, 1200)
+    ours_big = resize(big, config=ImageConfig(image_size=128, resize_mode="keep_ratio"))
+    area_big = Image.fromarray(cv2.resize(np.asarray(big), (171, 128), interpolation=cv2.INTER_AREA))
+    ref_big = big.resize((171, 128), Image.Resampling.LANCZOS)
+    assert ours_big.size == (171, 128) and _psnr(ours_big, ref_big) > _psnr(area_big, ref_big) - 0.5
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_decode_drafts_a_large_jpeg_and_resize_gives_the_same_image(orientation):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    _detailed(1600, 1200).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    cfg = ImageConfig(image_size=128, resize_mode="keep_ratio")
+    full = decode(buf.getvalue(), max_pixels=10**8)
+    drafted = decode(buf.getvalue(), max_pixels=10**8, resize_for=cfg)
+    want = (1200, 1600) if orientation == 6 else (1600, 1200)
+    assert (full.original_width, full.original_height) == (drafted.original_width, drafted.original_height) == want
+    assert full.image.size == want
+    assert drafted.image.size == (want[0] // 2, want[1] // 2)  # DCT-domain 1/2: still >= 4x the target
+    a = resize(full.image, config=cfg)
+    b = resize(drafted.image, config=cfg, source_size=(drafted.original_width, drafted.original_height))
+    assert a.size == b.size == ((128, 171) if orientation == 6 else (171, 128))
+    ref = full.image.resize(a.size, Image.Resampling.LANCZOS)
+    assert _psnr(b, ref) > _psnr(a, ref) - 0.5  # as close to the full decode's reference
+    # no draft when the target is less than 8x smaller, nor for a filter other than area
+    assert decode(buf.getvalue(), max_pixels=10**8, resize_for=ImageConfig(image_size=200)).image.size == want
+    lanczos = ImageConfig(image_size=128, downscale_filter="lanczos")
+    assert decode(buf.getvalue(), max_pixels=10**8, resize_for=lanczos).image.size == want
+
+
 @pytest.mark.parametrize("fmt, pil", [("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
 def test_encode_formats(fmt, pil):
     data = encode(Image.new("RGB", (32, 16), (1, 2, 3)), config=ImageConfig(encode_format=fmt, encode_quality=90))
