@@ -253,7 +253,8 @@ class PreloadedServer:
         self.bytes = sum(len(b) for b in self.files.values())
 
     def run(self, on_ready=None) -> None:
-        """Serve until the process ends; ``on_ready(url)`` is called once the port is bound."""
+        """Serve until ``stop()`` (or the process ends); ``on_ready(url)`` is called once the
+        port is bound."""
         try:
             import uvloop
 
@@ -265,9 +266,19 @@ class PreloadedServer:
             loop.create_server(lambda: _StaticProtocol(self.files), "127.0.0.1", self.port, backlog=1024)
         )
         self.port = server.sockets[0].getsockname()[1]
+        self.loop = loop
         if on_ready is not None:
             on_ready(f"http://127.0.0.1:{self.port}")
-        loop.run_forever()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
+
+    def stop(self) -> None:
+        """Stop a ``run()`` going on in another thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 def main(argv: list[str] | None = None) -> int:
