@@ -50,6 +50,10 @@ class _ActorDedup:
 def _run_shards(batch: dict, *, config: CurateConfig, output_dir: str, dedup, fail_shards: tuple[int, ...]) -> dict:
     import numpy as np
 
+    from pipelines.imaging import keep_freed_image_memory
+
+    keep_freed_image_memory()  # this process is a Ray worker of the graph (see its doc)
+
     out: dict[str, list] = {"shard": [], "stats": []}
     for spec_json in batch["spec"]:
         spec = json.loads(spec_json)

@@ -152,14 +152,17 @@ def target_size(width: int, height: int, *, config: ImageConfig) -> tuple[int, i
 _CV2 = None
 
 
-def _keep_freed_image_memory() -> None:
+def keep_freed_image_memory() -> None:
     """Let glibc's malloc reuse freed image-sized blocks instead of handing them back to the OS.
 
-    By default a freed block between 128 KB and 32 MB is unmapped (or trimmed off the heap), so
-    every ~1 MB image array comes back as fresh pages that the kernel zeroes on first touch:
-    measured at 0.7-1.3 ms a 640x480 sample, as much as decoding it. Pillow keeps its own block
-    cache; numpy and OpenCV arrays do not. This raises both thresholds for the process (a Ray
-    worker of this pipeline); elsewhere than glibc it does nothing.
+    By default a freed block of ~1 MB is soon unmapped or trimmed off the heap, so every image
+    array comes back as fresh pages that the kernel zeroes on first touch: measured at 0.7-1.3
+    ms a 640x480 sample on the OpenCV path, as much as decoding it. Pillow keeps its own block
+    cache; numpy and OpenCV arrays do not. This raises both thresholds for the whole process,
+    so only the Ray workers of the curation graph call it (``pipelines/graph.py``): recycled
+    blocks are not zeroed, and a library elsewhere in a process that (wrongly) relies on fresh
+    memory can change its output (PyAV's MP4 encoding of the generated world does). Elsewhere
+    than glibc it does nothing.
     """
     try:
         import ctypes
@@ -177,7 +180,6 @@ def _cv2():
         import cv2
 
         cv2.setNumThreads(1)  # one image per thread: the pipeline parallelises across images
-        _keep_freed_image_memory()
         _CV2 = cv2
     return _CV2
 
