@@ -103,15 +103,19 @@ class FilterConfig:
 @dataclass
 class DedupConfig:
     """Dedup across the whole run (and across resumes): exact (sha256 of the downloaded bytes)
-    and near-duplicate (64-bit perceptual hash within ``phash_distance`` bits)."""
+    and near-duplicate: 64-bit perceptual hash within ``phash_distance`` bits AND a 4x4 colour
+    layout within ``colour_distance`` (the pHash alone is colour-blind)."""
 
     exact: bool = True
     near: bool = True
     phash_distance: int = 4  # Hamming distance; <= 7 keeps the 8-band index exact
+    colour_distance: int = 8  # largest difference of any cell's mean R, G or B, 0-255 units
 
     def __post_init__(self) -> None:
         if not 0 <= self.phash_distance <= 7:
             raise ConfigError(f"dedup.phash_distance: expected 0-7, got {self.phash_distance}")
+        if not 0 <= self.colour_distance <= 255:
+            raise ConfigError(f"dedup.colour_distance: expected 0-255, got {self.colour_distance}")
 
 
 @dataclass

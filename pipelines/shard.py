@@ -30,7 +30,9 @@ from PIL import Image
 
 from pipelines.config import CurateConfig
 from pipelines.download import FetchResult, fetch_many
-from pipelines.imaging import Rejected, check_caption, check_image, decode, encode, open_checked, phash, resize, sha256
+from pipelines.imaging import (
+    Rejected, check_caption, check_image, colour_signature, decode, encode, open_checked, phash, resize, sha256,
+)  # fmt: skip
 from pipelines.transcode import transcode_jpeg
 from pipelines.inputs import read_shard_rows
 
@@ -38,7 +40,9 @@ STATUSES = ("success", "failed_to_download", "failed_to_decode", "filtered", "du
 
 
 class Dedup(Protocol):
-    def claim(self, keys: list[str], sha256s: list[str | None], phashes: list[int | None]) -> list[str | None]: ...
+    def claim(
+        self, keys: list[str], sha256s: list[str | None], phashes: list[int | None], colour_sigs: list[str | None]
+    ) -> list[str | None]: ...
 
 
 def shard_name(shard: int) -> str:
@@ -57,8 +61,8 @@ def sample_key(shard: int, index: int, *, shard_size: int) -> str:
 def process_image(data: bytes, *, config: CurateConfig) -> dict[str, Any]:
     """Decode, validate, filter by size, resize and encode one downloaded body.
 
-    Returns the sample's fields: ``status``, ``error_message``, sizes, ``sha256``, ``phash``
-    and, on success, ``image`` (the encoded bytes).
+    Returns the sample's fields: ``status``, ``error_message``, sizes, ``sha256``, ``phash``,
+    ``colour_sig`` and, on success, ``image`` (the encoded bytes).
 
     Args:
         data: the body.
@@ -77,7 +81,8 @@ def process_image(data: bytes, *, config: CurateConfig) -> dict[str, Any]:
     fast = transcode_jpeg(data, head=head, config=config.image)
     if fast is not None:
         return {**out, "status": "success", "error_message": None, "width": fast.width, "height": fast.height,
-                "phash": phash(Image.fromarray(fast.grey)) if config.dedup.near else None, "image": fast.data}
+                "phash": phash(Image.fromarray(fast.grey)) if config.dedup.near else None,
+                "colour_sig": fast.colour_sig if config.dedup.near else None, "image": fast.data}
     try:
         decoded = decode(data, max_pixels=config.image.max_image_pixels, resize_for=config.image)
     except Rejected as e:
@@ -94,6 +99,7 @@ def process_image(data: bytes, *, config: CurateConfig) -> dict[str, Any]:
         "width": img.size[0],
         "height": img.size[1],
         "phash": phash(img) if config.dedup.near else None,
+        "colour_sig": colour_signature(img) if config.dedup.near else None,
         "image": image_bytes,
     }
 
@@ -212,8 +218,12 @@ def process_shard(
 
     ok = [i for i in range(n) if results[i].get("status") == "success"]
     if ok and (config.dedup.exact or config.dedup.near):
-        index = dedup if dedup is not None else DedupIndex(exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance)
-        reasons = index.claim([keys[i] for i in ok], [results[i].get("sha256") for i in ok], [results[i].get("phash") for i in ok])
+        index = dedup if dedup is not None else DedupIndex(
+            exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance,
+            colour_distance=config.dedup.colour_distance,
+        )
+        reasons = index.claim([keys[i] for i in ok], [results[i].get("sha256") for i in ok],
+                              [results[i].get("phash") for i in ok], [results[i].get("colour_sig") for i in ok])
         for i, reason in zip(ok, reasons):
             if reason is not None:
                 kind, owner = reason.split(":", 1)
@@ -281,6 +291,7 @@ def process_shard(
             "original_height": r.get("original_height"),
             "sha256": r.get("sha256"),
             "phash": r.get("phash"),
+            "colour_sig": r.get("colour_sig"),
             "duplicate_of": r.get("duplicate_of"),
             "clip_score": r.get("clip_score"),
             "num_tokens": r.get("num_tokens"),

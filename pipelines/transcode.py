@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.config import ImageConfig
-from pipelines.imaging import Header, _cv2, area_downscale_array, target_size
+from pipelines.imaging import Header, _cv2, area_downscale_array, colour_signature_bgr, target_size
 
 # EXIF orientation -> how to turn the stored pixels upright (what PIL.ImageOps.exif_transpose does)
 _ORIENT = {
@@ -37,6 +37,7 @@ _ORIENT = {
 class Transcoded:
     data: bytes  # the encoded JPEG
     grey: np.ndarray  # (h, w) uint8 of the output, for the perceptual hash
+    colour_sig: str  # imaging.colour_signature of the output
     width: int
     height: int
     original_width: int  # after EXIF orientation
@@ -93,4 +94,4 @@ def transcode_jpeg(data: bytes, *, head: Header, config: ImageConfig) -> Transco
     if not ok:
         return None
     grey = cv2.cvtColor(a, cv2.COLOR_BGR2GRAY)  # (h, w)
-    return Transcoded(encoded.tobytes(), grey, a.shape[1], a.shape[0], ow, oh)
+    return Transcoded(encoded.tobytes(), grey, colour_signature_bgr(a), a.shape[1], a.shape[0], ow, oh)

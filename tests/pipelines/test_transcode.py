@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.config import ImageConfig, load_curate_config
-from pipelines.imaging import decode, encode, open_checked, resize
+from pipelines.imaging import colour_distance, colour_signature, decode, encode, open_checked, resize
 from pipelines.shard import process_image
 from pipelines.transcode import transcode_jpeg
 
@@ -32,10 +32,13 @@ def _jpeg(img: Image.Image, *, orientation: int | None = None, quality: int = 92
     return buf.getvalue()
 
 
-def _pillow_path(data: bytes, cfg: ImageConfig) -> Image.Image:
+def _pillow_resized(data: bytes, cfg: ImageConfig) -> Image.Image:
     d = decode(data, max_pixels=10**8, resize_for=cfg)
-    out = resize(d.image, config=cfg, source_size=(d.original_width, d.original_height))
-    return Image.open(io.BytesIO(encode(out, config=cfg))).convert("RGB")
+    return resize(d.image, config=cfg, source_size=(d.original_width, d.original_height))
+
+
+def _pillow_path(data: bytes, cfg: ImageConfig) -> Image.Image:
+    return Image.open(io.BytesIO(encode(_pillow_resized(data, cfg), config=cfg))).convert("RGB")
 
 
 def _psnr(a: Image.Image, b: Image.Image) -> float:
@@ -56,6 +59,7 @@ def test_fast_path_matches_the_pillow_path_in_every_orientation(orientation):
     assert (fast.original_width, fast.original_height) == ((200, 320) if turned else (320, 200))
     assert _psnr(got, slow) > 35  # a wrong orientation would be < 15
     assert fast.grey.shape == (fast.height, fast.width)
+    assert colour_distance(fast.colour_sig, colour_signature(_pillow_resized(data, cfg))) <= 3  # the same colour layout, upright
 
 
 @pytest.mark.parametrize("mode", ["keep_ratio", "keep_ratio_largest", "center_crop", "border"])
@@ -68,6 +72,7 @@ def test_fast_path_matches_the_pillow_path_in_every_resize_mode(mode, source):
     got = Image.open(io.BytesIO(fast.data)).convert("RGB")
     assert got.size == slow.size
     assert _psnr(got, slow) > 33
+    assert colour_distance(fast.colour_sig, colour_signature(_pillow_resized(data, cfg))) <= 3
 
 
 def test_fast_path_declines_what_it_does_not_do():
