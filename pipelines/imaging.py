@@ -312,18 +312,29 @@ def colour_signature(img: Image.Image) -> str:
     0-255, as 96 hex characters (48 bytes, cells in row order, channels R, G, B).
 
     pHash is luminance-only and coarse, so two different scenes on one texture can share it;
-    a near duplicate must also match here (``colour_distance``). A box resize to 4x4 is the
-    exact mean of each cell; on the already-resized output image it costs ~0.02 ms.
+    a near duplicate must also match here (``dedup.colour_distance``). The cells are whole
+    ``w // 4`` x ``h // 4`` blocks (the last ``w % 4`` columns and ``h % 4`` rows are left
+    out), averaged by Pillow's ``reduce``: ~0.03 ms on a 256 px output image.
     """
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    cells = rgb.resize((SIG_GRID, SIG_GRID), Image.Resampling.BOX)
-    return cells.tobytes().hex()
+    w, h = rgb.size
+    cw, ch = w // SIG_GRID, h // SIG_GRID
+    if cw == 0 or ch == 0:  # under 4 px on a side: stretch it
+        return rgb.resize((SIG_GRID, SIG_GRID), Image.Resampling.BOX).tobytes().hex()
+    return rgb.reduce((cw, ch), box=(0, 0, SIG_GRID * cw, SIG_GRID * ch)).tobytes().hex()
 
 
 def colour_signature_bgr(a) -> str:
-    """``colour_signature`` of an (h, w, 3) uint8 BGR array (OpenCV's area resize = cell means)."""
+    """``colour_signature`` of an (h, w, 3) uint8 BGR array: the same cells, averaged by
+    OpenCV's area resize (its fast path, as each cell is a whole number of pixels)."""
     cv2 = _cv2()
-    cells = cv2.resize(a, (SIG_GRID, SIG_GRID), interpolation=cv2.INTER_AREA)  # (4, 4, 3) BGR
+    h, w = a.shape[:2]
+    cw, ch = w // SIG_GRID, h // SIG_GRID
+    if cw == 0 or ch == 0:
+        import numpy as np
+
+        return colour_signature(Image.fromarray(np.ascontiguousarray(a[:, :, ::-1])))
+    cells = cv2.resize(a[: SIG_GRID * ch, : SIG_GRID * cw], (SIG_GRID, SIG_GRID), interpolation=cv2.INTER_AREA)  # (4, 4, 3)
     return cells[:, :, ::-1].tobytes().hex()
 
 
