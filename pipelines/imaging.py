@@ -314,7 +314,7 @@ def colour_signature(img: Image.Image) -> str:
     pHash is luminance-only and coarse, so two different scenes on one texture can share it;
     a near duplicate must also match here (``dedup.colour_distance``). The cells are whole
     ``w // 4`` x ``h // 4`` blocks (the last ``w % 4`` columns and ``h % 4`` rows are left
-    out), averaged by Pillow's ``reduce``: ~0.03 ms on a 256 px output image.
+    out), averaged by Pillow's ``reduce``: ~0.05 ms on a 341x256 output image (pHash: ~0.17).
     """
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     w, h = rgb.size
