@@ -2,10 +2,12 @@
 
 score = cosine(image embedding, caption embedding); the model is loaded once per worker
 process. Images are preprocessed exactly as in training (``vlm.image.preprocess``).
+``top_fraction_mask`` is DataComp's other rule (keep the top 30% by score), for one shard.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -61,3 +63,26 @@ class ClipScorer:
                 zt = model.encode_text(enc["input_ids"], enc["attention_mask"])  # (B, E)
                 out.append((zi * zt).sum(-1).float().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def top_fraction_mask(scores: Sequence[float], keys: Sequence[str], *, fraction: float) -> list[bool]:
+    """Which samples are in the top ``fraction`` by score: ``ceil(fraction * n)`` of them.
+
+    Ties are broken by key (the earlier key wins), so the choice does not depend on the order
+    the samples arrive in and a rerun keeps the same ones.
+
+    Args:
+        scores: one CLIP score per sample.
+        keys: the samples' unique keys.
+        fraction: in (0, 1].
+    """
+    if len(scores) != len(keys):
+        raise ValueError(f"expected one key per score, got {len(scores)} scores and {len(keys)} keys")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"expected a fraction in (0, 1], got {fraction}")
+    keep = math.ceil(fraction * len(scores) - 1e-9)  # 0.3 * 10 is 3.0000000000000004
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), keys[i]))
+    mask = [False] * len(scores)
+    for i in order[:keep]:
+        mask[i] = True
+    return mask

@@ -103,28 +103,42 @@ class FilterConfig:
 @dataclass
 class DedupConfig:
     """Dedup across the whole run (and across resumes): exact (sha256 of the downloaded bytes)
-    and near-duplicate (64-bit perceptual hash within ``phash_distance`` bits)."""
+    and near-duplicate: 64-bit perceptual hash within ``phash_distance`` bits AND a 4x4 colour
+    layout within ``colour_distance`` (the pHash alone is colour-blind)."""
 
     exact: bool = True
     near: bool = True
     phash_distance: int = 4  # Hamming distance; <= 7 keeps the 8-band index exact
+    colour_distance: int = 8  # largest difference of any cell's mean R, G or B, 0-255 units
 
     def __post_init__(self) -> None:
         if not 0 <= self.phash_distance <= 7:
             raise ConfigError(f"dedup.phash_distance: expected 0-7, got {self.phash_distance}")
+        if not 0 <= self.colour_distance <= 255:
+            raise ConfigError(f"dedup.colour_distance: expected 0-255, got {self.colour_distance}")
 
 
 @dataclass
 class ClipFilterConfig:
-    """CLIP-score filter with a stage-1 checkpoint of ours (DataComp: score >= threshold)."""
+    """CLIP-score filter with a stage-1 checkpoint of ours, DataComp's two rules: a threshold
+    (score >= t) and a top fraction (DataComp keeps the top 30%: ``top_fraction=0.3``).
+
+    The top fraction is taken within each shard (the unit of work and of resume, so a rerun
+    decides the same): with shards of ~1,000 samples drawn from the pool in no particular order,
+    that is the global rule up to the sampling error of a quantile (about +-1.5 points at 30%).
+    With both set, the threshold drops first and the fraction is of what remains."""
 
     checkpoint: str | None = None  # a stage-1 checkpoint directory; None: no CLIP score
     threshold: float | None = None  # drop samples with cosine(image, caption) below this
+    top_fraction: float | None = None  # keep this fraction (0-1] of each shard's scored samples, highest first
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.threshold is not None and self.checkpoint is None:
-            raise ConfigError("clip.threshold: expected clip.checkpoint to be set too, got None")
+        for name in ("threshold", "top_fraction"):
+            if getattr(self, name) is not None and self.checkpoint is None:
+                raise ConfigError(f"clip.{name}: expected clip.checkpoint to be set too, got None")
+        if self.top_fraction is not None and not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(f"clip.top_fraction: expected a fraction in (0, 1], got {self.top_fraction}")
 
 
 @dataclass

@@ -1,10 +1,21 @@
 """Dedup across a whole run: exact (sha256 of the downloaded bytes) and near-duplicate
-(64-bit perceptual hash within a Hamming distance).
+(64-bit perceptual hash within a Hamming distance AND a colour signature within a tolerance).
+
+pHash alone is luminance-only and keeps just the signs of the 8x8 lowest DCT frequencies, so
+distinct images that share a layout or texture (one background pattern with small shapes of
+other colours, a product shot in several colourways) get hashes within a few bits. A near
+duplicate must therefore also agree in colour layout: ``imaging.colour_signature``, the mean
+RGB of a 4x4 grid, no cell-channel further apart than ``colour_distance`` (0-255 units).
+Re-encoding, recompression and resizing move those means by a few units; a different shape
+colour or background moves at least one of them by far more.
 
 ``DedupIndex`` is plain Python; the Ray wiring (``pipelines/graph.py``) hosts one in an actor
 that every shard task asks once per shard. Each hash remembers the sample key that claimed it
 first, so a retried shard task that asks again about its own samples is not told they are
 duplicates of themselves. On resume the index is rebuilt from the finished shards' parquet.
+A sample without a colour signature (a parquet written before it existed) is never a near
+duplicate, nor the original of one: exact dedup still applies to it, near dedup does not,
+because a colour-blind match is the false positive this module guards against.
 
 Near-duplicate lookup uses 8 bands of 8 bits: two hashes within 7 bits share at least one
 band exactly (pigeonhole), so candidates come from 8 dict lookups, not a scan.
@@ -26,47 +37,79 @@ def hamming(a: int, b: int) -> int:
     return ((a ^ b) & 0xFFFFFFFFFFFFFFFF).bit_count()
 
 
+def _sig(s: str | None) -> bytes | None:
+    return bytes.fromhex(s) if s else None
+
+
 class DedupIndex:
     """The seen-set of one run.
 
     Args:
         exact: dedup by sha256.
-        near: dedup by perceptual hash.
-        distance: the largest Hamming distance that counts as a near duplicate (0-7).
+        near: dedup by perceptual hash and colour signature.
+        distance: the largest pHash Hamming distance that counts as a near duplicate (0-7).
+        colour_distance: the largest colour-signature difference (any cell's mean R, G or B,
+            0-255 units) that counts as a near duplicate.
     """
 
-    def __init__(self, *, exact: bool = True, near: bool = True, distance: int = 4) -> None:
+    def __init__(self, *, exact: bool = True, near: bool = True, distance: int = 4, colour_distance: int = 8) -> None:
         if not 0 <= distance < _BANDS:
             raise ValueError(f"expected distance in [0, {_BANDS - 1}], got {distance}")
-        self.exact, self.near, self.distance = exact, near, distance
+        if not 0 <= colour_distance <= 255:
+            raise ValueError(f"expected colour_distance in [0, 255], got {colour_distance}")
+        self.exact, self.near, self.distance, self.colour_distance = exact, near, distance, colour_distance
         self._sha: dict[str, str] = {}
-        self._phash: dict[int, str] = {}
+        self._phash: dict[int, list[tuple[bytes | None, str]]] = {}  # pHash -> (colour signature, key) kept
         self._bands: dict[tuple[int, int], list[int]] = {}
+        self._near_count = 0
 
     def __len__(self) -> int:
-        return max(len(self._sha), len(self._phash))
+        return max(len(self._sha), self._near_count)
 
-    def _near_owner(self, h: int, key: str) -> str | None:
+    def _colour_close(self, a: bytes | None, b: bytes | None) -> bool:
+        if a is None or b is None:
+            return False  # unknown colour: never a near duplicate (see the module doc)
+        if len(a) != len(b):
+            raise ValueError(f"expected colour signatures of one length, got {len(a)} and {len(b)} bytes")
+        return max(abs(x - y) for x, y in zip(a, b)) <= self.colour_distance
+
+    def _near_owner(self, h: int, sig: bytes | None, key: str) -> str | None:
+        if sig is None:
+            return None
         seen: set[int] = set()
         for band in _bands(h):
             for other in self._bands.get(band, ()):
                 if other in seen:
                     continue
                 seen.add(other)
-                owner = self._phash[other]
-                if owner != key and hamming(h, other) <= self.distance:
-                    return owner
+                if hamming(h, other) > self.distance:
+                    continue
+                for other_sig, owner in self._phash[other]:
+                    if owner != key and self._colour_close(sig, other_sig):
+                        return owner
         return None
 
-    def _add(self, key: str, sha: str | None, ph: int | None) -> None:
+    def _add(self, key: str, sha: str | None, ph: int | None, sig: bytes | None) -> None:
         if sha is not None:
             self._sha.setdefault(sha, key)
-        if ph is not None and ph not in self._phash:
-            self._phash[ph] = key
+        if ph is None:
+            return
+        entries = self._phash.get(ph)
+        if entries is None:
+            entries = self._phash[ph] = []
             for band in _bands(ph):
                 self._bands.setdefault(band, []).append(ph)
+        if (sig, key) not in entries:  # a retried shard re-adds its own samples
+            entries.append((sig, key))
+            self._near_count += 1
 
-    def claim(self, keys: Sequence[str], sha256s: Sequence[str | None], phashes: Sequence[int | None]) -> list[str | None]:
+    def claim(
+        self,
+        keys: Sequence[str],
+        sha256s: Sequence[str | None],
+        phashes: Sequence[int | None],
+        colour_sigs: Sequence[str | None],
+    ) -> list[str | None]:
         """Check and record samples in order; per sample None (new: kept) or a reason naming
         the key that holds the original (``duplicate_of:KEY`` / ``near_duplicate_of:KEY``).
 
@@ -74,26 +117,37 @@ class DedupIndex:
             keys: unique sample keys.
             sha256s: hex digests (None skips the exact check for that sample).
             phashes: perceptual hashes as int64 (None skips the near check).
+            colour_sigs: ``imaging.colour_signature`` hex strings (None skips the near check).
         """
-        if not len(keys) == len(sha256s) == len(phashes):
-            raise ValueError(f"expected keys, sha256s, phashes of one length, got {len(keys)}, {len(sha256s)}, {len(phashes)}")
+        if not len(keys) == len(sha256s) == len(phashes) == len(colour_sigs):
+            raise ValueError(
+                "expected keys, sha256s, phashes, colour_sigs of one length, "
+                f"got {len(keys)}, {len(sha256s)}, {len(phashes)}, {len(colour_sigs)}"
+            )
         out: list[str | None] = []
-        for key, sha, ph in zip(keys, sha256s, phashes):
+        for key, sha, ph, cs in zip(keys, sha256s, phashes, colour_sigs):
+            sig = _sig(cs)
             reason = None
             if self.exact and sha is not None:
                 owner = self._sha.get(sha)
                 if owner is not None and owner != key:
                     reason = f"duplicate_of:{owner}"
             if reason is None and self.near and ph is not None:
-                owner = self._near_owner(int(ph), key)
+                owner = self._near_owner(int(ph), sig, key)
                 if owner is not None:
                     reason = f"near_duplicate_of:{owner}"
             if reason is None:
-                self._add(key, sha if self.exact else None, int(ph) if self.near and ph is not None else None)
+                self._add(key, sha if self.exact else None, int(ph) if self.near and ph is not None else None, sig)
             out.append(reason)
         return out
 
-    def add(self, keys: Sequence[str], sha256s: Sequence[str | None], phashes: Sequence[int | None]) -> None:
+    def add(
+        self,
+        keys: Sequence[str],
+        sha256s: Sequence[str | None],
+        phashes: Sequence[int | None],
+        colour_sigs: Sequence[str | None],
+    ) -> None:
         """Record kept samples without checking (rebuilding the index from finished shards)."""
-        for key, sha, ph in zip(keys, sha256s, phashes):
-            self._add(key, sha if self.exact else None, int(ph) if self.near and ph is not None else None)
+        for key, sha, ph, cs in zip(keys, sha256s, phashes, colour_sigs):
+            self._add(key, sha if self.exact else None, int(ph) if self.near and ph is not None else None, _sig(cs))

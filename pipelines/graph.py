@@ -41,14 +41,18 @@ class _ActorDedup:
     def __init__(self, handle) -> None:
         self.handle = handle
 
-    def claim(self, keys, sha256s, phashes):
+    def claim(self, keys, sha256s, phashes, colour_sigs):
         import ray
 
-        return ray.get(self.handle.claim.remote(keys, sha256s, phashes))
+        return ray.get(self.handle.claim.remote(keys, sha256s, phashes, colour_sigs))
 
 
 def _run_shards(batch: dict, *, config: CurateConfig, output_dir: str, dedup, fail_shards: tuple[int, ...]) -> dict:
     import numpy as np
+
+    from pipelines.imaging import keep_freed_image_memory
+
+    keep_freed_image_memory()  # this process is a Ray worker of the graph (see its doc)
 
     out: dict[str, list] = {"shard": [], "stats": []}
     for spec_json in batch["spec"]:
@@ -76,11 +80,13 @@ def _seed_dedup(actor, output_dir: Path, done: set[int]) -> int:
     total = 0
     for shard in sorted(done):
         path = output_dir / f"{shard_name(shard)}.parquet"
-        cols = [c for c in ("key", "status", "sha256", "phash") if c in pq.read_schema(path).names]
+        # a parquet written before colour signatures has no colour_sig: its samples stay out of near dedup
+        cols = [c for c in ("key", "status", "sha256", "phash", "colour_sig") if c in pq.read_schema(path).names]
         t = pq.read_table(path, columns=cols).to_pylist()
         kept = [r for r in t if r.get("status") == "success"]
         if kept:
-            ray.get(actor.add.remote([r["key"] for r in kept], [r.get("sha256") for r in kept], [r.get("phash") for r in kept]))
+            ray.get(actor.add.remote([r["key"] for r in kept], [r.get("sha256") for r in kept],
+                                     [r.get("phash") for r in kept], [r.get("colour_sig") for r in kept]))
             total += len(kept)
     return total
 
@@ -134,7 +140,8 @@ def curate(
         dedup = None
         if pending and (config.dedup.exact or config.dedup.near):
             dedup = ray.remote(num_cpus=0)(DedupActor).remote(
-                exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance
+                exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance,
+                colour_distance=config.dedup.colour_distance,
             )
             _seed_dedup(dedup, out, done)
         failed: list[int] = []

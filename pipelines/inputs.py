@@ -28,7 +28,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Columns the pipeline writes; an input column of the same name is kept as "input_<name>".
 RESERVED = (
     "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256",
-    "phash", "http_status", "clip_score", "input_ids", "num_tokens", "shard", "attempts",
+    "phash", "colour_sig", "http_status", "clip_score", "input_ids", "num_tokens", "shard", "attempts",
 )  # fmt: skip
 
 

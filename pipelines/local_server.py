@@ -18,10 +18,17 @@ Hostile endpoints (what a crawl meets on the web):
     /hostile/oversized      a body larger than the test's max_body_bytes
 
 Built on ``http.server.ThreadingHTTPServer`` (stdlib): it must run anywhere with no extra deps.
+
+``PreloadedServer`` is the benchmark's server: every file of a directory held in memory and
+answered from one asyncio event loop (uvloop when installed) with keep-alive, so that the
+server, which shares the cores with the crawler under test, costs little and the same for any
+client (``Connection: close`` and HTTP/1.0 are honoured: a client that opens a connection per
+request pays for its connections, not for the server's file reads).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -179,15 +186,108 @@ class LocalServer:
         self.httpd.server_close()
 
 
+class _StaticProtocol(asyncio.Protocol):
+    """HTTP/1.1 GET/HEAD of preloaded bodies; enough of the protocol for HTTP clients, no more."""
+
+    def __init__(self, files: dict[bytes, bytes]) -> None:
+        self.files, self.buffer, self.transport = files, b"", None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while self.transport is not None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > 65536:  # no header block that long is legitimate
+                    self._reply(b"431 Request Header Fields Too Large", b"", close=True, head=False)
+                return
+            head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+            lines = head.split(b"\r\n")
+            parts = lines[0].split(b" ")
+            if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+                self._reply(b"400 Bad Request", b"", close=True, head=False)
+                return
+            method, target, version = parts
+            connection = b""
+            for line in lines[1:]:
+                if line[:11].lower() == b"connection:":
+                    connection = line[11:].strip().lower()
+            close = connection == b"close" or (version == b"HTTP/1.0" and connection != b"keep-alive")
+            body = self.files.get(target.split(b"?", 1)[0])
+            if body is None:
+                self._reply(b"404 Not Found", b"not found", close=close, head=method == b"HEAD", ctype=b"text/plain")
+            else:
+                self._reply(b"200 OK", body, close=close, head=method == b"HEAD")
+
+    def _reply(self, status: bytes, body: bytes, *, close: bool, head: bool, ctype: bytes = b"image/jpeg") -> None:
+        self.transport.write(
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: " + str(len(body)).encode()
+            + (b"\r\nConnection: close\r\n\r\n" if close else b"\r\n\r\n") + (b"" if head else body)
+        )
+        if close:
+            self.transport.close()
+            self.transport = None
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+
+
+class PreloadedServer:
+    """Serve every file under ``root`` from memory on 127.0.0.1 (``/images/x.jpg`` -> bytes).
+
+    ``run()`` blocks in the calling thread (the benchmark runs it in a process of its own).
+
+    Args:
+        root: the directory to serve.
+        port: 0 picks a free port.
+        pattern: which files to load (a glob relative to ``root``).
+    """
+
+    def __init__(self, root: str | Path, *, port: int = 0, pattern: str = "**/*") -> None:
+        base = Path(root)
+        self.files = {("/" + p.relative_to(base).as_posix()).encode(): p.read_bytes()
+                      for p in sorted(base.glob(pattern)) if p.is_file()}
+        self.port = port
+        self.bytes = sum(len(b) for b in self.files.values())
+
+    def run(self, on_ready=None) -> None:
+        """Serve until ``stop()`` (or the process ends); ``on_ready(url)`` is called once the
+        port is bound."""
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(
+            loop.create_server(lambda: _StaticProtocol(self.files), "127.0.0.1", self.port, backlog=1024)
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        self.loop = loop
+        if on_ready is not None:
+            on_ready(f"http://127.0.0.1:{self.port}")
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
+
+    def stop(self) -> None:
+        """Stop a ``run()`` going on in another thread."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.local_server ROOT PORT``: serve a world until killed (benchmark)."""
+    """``python -m pipelines.local_server ROOT PORT``: serve ROOT's images from memory until killed
+    (the benchmark's server); prints the base URL once listening."""
     import sys
 
     root, port = (argv if argv is not None else sys.argv[1:])[:2]
-    sample = next(Path(root, "images").glob("*.jpg")).relative_to(root).as_posix()
-    server = LocalServer(root, sample_image=sample, port=int(port))
-    print(server.url, flush=True)
-    server.httpd.serve_forever()
+    PreloadedServer(root, port=int(port), pattern="images/*").run(on_ready=lambda url: print(url, flush=True))
     return 0
 
 

@@ -136,6 +136,34 @@ def video_codec() -> str:
     raise RuntimeError("expected PyAV to encode libx264 or mpeg4, got neither in this build")
 
 
+def _yuv420p_frame(image: Image.Image) -> av.VideoFrame:
+    """An RGB image as a yuv420p frame whose every byte we wrote (BT.601, chroma averaged 2x2).
+
+    Letting the encoder convert an rgb24 frame itself made the bitstream depend on what the
+    process's heap held before: some byte it reads was never written (the output changed when
+    other work had run first in the same process).
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16 + 0.257 * r + 0.504 * g + 0.098 * b  # (H, W), limited range as yuv420p expects
+    cb = 128 - 0.148 * r - 0.291 * g + 0.439 * b
+    cr = 128 + 0.439 * r - 0.368 * g - 0.071 * b
+    h, w = y.shape
+
+    def half(c: np.ndarray) -> np.ndarray:  # (H, W) -> (H/2, W/2)
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8) for p in (y, half(cb), half(cr))]
+    frame = av.VideoFrame(w, h, "yuv420p")
+    for plane, values in zip(frame.planes, planes):
+        rows = np.zeros((values.shape[0], plane.line_size), np.uint8)  # (rows, line_size): padding included
+        rows[:, : values.shape[1]] = values
+        buf = np.zeros(plane.buffer_size, np.uint8)
+        buf[: rows.size] = rows.ravel()
+        plane.update(buf)
+    return frame
+
+
 def encode_mp4(frames: Sequence[Image.Image], path: str | os.PathLike, *, codec: str, fps: int = VIDEO_FPS) -> None:
     """Write RGB frames (even width and height) to an MP4 file with PyAV.
 
@@ -158,7 +186,7 @@ def encode_mp4(frames: Sequence[Image.Image], path: str | os.PathLike, *, codec:
         else:
             stream.codec_context.bit_rate = max(200_000, width * height * fps * 2)
         for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(image)):
+            for packet in stream.encode(_yuv420p_frame(image)):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

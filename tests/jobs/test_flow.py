@@ -24,8 +24,14 @@ WORLD = [
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
+    import ray
+
     from jobs.flow import run_flow
 
+    # The flow starts (and stops) its own Ray, as `make demo` does; a Ray left by an earlier
+    # module of the same session (tests/serve's session-wide instance) would hold Serve's routes.
+    if ray.is_initialized():
+        ray.shutdown()
     out = tmp_path_factory.mktemp("flow")
     argv = ["--output", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--questions", "12",
             "--retrieval-pool", "10", *TINY, *WORLD, "stage1.batch_size=8", "stage2.batch_size=4",

@@ -77,6 +77,49 @@ def test_clip_score_matches_the_model_and_tokens_come_from_the_checkpoint(tmp_pa
     assert len(list(wds.WebDataset(str(tmp_path / "half" / "00000.tar"), shardshuffle=False))) == 3
 
 
+def test_clip_top_fraction_keeps_the_highest_scores(tmp_path, stage1, url_list):
+    path, rows = url_list
+    every = _run_one_shard(path, tmp_path / "all", [f"clip.checkpoint={stage1}"])
+    by_score = sorted(every, key=lambda r: -r["clip_score"])
+    top = _run_one_shard(path, tmp_path / "top", [f"clip.checkpoint={stage1}", "clip.top_fraction=0.5"])
+    assert {r["key"] for r in top if r["status"] == "success"} == {r["key"] for r in by_score[:3]}
+    assert {r["error_message"] for r in top if r["status"] != "success"} == {"clip_score_not_in_top_fraction"}
+    assert [r["clip_score"] for r in top] == pytest.approx([r["clip_score"] for r in every], abs=1e-6)
+    tar_keys = {s["__key__"] for s in wds.WebDataset(str(tmp_path / "top" / "00000.tar"), shardshuffle=False)}
+    assert tar_keys == {r["key"] for r in by_score[:3]}
+    # with a threshold too, the fraction is of what the threshold kept: 1 of the top 2 (ceil(0.5 * 2))
+    cut = (by_score[1]["clip_score"] + by_score[2]["clip_score"]) / 2
+    both = _run_one_shard(path, tmp_path / "both", [f"clip.checkpoint={stage1}", f"clip.threshold={cut}", "clip.top_fraction=0.5"])
+    status = {r["key"]: (r["status"], r["error_message"]) for r in both}
+    assert status[by_score[0]["key"]] == ("success", None)
+    assert status[by_score[1]["key"]] == ("filtered", "clip_score_not_in_top_fraction")
+    assert {status[r["key"]] for r in by_score[2:]} == {("filtered", "clip_score_below_threshold")}
+
+
+def test_top_fraction_mask_rounds_up_and_breaks_ties_by_key():
+    from pipelines.clip_score import top_fraction_mask
+
+    assert top_fraction_mask([0.1, 0.9, 0.5, 0.7], ["a", "b", "c", "d"], fraction=0.5) == [False, True, False, True]
+    assert top_fraction_mask([0.2] * 10, [f"k{i}" for i in range(10)], fraction=0.3) == [True] * 3 + [False] * 7
+    assert top_fraction_mask([0.3, 0.3, 0.1], ["z", "a", "m"], fraction=0.3) == [False, True, False]  # tie: key "a" wins
+    assert top_fraction_mask([0.3, 0.3, 0.1], ["z", "a", "m"], fraction=0.34) == [True, True, False]  # ceil(1.02)
+    assert sum(top_fraction_mask([0.5] * 7, list("abcdefg"), fraction=0.3)) == 3  # ceil(2.1)
+    assert top_fraction_mask([], [], fraction=0.3) == []
+    with pytest.raises(ValueError, match="fraction in"):
+        top_fraction_mask([1.0], ["a"], fraction=0.0)
+    with pytest.raises(ValueError, match="one key per score"):
+        top_fraction_mask([1.0], [], fraction=0.5)
+
+
+def test_clip_config_needs_a_checkpoint_and_a_fraction_in_range():
+    from vlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="clip.top_fraction: expected clip.checkpoint"):
+        load_curate_config(overrides=["clip.top_fraction=0.3"])
+    with pytest.raises(ConfigError, match=r"expected a fraction in \(0, 1\], got 1.5"):
+        load_curate_config(overrides=["clip.checkpoint=x", "clip.top_fraction=1.5"])
+
+
 def test_cli_rejects_bad_config_and_prints_resolved(capsys, tmp_path):
     assert main(["--input", "x.parquet", "--output", str(tmp_path), "image.resize_mode=squash"]) == 2
     assert "image.resize_mode: expected one of" in capsys.readouterr().err

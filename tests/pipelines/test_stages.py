@@ -16,9 +16,12 @@ from PIL import Image
 from pipelines.config import DownloadConfig, FilterConfig, ImageConfig, load_curate_config
 from pipelines.dedup import DedupIndex, hamming
 from pipelines.download import Downloader, retry_after_seconds, robots_opt_out
-from pipelines.imaging import Rejected, check_caption, check_image, decode, encode, phash, resize
+from pipelines.imaging import (
+    Rejected, check_caption, check_image, colour_distance, colour_signature, decode, encode, phash, resize,
+)  # fmt: skip
 from pipelines.local_server import bomb_png
 from vlm.config import ConfigError
+from vlm.world import Scene, Shape, render_scene, sample_scene
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +104,64 @@ def test_resize_only_if_bigger_and_border_padding():
     assert bordered.size == (128, 128) and px[0, 64].tolist() == [255, 255, 255] and px[64, 64].tolist() == [0, 0, 0]
 
 
+def _detailed(w: int, h: int) -> Image.Image:
+    """A smooth scene with fine detail (rings, a grid and noise), where a poor filter shows."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = np.hypot(xx - w / 2, yy - h / 2)
+    rings = 127 + 100 * np.sin(r / 3.0)
+    grid = 60 * (((xx // 7) + (yy // 5)) % 2)
+    noise = np.random.default_rng(0).normal(0, 12, (h, w))
+    base = np.stack([rings, rings * 0.5 + grid, 255 - rings + noise], -1)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(10 * np.log10(255**2 / np.mean(diff**2)))
+
+
+def test_area_downscale_is_as_close_to_lanczos_as_an_area_resample():
+    import cv2
+
+    src = _detailed(640, 480)
+    ref = src.resize((341, 256), Image.Resampling.LANCZOS)
+    ours = resize(src, config=ImageConfig(image_size=256, resize_mode="keep_ratio"))
+    area = Image.fromarray(cv2.resize(np.asarray(src), (341, 256), interpolation=cv2.INTER_AREA))
+    assert ours.size == (341, 256)
+    assert _psnr(ours, ref) > _psnr(area, ref) - 0.5  # what img2dataset's INTER_AREA gives, or better
+    # a 4x+ downscale halves first: the same closeness
+    big = _detailed(1600, 1200)
+    ours_big = resize(big, config=ImageConfig(image_size=128, resize_mode="keep_ratio"))
+    area_big = Image.fromarray(cv2.resize(np.asarray(big), (171, 128), interpolation=cv2.INTER_AREA))
+    ref_big = big.resize((171, 128), Image.Resampling.LANCZOS)
+    assert ours_big.size == (171, 128) and _psnr(ours_big, ref_big) > _psnr(area_big, ref_big) - 0.5
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_decode_drafts_a_large_jpeg_and_resize_gives_the_same_image(orientation):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    _detailed(1600, 1200).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    cfg = ImageConfig(image_size=128, resize_mode="keep_ratio")
+    full = decode(buf.getvalue(), max_pixels=10**8)
+    drafted = decode(buf.getvalue(), max_pixels=10**8, resize_for=cfg)
+    want = (1200, 1600) if orientation == 6 else (1600, 1200)
+    assert (full.original_width, full.original_height) == (drafted.original_width, drafted.original_height) == want
+    assert full.image.size == want
+    assert drafted.image.size == (want[0] // 2, want[1] // 2)  # DCT-domain 1/2: still >= 4x the target
+    a = resize(full.image, config=cfg)
+    b = resize(drafted.image, config=cfg, source_size=(drafted.original_width, drafted.original_height))
+    assert a.size == b.size == ((128, 171) if orientation == 6 else (171, 128))
+    ref = full.image.resize(a.size, Image.Resampling.LANCZOS)
+    assert _psnr(b, ref) > _psnr(a, ref) - 0.5  # as close to the full decode's reference
+    # no draft when the target is less than 8x smaller, nor for a filter other than area
+    assert decode(buf.getvalue(), max_pixels=10**8, resize_for=ImageConfig(image_size=200)).image.size == want
+    lanczos = ImageConfig(image_size=128, downscale_filter="lanczos")
+    assert decode(buf.getvalue(), max_pixels=10**8, resize_for=lanczos).image.size == want
+
+
 @pytest.mark.parametrize("fmt, pil", [("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
 def test_encode_formats(fmt, pil):
     data = encode(Image.new("RGB", (32, 16), (1, 2, 3)), config=ImageConfig(encode_format=fmt, encode_quality=90))
@@ -123,6 +184,16 @@ def test_filters():
 # ------------------------------------------------------------------ dedup
 
 
+def _sigs(*images: Image.Image) -> tuple[list[int], list[str]]:
+    return [phash(i) for i in images], [colour_signature(i) for i in images]
+
+
+def _jpeg_image(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
 def test_dedup_exact_near_and_own_key(world_dir):
     good = Image.open(world_dir / "images" / "train-000001.jpg").convert("RGB")
     other = Image.open(world_dir / "images" / "train-000002.jpg").convert("RGB")
@@ -133,14 +204,77 @@ def test_dedup_exact_near_and_own_key(world_dir):
     assert hamming(phash(source), phash(near_img)) <= 4 < hamming(phash(source), phash(other))
 
     index = DedupIndex(exact=True, near=True, distance=4)
-    assert index.claim(["a", "b"], ["s1", "s2"], [phash(good), phash(source)]) == [None, None]
-    got = index.claim(["c", "d", "e"], ["s1", "s3", "s4"], [phash(other), phash(near_img), phash(other)])
+    ph, cs = _sigs(good, source, other, near_img)
+    assert index.claim(["a", "b"], ["s1", "s2"], ph[:2], cs[:2]) == [None, None]
+    got = index.claim(["c", "d", "e"], ["s1", "s3", "s4"], [ph[2], ph[3], ph[2]], [cs[2], cs[3], cs[2]])
     assert got == ["duplicate_of:a", "near_duplicate_of:b", None]
     # a retried shard asking about its own samples again is not told they are duplicates
-    assert index.claim(["a", "e"], ["s1", "s4"], [phash(good), phash(other)]) == [None, None]
+    assert index.claim(["a", "e"], ["s1", "s4"], [ph[0], ph[2]], [cs[0], cs[2]]) == [None, None]
     exact_only = DedupIndex(exact=True, near=False)
-    exact_only.add(["a"], ["s1"], [phash(good)])
-    assert exact_only.claim(["x", "y"], ["s9", "s1"], [phash(good), None]) == [None, "duplicate_of:a"]
+    exact_only.add(["a"], ["s1"], [ph[0]], [cs[0]])
+    assert exact_only.claim(["x", "y"], ["s9", "s1"], [ph[0], None], [cs[0], None]) == [None, "duplicate_of:a"]
+
+
+def test_near_dedup_catches_recompressed_and_resized_copies():
+    """JPEG q95 vs q60 and a resize to 0.75x and back: the colour gate drops none of the
+    copies that pHash matches, and pHash matches nearly all (on these flat textures q60
+    moves it 6 bits now and then: a limit of pHash, not of the colour signature)."""
+    rng = np.random.default_rng(3)
+    caught = total = 0
+    for _ in range(20):
+        scene = sample_scene(rng, max_shapes=4)
+        for size in (256, 64):
+            src = render_scene(scene, width=size, height=size)
+            small = src.resize((size * 3 // 4,) * 2, Image.Resampling.LANCZOS).resize((size, size), Image.Resampling.LANCZOS)
+            ph, cs = _sigs(_jpeg_image(src, 95), _jpeg_image(src, 60), _jpeg_image(small, 95))
+            assert colour_distance(cs[0], cs[1]) <= 8 and colour_distance(cs[0], cs[2]) <= 8
+            for j in (1, 2):
+                with_colour, phash_only = DedupIndex(colour_distance=8), DedupIndex(colour_distance=255)
+                got = [ix.claim(["orig", "copy"], [None, None], [ph[0], ph[j]], [cs[0], cs[j]]) for ix in (with_colour, phash_only)]
+                assert got[0] == got[1]
+                caught += got[0] == [None, "near_duplicate_of:orig"]
+                total += 1
+    assert caught >= 0.9 * total, f"{caught} of {total} copies caught"
+
+
+def test_near_dedup_keeps_distinct_world_scenes():
+    """Distinct scenes on the world's shared background texture: pHash alone (any colour)
+    calls some of them near duplicates; with the colour signature none is."""
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, max_shapes=4) for _ in range(400)]
+    images = [_jpeg_image(render_scene(s, width=64, height=64), 90) for s in scenes]
+    ph, cs = _sigs(*images)
+    keys = [f"k{i}" for i in range(len(images))]
+    owner = {k: s for k, s in zip(keys, scenes)}
+
+    def false_positives(index: DedupIndex) -> list[tuple[str, str]]:
+        got = index.claim(keys, [None] * len(keys), ph, cs)
+        pairs = [(k, r.split(":", 1)[1]) for k, r in zip(keys, got) if r is not None]
+        return [(k, o) for k, o in pairs if owner[k] != owner[o]]
+
+    assert len(false_positives(DedupIndex(distance=4, colour_distance=255))) > 0  # colour-blind: the bug
+    assert false_positives(DedupIndex(distance=4, colour_distance=8)) == []
+
+    # the same background, texture and layout; only the shape's colour differs
+    red, blue = (Scene(background="white", shapes=(Shape(kind="star", colour=c, size="small", x=0.2, y=0.2),))
+                 for c in ("red", "blue"))  # fmt: skip
+    a, b = (_jpeg_image(render_scene(s, rng=np.random.default_rng(7)), 90) for s in (red, blue))
+    (pa_, pb), (ca, cb) = _sigs(a, b)
+    assert hamming(pa_, pb) <= 4 < colour_distance(ca, cb)
+    assert DedupIndex().claim(["red", "blue"], [None, None], [pa_, pb], [ca, cb]) == [None, None]
+
+
+def test_near_dedup_without_a_colour_signature_is_off_for_that_sample():
+    """A parquet written before colour signatures: its samples seed exact dedup only."""
+    img = render_scene(sample_scene(np.random.default_rng(5)), width=64, height=64)
+    (h,), (c,) = _sigs(img)
+    index = DedupIndex()
+    index.add(["old"], ["s-old"], [h], [None])
+    assert index.claim(["new", "copy"], ["s-new", "s-old"], [h, h], [c, c]) == [None, "duplicate_of:old"]
+    assert index.claim(["again"], ["s-again"], [h], [c]) == ["near_duplicate_of:new"]
+    assert index.claim(["unknown"], ["s-u"], [h], [None]) == [None]
+    with pytest.raises(ValueError, match="colour_sigs of one length"):
+        index.claim(["x"], [None], [h], [])
 
 
 # ------------------------------------------------------------------ download (real HTTP, no Ray)
