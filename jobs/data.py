@@ -76,7 +76,10 @@ class DecodePairs:
             blobs = ((self.root / p).read_bytes() for p in batch["image"])
             captions = [str(c) for c in batch["caption"]]
         pixels = np.stack([_decode_image(b, self.size) for b in blobs])  # (B, S, S, 3)
-        return {"pixels": pixels, "caption": np.array(captions, dtype=object)}
+        ids = batch.get("id", batch.get("__key__"))
+        if ids is None:
+            ids = np.array([""] * len(captions), dtype=object)
+        return {"id": np.array([str(i) for i in ids], dtype=object), "pixels": pixels, "caption": np.array(captions, dtype=object)}
 
 
 def _video_frames_in(messages: list[dict]) -> int:
@@ -167,6 +170,108 @@ def sft_dataset(data: str, *, size: int, split: str = "train", tasks: tuple[str,
         wanted = set(tasks)
         ds = ds.filter(lambda r: json.loads(r["text"]).get("task") in wanted)
     return ds.map_batches(DecodeSFT(str(Path(data).resolve()), size), batch_size=32)
+
+
+# ----------------------------------------------------------------------------- the per-worker stream
+
+
+class ShardStream:
+    """Endless micro-batches from one worker's Ray Data shard, resumable mid-epoch.
+
+    The order of epoch ``e`` depends on ``(seed, e)`` alone: Ray Data's local shuffle seeded
+    with ``seed + e`` over the shard in its deterministic order (the trainer sets
+    ``preserve_order``), or, with ``cache``, a permutation seeded with ``seed + e`` of the rows the
+    first epoch read and kept in RAM (no re-read, no re-decode; for shards that fit in memory).
+
+    ``state()`` is ``{"epoch", "batch"}`` (micro-batches consumed in that epoch). A stream built
+    with a saved state replays that epoch's order and drops its first ``batch`` micro-batches
+    (they are read and decoded again on the Ray Data workers, not trained), so a resumed run
+    trains the rest of the epoch instead of restarting it. With ``cache`` a resume inside a later
+    epoch first re-reads one pass of the shard to rebuild the cache.
+
+    Args:
+        shard: ``ray.train.get_dataset_shard(...)`` (anything with ``iter_batches``).
+        batch_size: rows per micro-batch (the last partial one of an epoch is dropped).
+        seed: this worker's seed (different per rank).
+        shuffle_buffer: rows in the local shuffle buffer; 0 keeps the shard's order.
+        cache: keep the first epoch's decoded rows in RAM.
+        state: a ``state()`` to continue from.
+    """
+
+    def __init__(
+        self, shard: Any, *, batch_size: int, seed: int, shuffle_buffer: int, cache: bool, state: dict[str, int] | None = None
+    ) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.cache = cache
+        self.epoch = int((state or {}).get("epoch", 0))
+        self.batch = int((state or {}).get("batch", 0))
+        if self.epoch < 0 or self.batch < 0:
+            raise ValueError(f"expected a stream state with epoch >= 0 and batch >= 0, got {state!r}")
+        self._rows: dict[str, np.ndarray] | None = None
+        self._it = self._generate()
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self) -> "ShardStream":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def _read_pass(self, epoch: int):
+        kwargs: dict[str, Any] = {}
+        if self.shuffle_buffer > 0:
+            kwargs = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch}
+        yield from self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True, **kwargs)
+
+    def _cached_pass(self, epoch: int):
+        assert self._rows is not None
+        total = len(next(iter(self._rows.values())))
+        perm = np.random.default_rng(self.seed + epoch).permutation(total) if self.shuffle_buffer > 0 else np.arange(total)
+        for i in range(0, total - self.batch_size + 1, self.batch_size):
+            yield {k: v[perm[i : i + self.batch_size]] for k, v in self._rows.items()}
+
+    def _epoch(self, epoch: int):
+        if not self.cache:
+            yield from self._read_pass(epoch)
+            return
+        if self._rows is None and epoch > 0:  # resumed inside a later epoch: rebuild the cache
+            self._rows = _concat(list(self._read_pass(0)))
+        if self._rows is not None:
+            yield from self._cached_pass(epoch)
+            return
+        kept = []
+        for b in self._read_pass(0):
+            kept.append(b)
+            yield b
+        self._rows = _concat(kept)
+
+    def _generate(self):
+        while True:
+            skip, n = self.batch, 0
+            for b in self._epoch(self.epoch):
+                n += 1
+                if n > skip:
+                    self.batch = n
+                    yield b
+            if n == 0:
+                raise RuntimeError(f"a worker's data shard has fewer than one micro-batch ({self.batch_size} rows) per epoch")
+            if n < skip:
+                raise RuntimeError(
+                    f"cannot resume the data stream: the checkpoint consumed {skip} micro-batches of epoch {self.epoch}, "
+                    f"but this worker's shard holds {n} (did the data or the number of workers change?)"
+                )
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    if not batches:
+        return None
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 # ----------------------------------------------------------------------------- in-process reads

@@ -48,12 +48,15 @@ class JobConfig:
     lock_text: bool = False  # stage 1: freeze the text tower
     init_from: str | None = None  # stage 2: a stage-1 checkpoint (vision tower) or a stage-2 one
     phase: str = "instruct"  # stage 2: align (projector only, captions) | instruct
-    group_by_length: int = 0  # stage 2: sort each window of this many micro-batches by length
+    # stage 2: sort each window of this many micro-batches by length (a resume continues after the
+    # window in flight at the checkpoint: up to this many micro-batches of that epoch go untrained)
+    group_by_length: int = 0
     eval_samples: int = 128  # held-out items scored at each eval
     sample_generations: int = 4  # stage 2: generations printed at each eval
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: float = 0.0  # per worker, for MFU; 0: 790 on a GPU (bf16 dense), none on CPU
+    trace_samples: bool = False  # write the row ids each rank trains per step to samples/rank{R}.jsonl
     kill_rank_at_step: int = 0  # fault injection (tests): SIGKILL rank 1 once after this step
 
     def __post_init__(self) -> None:

@@ -127,6 +127,7 @@ def train_contrastive(
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(gnorm),
             "samples_per_s": (step + 1) * opt_cfg.batch_size / (time.perf_counter() - t0),
+            "elapsed_s": time.perf_counter() - t0,
         }
         history.append(rec)
         bar.update(1)
@@ -233,7 +234,8 @@ def train_sft(
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opt_cfg.grad_clip) if opt_cfg.grad_clip > 0 else torch.tensor(_grad_norm(model))
         optimizer.step()
         scheduler.step()
-        tokens_seen += int(batch["attention_mask"].sum())
+        step_tokens = int(batch["attention_mask"].sum())
+        tokens_seen += step_tokens
         elapsed = time.perf_counter() - t0
         rec = {
             "step": step + 1,
@@ -242,6 +244,9 @@ def train_sft(
             "grad_norm": float(gnorm),
             "tokens_per_s": tokens_seen / elapsed,
             "samples_per_s": (step + 1) * opt_cfg.batch_size / elapsed,
+            "elapsed_s": elapsed,
+            "tokens": step_tokens,
+            "samples": len(idx) - len(bad),
         }
         history.append(rec)
         bar.update(1)

@@ -103,9 +103,19 @@ def eval_sets(stage: str, cfg: Config, job: JobConfig) -> dict[str, Any]:
     return {"examples": read_sft(job.data, size=size, split="heldout", limit=job.eval_samples)}
 
 
+def ingest_options():
+    """Ray Train's default ingest options with ``preserve_order``: each worker's shard arrives in
+    the same order on every pass, so a resumed worker can replay its epoch and skip what it trained."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     """The ``TorchTrainer`` for a stage (its run is ``job.output/ray_train``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.data import pairs_dataset, sft_dataset
@@ -135,6 +145,8 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
             ),
         ),
         datasets={"train": ds},
+        # a deterministic row order per shard: a resumed worker replays its epoch and skips what it trained
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
 
 
