@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import json
+import queue
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,12 @@ class ShardStream:
     trains the rest of the epoch instead of restarting it. With ``cache`` a resume inside a later
     epoch first re-reads one pass of the shard to rebuild the cache.
 
+    With ``prefetch`` > 0 a background thread prepares up to that many micro-batches ahead and
+    runs on into the next epoch while the trainer still works on the last ones: Ray Data
+    restarts its whole read/decode graph at every pass, and without this the trainer would wait
+    for that start at each epoch boundary. ``state()`` counts the micro-batches handed out, not
+    the prepared ones. ``close()`` stops the thread.
+
     Args:
         shard: ``ray.train.get_dataset_shard(...)`` (anything with ``iter_batches``).
         batch_size: rows per micro-batch (the last partial one of an epoch is dropped).
@@ -196,10 +204,19 @@ class ShardStream:
         shuffle_buffer: rows in the local shuffle buffer; 0 keeps the shard's order.
         cache: keep the first epoch's decoded rows in RAM.
         state: a ``state()`` to continue from.
+        prefetch: micro-batches prepared ahead on a background thread (0: none, all inline).
     """
 
     def __init__(
-        self, shard: Any, *, batch_size: int, seed: int, shuffle_buffer: int, cache: bool, state: dict[str, int] | None = None
+        self,
+        shard: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        cache: bool,
+        state: dict[str, int] | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.shard = shard
         self.batch_size = batch_size
@@ -212,6 +229,12 @@ class ShardStream:
             raise ValueError(f"expected a stream state with epoch >= 0 and batch >= 0, got {state!r}")
         self._rows: dict[str, np.ndarray] | None = None
         self._it = self._generate()
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=self._produce, name="shard-stream-prefetch", daemon=True)
+            self._thread.start()
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -220,7 +243,34 @@ class ShardStream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        if self._queue is None:
+            epoch, batch, rows = next(self._it)
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            epoch, batch, rows = item
+        self.epoch, self.batch = epoch, batch
+        return rows
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it may hold a Ray Data iterator open)."""
+        self._stop.set()
+
+    def _produce(self) -> None:
+        assert self._queue is not None
+        try:
+            for item in self._it:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the trainer, which raises it
+            self._queue.put(e)
 
     def _read_pass(self, epoch: int):
         kwargs: dict[str, Any] = {}
@@ -251,21 +301,22 @@ class ShardStream:
         self._rows = _concat(kept)
 
     def _generate(self):
+        """``(epoch, micro-batches of it consumed once this one is, batch)`` from the saved position on."""
+        epoch, skip = self.epoch, self.batch
         while True:
-            skip, n = self.batch, 0
-            for b in self._epoch(self.epoch):
+            n = 0
+            for b in self._epoch(epoch):
                 n += 1
                 if n > skip:
-                    self.batch = n
-                    yield b
+                    yield epoch, n, b
             if n == 0:
                 raise RuntimeError(f"a worker's data shard has fewer than one micro-batch ({self.batch_size} rows) per epoch")
             if n < skip:
                 raise RuntimeError(
-                    f"cannot resume the data stream: the checkpoint consumed {skip} micro-batches of epoch {self.epoch}, "
+                    f"cannot resume the data stream: the checkpoint consumed {skip} micro-batches of epoch {epoch}, "
                     f"but this worker's shard holds {n} (did the data or the number of workers change?)"
                 )
-            self.epoch, self.batch = self.epoch + 1, 0
+            epoch, skip = epoch + 1, 0
 
 
 def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
@@ -289,6 +340,34 @@ def read_heldout_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray,
         return np.zeros((0, size, size, 3), np.uint8), []
     out = DecodePairs(str(data), size)({"image": np.array([r["image"] for r in rows]), "caption": np.array([r["caption"] for r in rows])})
     return out["pixels"], list(out["caption"])
+
+
+def read_zero_shot(data: str, *, size: int, label_kind: str, limit: int) -> dict[str, Any] | None:
+    """Zero-shot classification set of a world directory: its single-shape held-out images,
+    labelled by ``label_kind`` (shape, colour, size, background) from the world's scenes, which
+    ``manifest.json``'s config regenerates; class names and prompt templates from ``vlm.world``.
+    None when the directory is not a world or holds no single-shape held-out image."""
+    from vlm import world
+
+    manifest = Path(data) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    prompts = world.zero_shot_prompts(label_kind)
+    wcfg = world.WorldConfig(**json.loads(manifest.read_text())["config"])
+    pixels, labels = [], []
+    for i in range(wcfg.num_heldout):
+        sample = world.sample_at(wcfg, "heldout", i)
+        if sample.scene.count != 1:
+            continue
+        shape = sample.scene.shapes[0]
+        value = {"shape": shape.kind, "colour": shape.colour, "color": shape.colour, "size": shape.size, "background": sample.scene.background}[label_kind]
+        pixels.append(_decode_image((Path(data) / "images" / f"{sample.id}.jpg").read_bytes(), size))
+        labels.append(prompts.classnames.index(value))
+        if len(labels) == limit:
+            break
+    if not labels:
+        return None
+    return {"pixels": np.stack(pixels), "labels": labels, "classnames": list(prompts.classnames), "templates": list(prompts.templates)}
 
 
 def read_sft(data: str, *, size: int, split: str, limit: int | None = None, tasks: tuple[str, ...] | None = None) -> list[SFTExample]:

@@ -43,6 +43,7 @@ class JobConfig:
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: no shuffle)
     cache_shard: bool = False  # keep each worker's decoded shard in RAM after epoch 1 (small data)
+    prefetch_batches: int = 8  # micro-batches each worker prepares ahead on a thread, across epoch starts
     disable_dropout: bool = False  # p=0 in every nn.Dropout (the text tower's BERT has 0.1)
     lock_image: bool = False  # stage 1: freeze the image tower (LiT-style when true)
     lock_text: bool = False  # stage 1: freeze the text tower
@@ -52,6 +53,7 @@ class JobConfig:
     # window in flight at the checkpoint: up to this many micro-batches of that epoch go untrained)
     group_by_length: int = 0
     eval_samples: int = 128  # held-out items scored at each eval
+    zero_shot: str = "shape"  # stage 1: zero-shot classification label (shape|colour|size|background; "": none)
     sample_generations: int = 4  # stage 2: generations printed at each eval
     tensorboard: bool = True
     progress: bool = True
@@ -70,6 +72,8 @@ class JobConfig:
             raise ConfigError(
                 f"job.num_workers and job.grad_accum: expected >= 1, got {self.num_workers} and {self.grad_accum}"
             )
+        if self.zero_shot not in ("", "shape", "colour", "color", "size", "background"):
+            raise ConfigError(f"job.zero_shot: expected '', 'shape', 'colour', 'size' or 'background', got {self.zero_shot!r}")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("job.offload_params: parameter offload needs job.zero_stage=3")
 

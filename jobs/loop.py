@@ -234,7 +234,8 @@ def train_loop(config: dict[str, Any]) -> None:
     micro = micro_batch(optim, job)
     shard = ray.train.get_dataset_shard("train")
     stream = ShardStream(
-        shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard, state=data_state
+        shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard,
+        state=data_state, prefetch=job.prefetch_batches,
     )
     it = stream
     if stage == "sft" and job.group_by_length:
@@ -269,12 +270,12 @@ def train_loop(config: dict[str, Any]) -> None:
                 seen += [str(x) for x in raw["id"]]
             if stage == "contrastive":
                 batch = collate_pairs(raw["pixels"], list(raw["caption"]), tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
-                batch = {k: v.to(device) for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 out = engine(**batch, rank=rank, world_size=world, gather=gather)
                 loss = out["loss"]
                 samples += len(raw["caption"])
-                tokens += int(batch["attention_mask"].sum())
                 loss_sum = loss_sum + loss.detach()
             else:
                 examples = sft_examples(raw, cfg.model.vision.image_size)
@@ -291,21 +292,21 @@ def train_loop(config: dict[str, Any]) -> None:
                     engine.backward(dummy)
                     engine.step()
                     continue
-                batch = {k: v.to(device) for k, v in batch.items()}
+                n_lab = int((batch["labels"][:, 1:] != -100).sum())  # host copies: no device sync
+                tokens += int(batch["attention_mask"].sum())
+                images += int(batch["pixel_values"].shape[0])
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 labels = batch.pop("labels")
-                n_lab = int((labels[:, 1:] != -100).sum())
                 mean_lab = max(_all_reduce_mean(float(n_lab), device), 1.0)
                 out = engine(**batch)
                 loss, _ = token_loss(out.logits, labels, mean_lab)
                 samples += len(examples) - len(bad)
-                tokens += int(batch["attention_mask"].sum())
-                images += int(batch["pixel_values"].shape[0])
                 loss_sum = loss_sum + loss.detach()
             engine.backward(loss)
             engine.step()
         # one collective per step: the global loss (a mean over ranks; stage 2's per-rank losses are
-        # already token-weighted), samples, tokens, images and the slowest rank's data wait
+        # already token-weighted), samples, tokens and images
         loss_tot, g_samples, g_tokens, g_images = _all_reduce_sums([loss_sum, samples, tokens, images], device)
         loss_val = loss_tot / (world * job.grad_accum)
         t_now = time.perf_counter()
@@ -365,6 +366,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, not an exception
     if start == optim.steps:  # re-run of a finished run: export again from the restored state
         _checkpoint(engine, stage, cfg, job, tokenizer, start, {"step": start}, rank, final=True, evals=evals, log=log, data_state=stream.state())
+    stream.close()
     if bar is not None:
         bar.close()
     if metrics_log is not None:
@@ -392,6 +394,14 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, e
             dist.barrier()
         metrics["step"] = step
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    if not final:
+        # Train on only once the controller has committed the checkpoint: a worker that dies
+        # right after reporting would otherwise take the report with it, the restart would find
+        # no checkpoint (training again from step 0) and the uploaded directory would never be
+        # registered, so keep_checkpoints would not prune it.
+        from ray.train import CheckpointConsistencyMode
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
 
 def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: Any, rank: int) -> torch.nn.Module | None:
