@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test demo bench-learn clean
+.PHONY: setup test demo bench-learn bench-train clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: $(STAMP)
 
 bench-learn: $(STAMP)
 	$(PY) benchmarks/learn.py
+
+bench-train: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/train.py
 
 clean:
 	rm -rf runs .pytest_cache
