@@ -8,7 +8,9 @@ Two sources:
   ``KEY.json``), read with ``ray.data.read_webdataset`` (stage 1 pairs).
 
 The decode stages are plain callables over a dict of numpy arrays (house style 8): a unit test
-calls them without Ray. Images leave them as (S, S, 3) uint8 so the trainers only normalise.
+calls them without Ray. This module imports numpy and Pillow only at the top (no torch, no
+transformers): Ray Data runs the decode stages in its own worker processes, which it starts
+again for each pass over the data, and a 2-second torch import in each would cost every epoch. Images leave them as (S, S, 3) uint8 so the trainers only normalise.
 Stage-2 rows carry their images as one ``bytes`` blob of ``num_images * S * S * 3`` uint8
 (Arrow has no ragged image lists that survive every block format) and the messages as JSON.
 """
@@ -21,11 +23,12 @@ import queue
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm.data import SFTExample
+if TYPE_CHECKING:
+    from vlm.data import SFTExample
 
 
 def is_world_dir(path: str | Path) -> bool:
@@ -130,6 +133,8 @@ class DecodeSFT:
 
 def sft_examples(batch: dict[str, np.ndarray], size: int) -> list[SFTExample]:
     """A decoded stage-2 batch back into ``SFTExample`` objects (what ``collate_sft`` takes)."""
+    from vlm.data import SFTExample
+
     out = []
     for i in range(len(batch["id"])):
         n = int(batch["num_images"][i])

@@ -206,6 +206,9 @@ def train_loop(config: dict[str, Any]) -> None:
     log(f"[{stage}] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads per worker")
 
     if job.zero_init and job.zero_stage == 3:
+        # zero.Init partitions over DeepSpeed's own communicator: bind it to the process group Ray
+        # Train set up now (deepspeed.initialize would do it only later), else it sees one rank
+        deepspeed.init_distributed(dist_backend="nccl" if job.gpu else "gloo", auto_mpi_discovery=False)
         with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(optim, job), remote_device="cpu" if job.offload_params else None):
             model = build_model(stage, cfg, job, tokenizer)
     else:
