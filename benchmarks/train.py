@@ -7,7 +7,9 @@ For each stage (1: contrastive, 2: SFT) and each ZeRO stage asked for, one run o
 ``vlm train`` on one Ray Train worker and, in the same process beforehand, the plain
 single-process PyTorch loop ``jobs.local`` (no Ray, no DeepSpeed) on the same model, seed,
 batch size, step count and data (the generated world written to disk; the plain loop gets it
-decoded in memory, ours streams it through Ray Data, decoding on Ray Data CPU workers).
+decoded in memory, ours streams it through Ray Data, decoding on Ray Data CPU workers). The
+plain loop replays the very batches our first run trained (its ``trace_samples``), so stage 2's
+mix of captions, questions, videos and lengths is the same step for step.
 Rates are taken between the end of step ``--warmup`` and the last step (start-up, the first
 data blocks and the final export excluded); both runs use the same number of torch threads
 (printed: the worker's own count comes back in its metrics).
@@ -61,8 +63,10 @@ def window(times: list[float], amounts: list[float], warmup: int) -> tuple[float
     return sum(amounts[warmup + 1 :]), times[-1] - times[warmup]
 
 
-def plain_run(stage: str, cfg, tok, data: Path) -> dict[str, list[float]]:
-    """The plain loop on the world's train split, decoded in memory first (not timed)."""
+def plain_run(stage: str, cfg, tok, data: Path, trace: Path) -> dict[str, list[float]]:
+    """The plain loop on the world's train split, decoded in memory first (not timed), trained
+    on the batches ``trace`` (our run's ``samples/rank0.jsonl``) lists, step by step."""
+    steps = [json.loads(ln)["ids"] for ln in trace.read_text().splitlines()]
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -73,17 +77,22 @@ def plain_run(stage: str, cfg, tok, data: Path) -> dict[str, list[float]]:
     if stage == "contrastive":
         rows = [r for r in pq.read_table(data / "pairs.parquet").to_pylist() if r["split"] == "train"]
         b = DecodePairs(str(data), size)({"image": np.array([r["image"] for r in rows]), "caption": np.array([r["caption"] for r in rows])})
-        res = local.train_contrastive(cfg, tokenizer=tok, train_pixels=b["pixels"], train_captions=list(b["caption"]), progress=False, log=lambda *_: None)
+        where = {r["id"]: i for i, r in enumerate(rows)}
+        order = [[where[i] for i in ids] for ids in steps]
+        res = local.train_contrastive(cfg, tokenizer=tok, train_pixels=b["pixels"], train_captions=list(b["caption"]), progress=False,
+                                      log=lambda *_: None, order=order)
         ids = tok(list(b["caption"]), truncation=True, max_length=cfg.model.text.max_length)["input_ids"]
         per = float(np.mean([len(c) for c in ids]))
         hist = res.history
         return {"time": [h["elapsed_s"] for h in hist], "samples": [cfg.stage1.batch_size] * len(hist),
                 "tokens": [per * cfg.stage1.batch_size] * len(hist), "model": res.model}
     examples = read_sft(str(data), size=size, split="train")
-    res = local.train_sft(cfg, tokenizer=tok, train_examples=examples, progress=False, log=lambda *_: None)
+    where = {e.id: i for i, e in enumerate(examples)}
+    order = [[where[i] for i in ids] for ids in steps]
+    res = local.train_sft(cfg, tokenizer=tok, train_examples=examples, progress=False, log=lambda *_: None, order=order)
     hist = res.history
     return {"time": [h["elapsed_s"] for h in hist], "samples": [h["samples"] for h in hist], "tokens": [h["tokens"] for h in hist],
-            "model": res.model, "images_per_sample": float(np.mean([len(e.images) for e in examples]))}
+            "model": res.model, "images_per_sample": float(np.mean([len(examples[i].images) for idx in order for i in idx]))}
 
 
 def ours_run(stage: str, cfg, job) -> dict[str, list[float]]:
@@ -166,25 +175,33 @@ def main(argv: list[str] | None = None) -> int:
         common = [f"{sect}.steps={a.steps}", f"{sect}.batch_size={batch}", f"{sect}.log_every=0", f"{sect}.eval_every=0"]
         cfg, job = load_job(preset=a.preset, overrides=common + [f"job.data={data}", f"job.output={tmp / 'tok'}"] + list(a.overrides))
         tok = resolve_tokenizer(stage, cfg, job, log=lambda *_: None)
-        plain = plain_run(stage, cfg, tok, data)
+        unit = "samples_per_s" if stage == "contrastive" else "tokens_per_s"
+        label = "samples/s" if stage == "contrastive" else "tokens/s"
+        ours, traces = {}, []
+        for z in [int(x) for x in a.zero_stages.split(",")]:
+            out = tmp / f"{stage}-zero{z}"
+            job_over = [f"job.data={data}", f"job.output={out}", "job.num_workers=1", f"job.zero_stage={z}",
+                        f"job.precision={a.precision}", f"job.gpu={'true' if a.gpu else 'false'}", "job.checkpoint_every=0",
+                        "job.progress=false", "job.tensorboard=false", "job.eval_samples=0", "job.max_failures=0",
+                        f"job.peak_tflops={peak}", f"job.cpus_per_worker={1 if a.gpu else a.threads}", "job.trace_samples=true",
+                        f"model.tokenizer.path={tmp / 'tok' / 'tokenizer'}"]
+            cfg_z, job_z = load_job(preset=a.preset, overrides=common + job_over + list(a.overrides))
+            ours[z] = ours_run(stage, cfg_z, job_z)
+            traces.append((out / "samples" / "rank0.jsonl").read_text())
+        if len(set(traces)) != 1:
+            print(f"note: the {stage} runs did not stream the same batches; the plain loop replays the first run's")
+        first = tmp / f"{stage}-zero{a.zero_stages.split(',')[0].strip()}" / "samples" / "rank0.jsonl"
+        plain = plain_run(stage, cfg, tok, data, first)
         model = plain["model"]
         if stage == "contrastive":
             flops = lambda tps: contrastive_flops(model, caption_tokens=tps)  # noqa: E731
         else:
             flops = lambda tps: sft_flops(model, seq_tokens=tps, images_per_sample=plain["images_per_sample"])  # noqa: E731
         rows = {"plain": summarise(plain, a.warmup, flops)}
-        unit = "samples_per_s" if stage == "contrastive" else "tokens_per_s"
-        label = "samples/s" if stage == "contrastive" else "tokens/s"
         print(f"{stage:<12} plain loop (1 process, {a.threads} threads)        {rows['plain'][unit]:9.1f} {label}  "
               f"MFU {100 * rows['plain']['flop_per_s'] / (peak * 1e12):.2f}%", flush=True)
-        for z in [int(x) for x in a.zero_stages.split(",")]:
-            job_over = [f"job.data={data}", f"job.output={tmp / f'{stage}-zero{z}'}", "job.num_workers=1", f"job.zero_stage={z}",
-                        f"job.precision={a.precision}", f"job.gpu={'true' if a.gpu else 'false'}", "job.checkpoint_every=0",
-                        "job.progress=false", "job.tensorboard=false", "job.eval_samples=0", "job.max_failures=0",
-                        f"job.peak_tflops={peak}", f"job.cpus_per_worker={1 if a.gpu else a.threads}",
-                        f"model.tokenizer.path={tmp / 'tok' / 'tokenizer'}"]
-            cfg, job = load_job(preset=a.preset, overrides=common + job_over + list(a.overrides))
-            r = summarise(ours_run(stage, cfg, job), a.warmup, flops)
+        for z, raw in ours.items():
+            r = summarise(raw, a.warmup, flops)
             r["overhead"] = 1 - r[unit] / rows["plain"][unit]
             rows[f"ours_zero{z}"] = r
             print(f"{stage:<12} ours (Ray Train + DeepSpeed ZeRO-{z}, 1 worker) {r[unit]:9.1f} {label}  "

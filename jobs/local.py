@@ -51,6 +51,14 @@ def _batches(n: int, batch_size: int, steps: int, seed: int):
         pos += batch_size
 
 
+def _order(order: Sequence[Sequence[int]] | None, steps: int) -> list[list[int]] | None:
+    if order is None:
+        return None
+    if len(order) != steps:
+        raise ValueError(f"expected one index list per step ({steps}), got {len(order)}")
+    return [list(idx) for idx in order]
+
+
 def _grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
@@ -99,8 +107,12 @@ def train_contrastive(
     model: ContrastiveModel | None = None,
     log: Log = print,
     progress: bool = True,
+    order: Sequence[Sequence[int]] | None = None,
 ) -> RunResult:
-    """Stage 1 on in-memory pairs; returns the model, per-step history and held-out retrieval."""
+    """Stage 1 on in-memory pairs; returns the model, per-step history and held-out retrieval.
+
+    ``order``: the row indices of each step (e.g. the order another run trained in), instead of
+    seeded permutations; one entry per step."""
     torch.manual_seed(cfg.seed)
     if model is None:
         model = ContrastiveModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
@@ -111,7 +123,7 @@ def train_contrastive(
     t0 = time.perf_counter()
     bar = tqdm(total=opt_cfg.steps, desc="stage 1", disable=not progress, leave=False)
     model.train()
-    for step, idx in enumerate(_batches(len(train_captions), opt_cfg.batch_size, opt_cfg.steps, cfg.seed)):
+    for step, idx in enumerate(_order(order, opt_cfg.steps) or _batches(len(train_captions), opt_cfg.batch_size, opt_cfg.steps, cfg.seed)):
         batch = collate_pairs(train_pixels[idx], [train_captions[i] for i in idx], tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
         out = model(**batch)
         optimizer.zero_grad(set_to_none=True)
@@ -199,8 +211,10 @@ def train_sft(
     model: VisionLanguageModel | None = None,
     log: Log = print,
     progress: bool = True,
+    order: Sequence[Sequence[int]] | None = None,
 ) -> RunResult:
-    """Stage 2 on in-memory conversations; skipped samples are counted by reason, never trained."""
+    """Stage 2 on in-memory conversations; skipped samples are counted by reason, never trained.
+    ``order`` as in ``train_contrastive``."""
     torch.manual_seed(cfg.seed)
     ids = special_token_ids(tokenizer)
     if model is None:
@@ -214,7 +228,7 @@ def train_sft(
     t0 = time.perf_counter()
     bar = tqdm(total=opt_cfg.steps, desc="stage 2", disable=not progress, leave=False)
     model.train()
-    for step, idx in enumerate(_batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)):
+    for step, idx in enumerate(_order(order, opt_cfg.steps) or _batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)):
         batch, bad = collate_sft(
             [train_examples[i] for i in idx],
             tokenizer,
