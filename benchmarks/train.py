@@ -81,11 +81,10 @@ def plain_run(stage: str, cfg, tok, data: Path, trace: Path) -> dict[str, list[f
         order = [[where[i] for i in ids] for ids in steps]
         res = local.train_contrastive(cfg, tokenizer=tok, train_pixels=b["pixels"], train_captions=list(b["caption"]), progress=False,
                                       log=lambda *_: None, order=order)
-        ids = tok(list(b["caption"]), truncation=True, max_length=cfg.model.text.max_length)["input_ids"]
-        per = float(np.mean([len(c) for c in ids]))
+        lens = [len(c) for c in tok(list(b["caption"]), truncation=True, max_length=cfg.model.text.max_length)["input_ids"]]
         hist = res.history
-        return {"time": [h["elapsed_s"] for h in hist], "samples": [cfg.stage1.batch_size] * len(hist),
-                "tokens": [per * cfg.stage1.batch_size] * len(hist), "model": res.model}
+        return {"time": [h["elapsed_s"] for h in hist], "samples": [len(idx) for idx in order],
+                "tokens": [sum(lens[i] for i in idx) for idx in order], "model": res.model}
     examples = read_sft(str(data), size=size, split="train")
     where = {e.id: i for i, e in enumerate(examples)}
     order = [[where[i] for i in ids] for ids in steps]
