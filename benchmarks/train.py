@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -117,6 +118,9 @@ def summarise(r: dict, warmup: int, flops) -> dict[str, float]:
     tokens, _ = window(r["time"], r["tokens"], warmup)
     out = {"samples_per_s": samples / secs, "tokens_per_s": tokens / secs, "seconds": secs}
     out["flop_per_s"] = flops(tokens / samples) * samples / secs
+    t = r["time"]
+    step_s = [t[i] - t[i - 1] for i in range(warmup + 1, len(t))]
+    out["median_step_s"] = statistics.median(step_s)  # the typical step, epoch starts aside
     if "data_wait_s" in r:
         out["data_wait_share"] = sum(r["data_wait_s"][warmup + 1 :]) / sum(r["step_s"][warmup + 1 :])
         out["torch_threads"] = r["threads"][-1]
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             flops = lambda tps: sft_flops(model, seq_tokens=tps, images_per_sample=plain["images_per_sample"])  # noqa: E731
         rows = {"plain": summarise(plain, a.warmup, flops)}
         print(f"{stage:<12} plain loop (1 process, {a.threads} threads)        {rows['plain'][unit]:9.1f} {label}  "
-              f"MFU {100 * rows['plain']['flop_per_s'] / (peak * 1e12):.2f}%", flush=True)
+              f"MFU {100 * rows['plain']['flop_per_s'] / (peak * 1e12):.2f}%  median step {1000 * rows['plain']['median_step_s']:.0f} ms", flush=True)
         for z, raw in ours.items():
             r = summarise(raw, a.warmup, flops)
             r["overhead"] = 1 - r[unit] / rows["plain"][unit]
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stage:<12} ours (Ray Train + DeepSpeed ZeRO-{z}, 1 worker) {r[unit]:9.1f} {label}  "
                   f"MFU {100 * r['flop_per_s'] / (peak * 1e12):.2f}%  overhead {100 * r['overhead']:+.1f}%  "
                   f"data wait {100 * r['data_wait_share']:.1f}% of step time  worker threads {r['torch_threads']:.0f}  "
-                  f"peak RSS {r['peak_mem_mb']:.0f} MB", flush=True)
+                  f"peak RSS {r['peak_mem_mb']:.0f} MB  median step {1000 * r['median_step_s']:.0f} ms", flush=True)
         report[stage] = rows
     print(json.dumps(report, indent=2, default=float))
     ray.shutdown()
