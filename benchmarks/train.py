@@ -15,7 +15,9 @@ data blocks and the final export excluded); both runs use the same number of tor
 (printed: the worker's own count comes back in its metrics).
 
 Figures: stage 1 samples/s, stage 2 tokens/s; overhead = 1 - ours / plain (target < 10%); the
-share of our step time spent waiting on the data stream; MFU when a peak is known.
+share of our step time spent waiting on the data stream; the median step (epoch starts aside:
+Ray Data re-runs its read/decode graph at each pass, which costs CPU on a small machine;
+``job.cache_shard=true`` keeps a shard that fits in RAM instead); MFU.
 
 MFU = achieved FLOP/s / peak FLOP/s, with FLOPs per sample (fwd + bwd) as written in
 ``jobs/metrics.py`` (PaLM's accounting): a trained tower costs ``6 N T + 12 L d T^2`` (N matmul
