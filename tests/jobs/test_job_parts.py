@@ -38,6 +38,8 @@ def test_job_config_errors_name_the_key():
         load_job(overrides=["job.zero_stage=4"])
     with pytest.raises(ConfigError, match="job config.*nope"):
         load_job(overrides=["job.nope=1"])
+    with pytest.raises(ConfigError, match="job.zero_init.*not supported"):  # refused before any worker starts
+        load_job(overrides=["job.zero_stage=3", "job.zero_init=true"])
     cfg, job = load_job(overrides=["job.num_workers=3", "stage1.batch_size=8"])
     with pytest.raises(ConfigError, match="multiple of num_workers"):
         micro_batch(cfg.stage1, job)
