@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test demo demo-model bench-learn clean
+.PHONY: setup test demo demo-model bench-learn bench-train clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ demo-model: $(STAMP)
 
 bench-learn: $(STAMP)
 	$(PY) benchmarks/learn.py
+
+bench-train: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) benchmarks/train.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,7 +8,9 @@ Two sources:
   ``KEY.json``), read with ``ray.data.read_webdataset`` (stage 1 pairs).
 
 The decode stages are plain callables over a dict of numpy arrays (house style 8): a unit test
-calls them without Ray. Images leave them as (S, S, 3) uint8 so the trainers only normalise.
+calls them without Ray. This module imports numpy and Pillow only at the top (no torch, no
+transformers): Ray Data runs the decode stages in its own worker processes, which it starts
+again for each pass over the data, and a 2-second torch import in each would cost every epoch. Images leave them as (S, S, 3) uint8 so the trainers only normalise.
 Stage-2 rows carry their images as one ``bytes`` blob of ``num_images * S * S * 3`` uint8
 (Arrow has no ragged image lists that survive every block format) and the messages as JSON.
 """
@@ -17,13 +19,16 @@ from __future__ import annotations
 
 import io
 import json
+import queue
+import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vlm.data import SFTExample
+if TYPE_CHECKING:
+    from vlm.data import SFTExample
 
 
 def is_world_dir(path: str | Path) -> bool:
@@ -76,7 +81,10 @@ class DecodePairs:
             blobs = ((self.root / p).read_bytes() for p in batch["image"])
             captions = [str(c) for c in batch["caption"]]
         pixels = np.stack([_decode_image(b, self.size) for b in blobs])  # (B, S, S, 3)
-        return {"pixels": pixels, "caption": np.array(captions, dtype=object)}
+        ids = batch.get("id", batch.get("__key__"))
+        if ids is None:
+            ids = np.array([""] * len(captions), dtype=object)
+        return {"id": np.array([str(i) for i in ids], dtype=object), "pixels": pixels, "caption": np.array(captions, dtype=object)}
 
 
 def _video_frames_in(messages: list[dict]) -> int:
@@ -125,6 +133,8 @@ class DecodeSFT:
 
 def sft_examples(batch: dict[str, np.ndarray], size: int) -> list[SFTExample]:
     """A decoded stage-2 batch back into ``SFTExample`` objects (what ``collate_sft`` takes)."""
+    from vlm.data import SFTExample
+
     out = []
     for i in range(len(batch["id"])):
         n = int(batch["num_images"][i])
@@ -169,6 +179,157 @@ def sft_dataset(data: str, *, size: int, split: str = "train", tasks: tuple[str,
     return ds.map_batches(DecodeSFT(str(Path(data).resolve()), size), batch_size=32)
 
 
+# ----------------------------------------------------------------------------- the per-worker stream
+
+
+class ShardStream:
+    """Endless micro-batches from one worker's Ray Data shard, resumable mid-epoch.
+
+    The order of epoch ``e`` depends on ``(seed, e)`` alone: Ray Data's local shuffle seeded
+    with ``seed + e`` over the shard in its deterministic order (the trainer sets
+    ``preserve_order``), or, with ``cache``, a permutation seeded with ``seed + e`` of the rows the
+    first epoch read and kept in RAM (no re-read, no re-decode; for shards that fit in memory).
+
+    ``state()`` is ``{"epoch", "batch"}`` (micro-batches consumed in that epoch). A stream built
+    with a saved state replays that epoch's order and drops its first ``batch`` micro-batches
+    (they are read and decoded again on the Ray Data workers, not trained), so a resumed run
+    trains the rest of the epoch instead of restarting it. With ``cache`` a resume inside a later
+    epoch first re-reads one pass of the shard to rebuild the cache.
+
+    With ``prefetch`` > 0 a background thread prepares up to that many micro-batches ahead and
+    runs on into the next epoch while the trainer still works on the last ones: Ray Data
+    restarts its whole read/decode graph at every pass, and without this the trainer would wait
+    for that start at each epoch boundary. ``state()`` counts the micro-batches handed out, not
+    the prepared ones. ``close()`` stops the thread.
+
+    Args:
+        shard: ``ray.train.get_dataset_shard(...)`` (anything with ``iter_batches``).
+        batch_size: rows per micro-batch (the last partial one of an epoch is dropped).
+        seed: this worker's seed (different per rank).
+        shuffle_buffer: rows in the local shuffle buffer; 0 keeps the shard's order.
+        cache: keep the first epoch's decoded rows in RAM.
+        state: a ``state()`` to continue from.
+        prefetch: micro-batches prepared ahead on a background thread (0: none, all inline).
+    """
+
+    def __init__(
+        self,
+        shard: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        cache: bool,
+        state: dict[str, int] | None = None,
+        prefetch: int = 0,
+    ) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.cache = cache
+        self.epoch = int((state or {}).get("epoch", 0))
+        self.batch = int((state or {}).get("batch", 0))
+        if self.epoch < 0 or self.batch < 0:
+            raise ValueError(f"expected a stream state with epoch >= 0 and batch >= 0, got {state!r}")
+        self._rows: dict[str, np.ndarray] | None = None
+        self._it = self._generate()
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=self._produce, name="shard-stream-prefetch", daemon=True)
+            self._thread.start()
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def __iter__(self) -> "ShardStream":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._queue is None:
+            epoch, batch, rows = next(self._it)
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            epoch, batch, rows = item
+        self.epoch, self.batch = epoch, batch
+        return rows
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it may hold a Ray Data iterator open)."""
+        self._stop.set()
+
+    def _produce(self) -> None:
+        assert self._queue is not None
+        try:
+            for item in self._it:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the trainer, which raises it
+            self._queue.put(e)
+
+    def _read_pass(self, epoch: int):
+        kwargs: dict[str, Any] = {}
+        if self.shuffle_buffer > 0:
+            kwargs = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch}
+        yield from self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True, **kwargs)
+
+    def _cached_pass(self, epoch: int):
+        assert self._rows is not None
+        total = len(next(iter(self._rows.values())))
+        perm = np.random.default_rng(self.seed + epoch).permutation(total) if self.shuffle_buffer > 0 else np.arange(total)
+        for i in range(0, total - self.batch_size + 1, self.batch_size):
+            yield {k: v[perm[i : i + self.batch_size]] for k, v in self._rows.items()}
+
+    def _epoch(self, epoch: int):
+        if not self.cache:
+            yield from self._read_pass(epoch)
+            return
+        if self._rows is None and epoch > 0:  # resumed inside a later epoch: rebuild the cache
+            self._rows = _concat(list(self._read_pass(0)))
+        if self._rows is not None:
+            yield from self._cached_pass(epoch)
+            return
+        kept = []
+        for b in self._read_pass(0):
+            kept.append(b)
+            yield b
+        self._rows = _concat(kept)
+
+    def _generate(self):
+        """``(epoch, micro-batches of it consumed once this one is, batch)`` from the saved position on."""
+        epoch, skip = self.epoch, self.batch
+        while True:
+            n = 0
+            for b in self._epoch(epoch):
+                n += 1
+                if n > skip:
+                    yield epoch, n, b
+            if n == 0:
+                raise RuntimeError(f"a worker's data shard has fewer than one micro-batch ({self.batch_size} rows) per epoch")
+            if n < skip:
+                raise RuntimeError(
+                    f"cannot resume the data stream: the checkpoint consumed {skip} micro-batches of epoch {epoch}, "
+                    f"but this worker's shard holds {n} (did the data or the number of workers change?)"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    if not batches:
+        return None
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
 # ----------------------------------------------------------------------------- in-process reads
 
 
@@ -184,6 +345,34 @@ def read_heldout_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray,
         return np.zeros((0, size, size, 3), np.uint8), []
     out = DecodePairs(str(data), size)({"image": np.array([r["image"] for r in rows]), "caption": np.array([r["caption"] for r in rows])})
     return out["pixels"], list(out["caption"])
+
+
+def read_zero_shot(data: str, *, size: int, label_kind: str, limit: int) -> dict[str, Any] | None:
+    """Zero-shot classification set of a world directory: its single-shape held-out images,
+    labelled by ``label_kind`` (shape, colour, size, background) from the world's scenes, which
+    ``manifest.json``'s config regenerates; class names and prompt templates from ``vlm.world``.
+    None when the directory is not a world or holds no single-shape held-out image."""
+    from vlm import world
+
+    manifest = Path(data) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    prompts = world.zero_shot_prompts(label_kind)
+    wcfg = world.WorldConfig(**json.loads(manifest.read_text())["config"])
+    pixels, labels = [], []
+    for i in range(wcfg.num_heldout):
+        sample = world.sample_at(wcfg, "heldout", i)
+        if sample.scene.count != 1:
+            continue
+        shape = sample.scene.shapes[0]
+        value = {"shape": shape.kind, "colour": shape.colour, "color": shape.colour, "size": shape.size, "background": sample.scene.background}[label_kind]
+        pixels.append(_decode_image((Path(data) / "images" / f"{sample.id}.jpg").read_bytes(), size))
+        labels.append(prompts.classnames.index(value))
+        if len(labels) == limit:
+            break
+    if not labels:
+        return None
+    return {"pixels": np.stack(pixels), "labels": labels, "classnames": list(prompts.classnames), "templates": list(prompts.templates)}
 
 
 def read_sft(data: str, *, size: int, split: str, limit: int | None = None, tasks: tuple[str, ...] | None = None) -> list[SFTExample]:

@@ -35,7 +35,7 @@ class JobConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU
     offload_params: bool = False  # ZeRO-3 parameters on CPU
-    zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init)
+    zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init); not supported yet
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
@@ -43,17 +43,22 @@ class JobConfig:
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: no shuffle)
     cache_shard: bool = False  # keep each worker's decoded shard in RAM after epoch 1 (small data)
+    prefetch_batches: int = 8  # micro-batches each worker prepares ahead on a thread, across epoch starts
     disable_dropout: bool = False  # p=0 in every nn.Dropout (the text tower's BERT has 0.1)
     lock_image: bool = False  # stage 1: freeze the image tower (LiT-style when true)
     lock_text: bool = False  # stage 1: freeze the text tower
     init_from: str | None = None  # stage 2: a stage-1 checkpoint (vision tower) or a stage-2 one
     phase: str = "instruct"  # stage 2: align (projector only, captions) | instruct
-    group_by_length: int = 0  # stage 2: sort each window of this many micro-batches by length
+    # stage 2: sort each window of this many micro-batches by length (a resume continues after the
+    # window in flight at the checkpoint: up to this many micro-batches of that epoch go untrained)
+    group_by_length: int = 0
     eval_samples: int = 128  # held-out items scored at each eval
+    zero_shot: str = "shape"  # stage 1: zero-shot classification label (shape|colour|size|background; "": none)
     sample_generations: int = 4  # stage 2: generations printed at each eval
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: float = 0.0  # per worker, for MFU; 0: 790 on a GPU (bf16 dense), none on CPU
+    trace_samples: bool = False  # write the row ids each rank trains per step to samples/rank{R}.jsonl
     kill_rank_at_step: int = 0  # fault injection (tests): SIGKILL rank 1 once after this step
 
     def __post_init__(self) -> None:
@@ -66,6 +71,17 @@ class JobConfig:
         if self.num_workers < 1 or self.grad_accum < 1:
             raise ConfigError(
                 f"job.num_workers and job.grad_accum: expected >= 1, got {self.num_workers} and {self.grad_accum}"
+            )
+        if self.zero_shot not in ("", "shape", "colour", "color", "size", "background"):
+            raise ConfigError(f"job.zero_shot: expected '', 'shape', 'colour', 'size' or 'background', got {self.zero_shot!r}")
+        if self.zero_init:
+            # Seen with transformers 5.24 + DeepSpeed 0.19.8: under zero.Init the towers' own weight
+            # init (post_init) runs on already-partitioned, empty tensors and fails (BERT's padding
+            # row: "index 0 is out of bounds for dimension 0 with size 0"); skipping it would start
+            # from another initialisation than the unpartitioned build. Refuse it up front.
+            raise ConfigError(
+                "job.zero_init: building the model partitioned (deepspeed.zero.Init) is not supported yet: the "
+                "transformers towers initialise their weights after ZeRO-3 has partitioned them; use job.zero_init=false"
             )
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("job.offload_params: parameter offload needs job.zero_stage=3")

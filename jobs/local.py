@@ -86,6 +86,14 @@ def _approx_tokens(ex: SFTExample, image_tokens: int) -> int:
     return chars // 3 + image_tokens * len(ex.images)
 
 
+def _order(order: Sequence[Sequence[int]] | None, steps: int) -> list[list[int]] | None:
+    if order is None:
+        return None
+    if len(order) != steps:
+        raise ValueError(f"expected one index list per step ({steps}), got {len(order)}")
+    return [list(idx) for idx in order]
+
+
 def _grad_norm(model: torch.nn.Module) -> float:
     norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
@@ -134,8 +142,12 @@ def train_contrastive(
     model: ContrastiveModel | None = None,
     log: Log = print,
     progress: bool = True,
+    order: Sequence[Sequence[int]] | None = None,
 ) -> RunResult:
-    """Stage 1 on in-memory pairs; returns the model, per-step history and held-out retrieval."""
+    """Stage 1 on in-memory pairs; returns the model, per-step history and held-out retrieval.
+
+    ``order``: the row indices of each step (e.g. the order another run trained in), instead of
+    seeded permutations; one entry per step."""
     torch.manual_seed(cfg.seed)
     if model is None:
         model = ContrastiveModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
@@ -146,7 +158,7 @@ def train_contrastive(
     t0 = time.perf_counter()
     bar = tqdm(total=opt_cfg.steps, desc="stage 1", disable=not progress, leave=False)
     model.train()
-    for step, idx in enumerate(_batches(len(train_captions), opt_cfg.batch_size, opt_cfg.steps, cfg.seed)):
+    for step, idx in enumerate(_order(order, opt_cfg.steps) or _batches(len(train_captions), opt_cfg.batch_size, opt_cfg.steps, cfg.seed)):
         batch = collate_pairs(train_pixels[idx], [train_captions[i] for i in idx], tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
         out = model(**batch)
         optimizer.zero_grad(set_to_none=True)
@@ -162,6 +174,7 @@ def train_contrastive(
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(gnorm),
             "samples_per_s": (step + 1) * opt_cfg.batch_size / (time.perf_counter() - t0),
+            "elapsed_s": time.perf_counter() - t0,
         }
         history.append(rec)
         bar.update(1)
@@ -233,8 +246,10 @@ def train_sft(
     model: VisionLanguageModel | None = None,
     log: Log = print,
     progress: bool = True,
+    order: Sequence[Sequence[int]] | None = None,
 ) -> RunResult:
-    """Stage 2 on in-memory conversations; skipped samples are counted by reason, never trained."""
+    """Stage 2 on in-memory conversations; skipped samples are counted by reason, never trained.
+    ``order`` as in ``train_contrastive``."""
     torch.manual_seed(cfg.seed)
     ids = special_token_ids(tokenizer)
     if model is None:
@@ -248,12 +263,13 @@ def train_sft(
     t0 = time.perf_counter()
     bar = tqdm(total=opt_cfg.steps, desc="stage 2", disable=not progress, leave=False)
     model.train()
-    if cfg.mix.group_by_length:
+    batches = _order(order, opt_cfg.steps)
+    if batches is None and cfg.mix.group_by_length:
         lengths = [_approx_tokens(ex, cfg.model.image_tokens) for ex in train_examples]
-        order = _length_grouped_batches(lengths, opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)
-    else:
-        order = _batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)
-    for step, idx in enumerate(order):
+        batches = _length_grouped_batches(lengths, opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)
+    elif batches is None:
+        batches = _batches(len(train_examples), opt_cfg.batch_size, opt_cfg.steps, cfg.seed + 1)
+    for step, idx in enumerate(batches):
         batch, bad = collate_sft(
             [train_examples[i] for i in idx],
             tokenizer,
@@ -273,7 +289,8 @@ def train_sft(
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opt_cfg.grad_clip) if opt_cfg.grad_clip > 0 else torch.tensor(_grad_norm(model))
         optimizer.step()
         scheduler.step()
-        tokens_seen += int(batch["attention_mask"].sum())
+        step_tokens = int(batch["attention_mask"].sum())
+        tokens_seen += step_tokens
         elapsed = time.perf_counter() - t0
         rec = {
             "step": step + 1,
@@ -282,6 +299,9 @@ def train_sft(
             "grad_norm": float(gnorm),
             "tokens_per_s": tokens_seen / elapsed,
             "samples_per_s": (step + 1) * opt_cfg.batch_size / elapsed,
+            "elapsed_s": elapsed,
+            "tokens": step_tokens,
+            "samples": len(idx) - len(bad),
         }
         history.append(rec)
         bar.update(1)

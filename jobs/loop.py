@@ -11,6 +11,7 @@ Checkpoint directory (one per reported step)::
 
     ds/            DeepSpeed engine state (tag ``ds``): model, per-rank ZeRO optimizer shards
     state.json     {"step": N} written by rank 0
+    data_rank{R}.json  rank R's data-stream position ({"epoch", "batch"}): a resume continues mid-epoch
     model/         (final report only) our format: config.yaml, model.safetensors, tokenizer/
     hf/            (final report only, stage 2) LlavaForConditionalGeneration directory
 """
@@ -31,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.data import sft_examples
+from jobs.data import ShardStream, sft_examples
 from jobs.job_config import JobConfig, deepspeed_config, micro_batch
-from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops
+from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, truncate_jsonl
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import collate_pairs, collate_sft
@@ -117,35 +118,13 @@ def _all_reduce_mean(x: float, device: torch.device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _batches(shard: Any, *, batch_size: int, job: JobConfig, seed: int):
-    """Endless micro-batches from a Ray Data shard (a new local shuffle each epoch).
+def _all_reduce_sums(values: list[torch.Tensor | float], device: torch.device) -> list[float]:
+    """Sums over ranks of a few per-rank scalars, in one collective (one host sync per step)."""
+    import torch.distributed as dist
 
-    With ``cache_shard`` the first epoch's decoded rows stay in memory and later epochs are
-    re-shuffled permutations of them: no re-read, no re-decode (datasets that fit in RAM).
-    """
-    epoch = 0
-    cache: list[dict[str, np.ndarray]] = []
-    while True:
-        n = 0
-        if cache:
-            rows = {k: np.concatenate([b[k] for b in cache]) for k in cache[0]}
-            total = len(next(iter(rows.values())))
-            perm = np.random.default_rng(seed + epoch).permutation(total) if job.shuffle_buffer > 0 else np.arange(total)
-            for i in range(0, total - batch_size + 1, batch_size):
-                n += 1
-                yield {k: v[perm[i : i + batch_size]] for k, v in rows.items()}
-        else:
-            kwargs: dict[str, Any] = {}
-            if job.shuffle_buffer > 0:
-                kwargs = {"local_shuffle_buffer_size": job.shuffle_buffer, "local_shuffle_seed": seed + epoch}
-            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **kwargs):
-                n += 1
-                if job.cache_shard:
-                    cache.append(batch)
-                yield batch
-        if n == 0:
-            raise RuntimeError(f"a worker's data shard has fewer than one micro-batch ({batch_size} rows) per epoch")
-        epoch += 1
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _grouped(it, window: int, key):
@@ -221,8 +200,15 @@ def train_loop(config: dict[str, Any]) -> None:
         cfg = sft_phase_config(cfg, job)
     run_dir = Path(job.output)
     log = print if rank == 0 else (lambda *_: None)
+    if not job.gpu:
+        # Ray sets OMP_NUM_THREADS from the worker's CPU resource; make torch follow it explicitly
+        torch.set_num_threads(max(1, int(job.cpus_per_worker)))
+    log(f"[{stage}] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads per worker")
 
-    if job.zero_init and job.zero_stage == 3:
+    if job.zero_init and job.zero_stage == 3:  # JobConfig refuses zero_init for now (see its check)
+        # zero.Init partitions over DeepSpeed's own communicator: bind it to the process group Ray
+        # Train set up now (deepspeed.initialize would do it only later), else it sees one rank
+        deepspeed.init_distributed(dist_backend="nccl" if job.gpu else "gloo", auto_mpi_discovery=False)
         with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(optim, job), remote_device="cpu" if job.offload_params else None):
             model = build_model(stage, cfg, job, tokenizer)
     else:
@@ -235,23 +221,36 @@ def train_loop(config: dict[str, Any]) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.precision]
 
     start = 0
+    data_state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG)
             start = int(json.loads((Path(d) / "state.json").read_text())["step"])
-        log(f"[{stage}] resumed from step {start} ({ckpt.path})")
+            if (Path(d) / f"data_rank{rank}.json").is_file():
+                data_state = json.loads((Path(d) / f"data_rank{rank}.json").read_text())
+        where = f"epoch {data_state['epoch']}, micro-batch {data_state['batch']}" if data_state else "the start of an epoch"
+        log(f"[{stage}] resumed from step {start} ({ckpt.path}); data from {where}")
     if start > optim.steps:
         raise ValueError(f"the run's checkpoint is at step {start}, past stage steps={optim.steps}")
 
     micro = micro_batch(optim, job)
     shard = ray.train.get_dataset_shard("train")
-    it = _batches(shard, batch_size=micro, job=job, seed=cfg.seed + 1000 * rank + start)
+    stream = ShardStream(
+        shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard,
+        state=data_state, prefetch=job.prefetch_batches,
+    )
+    it = stream
     if stage == "sft" and job.group_by_length:
-        it = _grouped(it, job.group_by_length, key=lambda r: len(r["messages"]) + 400 * int(r["num_images"]))
+        it = _grouped(stream, job.group_by_length, key=lambda r: len(r["messages"]) + 400 * int(r["num_images"]))
     gather = torch_distributed_gather(with_grad=True)
     metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=job.tensorboard) if rank == 0 else None
+    trace = None
+    if job.trace_samples:
+        trace = run_dir / "samples" / f"rank{rank}.jsonl"
+        truncate_jsonl(trace, up_to_step=start)
     peak = peak_flops(device, job.peak_tflops)
+    flop_counts: dict[int, tuple[int, int]] = {}  # parameter counts, taken once (jobs.metrics.matmul_params)
     evals = config.get("evals") or {}
 
     bar = None
@@ -263,18 +262,24 @@ def train_loop(config: dict[str, Any]) -> None:
     t_last = time.perf_counter()
     engine.train()
     for step in range(start + 1, optim.steps + 1):
-        loss_sum, samples, tokens, images, seq_tokens = 0.0, 0, 0, 0, 0
+        loss_sum: torch.Tensor | float = 0.0
+        samples, tokens, images, data_s = 0, 0, 0, 0.0
+        seen: list[str] = []
         for _ in range(job.grad_accum):
+            t_data = time.perf_counter()
             raw = next(it)
+            data_s += time.perf_counter() - t_data
+            if trace is not None:
+                seen += [str(x) for x in raw["id"]]
             if stage == "contrastive":
                 batch = collate_pairs(raw["pixels"], list(raw["caption"]), tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
-                batch = {k: v.to(device) for k, v in batch.items()}
+                tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 out = engine(**batch, rank=rank, world_size=world, gather=gather)
                 loss = out["loss"]
                 samples += len(raw["caption"])
-                tokens += int(batch["attention_mask"].sum())
-                loss_sum += float(loss.detach())
+                loss_sum = loss_sum + loss.detach()
             else:
                 examples = sft_examples(raw, cfg.model.vision.image_size)
                 batch, bad = collate_sft(
@@ -290,25 +295,25 @@ def train_loop(config: dict[str, Any]) -> None:
                     engine.backward(dummy)
                     engine.step()
                     continue
-                batch = {k: v.to(device) for k, v in batch.items()}
+                n_lab = int((batch["labels"][:, 1:] != -100).sum())  # host copies: no device sync
+                tokens += int(batch["attention_mask"].sum())
+                images += int(batch["pixel_values"].shape[0])
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 labels = batch.pop("labels")
-                n_lab = int((labels[:, 1:] != -100).sum())
                 mean_lab = max(_all_reduce_mean(float(n_lab), device), 1.0)
                 out = engine(**batch)
                 loss, _ = token_loss(out.logits, labels, mean_lab)
                 samples += len(examples) - len(bad)
-                tokens += int(batch["attention_mask"].sum())
-                images += int(batch["pixel_values"].shape[0])
-                loss_sum += float(loss.detach())
+                loss_sum = loss_sum + loss.detach()
             engine.backward(loss)
             engine.step()
-        # the global loss: mean over ranks (stage 2's per-rank losses are already token-weighted)
-        loss_val = _all_reduce_mean(loss_sum / job.grad_accum, device)
-        dt = time.perf_counter() - t_last
-        t_last = time.perf_counter()
-        g_samples = _all_reduce_mean(samples, device) * world
-        g_tokens = _all_reduce_mean(tokens, device) * world
+        # one collective per step: the global loss (a mean over ranks; stage 2's per-rank losses are
+        # already token-weighted), samples, tokens and images
+        loss_tot, g_samples, g_tokens, g_images = _all_reduce_sums([loss_sum, samples, tokens, images], device)
+        loss_val = loss_tot / (world * job.grad_accum)
+        t_now = time.perf_counter()
+        dt, t_last = t_now - t_last, t_now
         gnorm = engine.get_global_grad_norm()
         rec: dict[str, Any] = {
             "step": step,
@@ -318,18 +323,28 @@ def train_loop(config: dict[str, Any]) -> None:
             "grad_norm": float(gnorm) if gnorm is not None else math.nan,
             "samples_per_s": g_samples / dt,
             "tokens_per_s": g_tokens / dt,
+            "step_s": dt,
+            "data_wait_s": data_s,  # rank 0's time blocked on the Ray Data stream this step
             "peak_mem_mb": peak_memory_mb(device),
+            "torch_threads": torch.get_num_threads(),
         }
         if stage == "contrastive":
-            per_sample = contrastive_flops(engine.module, caption_tokens=tokens / max(samples, 1))
+            per_sample = contrastive_flops(engine.module, caption_tokens=g_tokens / max(g_samples, 1), cache=flop_counts)
         else:
-            per_sample = sft_flops(engine.module, seq_tokens=tokens / max(samples, 1), images_per_sample=images / max(samples, 1))
+            per_sample = sft_flops(
+                engine.module, seq_tokens=g_tokens / max(g_samples, 1), images_per_sample=g_images / max(g_samples, 1), cache=flop_counts
+            )
         rec["mfu"] = per_sample * g_samples / dt / (world * peak) if math.isfinite(peak) else math.nan
+        t_pause = time.perf_counter()  # eval and checkpoint time is reported apart, not in the step time
         if optim.eval_every and step % optim.eval_every == 0 and step != optim.steps:
             plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
             if plain is not None:
                 rec.update(evaluate(stage, plain, cfg, job, tokenizer, evals, log))
             dist.barrier()
+            rec["eval_s"] = time.perf_counter() - t_pause
+        if trace is not None:
+            with trace.open("a") as f:
+                f.write(json.dumps({"step": step, "ids": seen}) + "\n")
         if metrics_log is not None:
             metrics_log.log(rec)
         if bar is not None:
@@ -342,14 +357,19 @@ def train_loop(config: dict[str, Any]) -> None:
             )
         last = step == optim.steps
         if last or (job.checkpoint_every and step % job.checkpoint_every == 0):
-            _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, evals=evals, log=log)
+            t_ckpt = time.perf_counter()
+            _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, evals=evals, log=log, data_state=stream.state())
+            if rank == 0 and not last:
+                log(f"[{stage}] checkpoint at step {step} in {time.perf_counter() - t_ckpt:.1f}s")
+        t_last += time.perf_counter() - t_pause
         if job.kill_rank_at_step and step == job.kill_rank_at_step and rank == min(1, world - 1):
             marker = run_dir / ".killed_once"
             if not marker.exists():
                 marker.write_text(str(step))
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, not an exception
     if start == optim.steps:  # re-run of a finished run: export again from the restored state
-        _checkpoint(engine, stage, cfg, job, tokenizer, start, {"step": start}, rank, final=True, evals=evals, log=log)
+        _checkpoint(engine, stage, cfg, job, tokenizer, start, {"step": start}, rank, final=True, evals=evals, log=log, data_state=stream.state())
+    stream.close()
     if bar is not None:
         bar.close()
     if metrics_log is not None:
@@ -358,13 +378,14 @@ def train_loop(config: dict[str, Any]) -> None:
         log(f"[{stage}] skipped samples by reason (rank {rank}): {skipped}")
 
 
-def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log) -> None:
+def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log, data_state) -> None:
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory(prefix=f"vlm-ckpt-{step}-") as tmp:
         engine.save_checkpoint(str(Path(tmp) / "ds"), tag=CKPT_TAG)
+        (Path(tmp) / f"data_rank{rank}.json").write_text(json.dumps(data_state))
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
         metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -376,6 +397,14 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, e
             dist.barrier()
         metrics["step"] = step
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    if not final:
+        # Train on only once the controller has committed the checkpoint: a worker that dies
+        # right after reporting would otherwise take the report with it, the restart would find
+        # no checkpoint (training again from step 0) and the uploaded directory would never be
+        # registered, so keep_checkpoints would not prune it.
+        from ray.train import CheckpointConsistencyMode
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
 
 
 def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: Any, rank: int) -> torch.nn.Module | None:

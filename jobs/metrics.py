@@ -28,11 +28,21 @@ from torch import nn
 GPU_PEAK_TFLOPS = 790.0  # H100 bf16 dense matmul as measured here (shared/ANCHORS.md)
 
 
-def matmul_params(module: nn.Module) -> tuple[int, int]:
-    """(all, trainable) parameters excluding embedding tables."""
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, the full count under ZeRO-3 (whose local tensor is a shard)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def matmul_params(module: nn.Module, cache: dict[int, tuple[int, int]] | None = None) -> tuple[int, int]:
+    """(all, trainable) parameters excluding embedding tables; ``cache`` keeps counts per module
+    (a training loop counts once, not every step: freeze flags do not change mid-run)."""
+    if cache is not None and id(module) in cache:
+        return cache[id(module)]
     emb = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    total = sum(p.numel() for p in module.parameters() if id(p) not in emb)
-    train = sum(p.numel() for p in module.parameters() if id(p) not in emb and p.requires_grad)
+    total = sum(numel(p) for p in module.parameters() if id(p) not in emb)
+    train = sum(numel(p) for p in module.parameters() if id(p) not in emb and p.requires_grad)
+    if cache is not None:
+        cache[id(module)] = (total, train)
     return total, train
 
 
@@ -57,18 +67,18 @@ def _hf(module: nn.Module, *names: str) -> int:
     return 0
 
 
-def contrastive_flops(model: nn.Module, *, caption_tokens: float) -> float:
+def contrastive_flops(model: nn.Module, *, caption_tokens: float, cache: dict | None = None) -> float:
     """FLOPs per stage-1 sample (image + caption), fwd + bwd."""
     cfg = model.cfg
     fv = tower_flops(
-        matmul_params(model.vision)[0] + model.image_proj.weight.numel(),
+        matmul_params(model.vision, cache)[0] + numel(model.image_proj.weight),
         cfg.vision.num_patches + 1,
         layers=cfg.vision.num_layers,
         width=cfg.vision.hidden_size,
         mode=_mode(model.vision, upstream_needs_grad=False) if not model.image_proj.weight.requires_grad else "train",
     )
     ft = tower_flops(
-        matmul_params(model.text)[0] + model.text_proj.weight.numel(),
+        matmul_params(model.text, cache)[0] + numel(model.text_proj.weight),
         caption_tokens,
         layers=_hf(model.text, "num_hidden_layers"),
         width=_hf(model.text, "hidden_size"),
@@ -77,19 +87,19 @@ def contrastive_flops(model: nn.Module, *, caption_tokens: float) -> float:
     return fv + ft
 
 
-def sft_flops(model: nn.Module, *, seq_tokens: float, images_per_sample: float) -> float:
+def sft_flops(model: nn.Module, *, seq_tokens: float, images_per_sample: float, cache: dict | None = None) -> float:
     """FLOPs per stage-2 sample (its images and its token sequence), fwd + bwd."""
     cfg = model.cfg
     n_vis = cfg.vision.num_patches + 1
     proj_needs = any(p.requires_grad for p in model.projector.parameters())
     dec_mode = _mode(model.decoder, upstream_needs_grad=True)
     fv = tower_flops(
-        matmul_params(model.vision)[0], n_vis, layers=cfg.vision.num_layers, width=cfg.vision.hidden_size,
+        matmul_params(model.vision, cache)[0], n_vis, layers=cfg.vision.num_layers, width=cfg.vision.hidden_size,
         mode=_mode(model.vision, upstream_needs_grad=False),
     )
-    fp = (6 if proj_needs else 4) * matmul_params(model.projector)[0] * cfg.image_tokens
+    fp = (6 if proj_needs else 4) * matmul_params(model.projector, cache)[0] * cfg.image_tokens
     fd = tower_flops(
-        matmul_params(model.decoder)[0], seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
+        matmul_params(model.decoder, cache)[0], seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
         width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
     )
     return images_per_sample * (fv + fp) + fd
@@ -165,6 +175,16 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_jsonl(path: str | Path, *, up_to_step: int) -> None:
+    """Keep the lines of a JSON-lines file whose ``step`` is <= ``up_to_step`` (a restart's trace)."""
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= up_to_step] if p.is_file() else []
+    p.write_text("".join(ln + "\n" for ln in keep))
 
 
 def read_metrics(path: str | Path, *, up_to: int | None = None) -> list[dict[str, Any]]:

@@ -93,19 +93,33 @@ def resolve_tokenizer(stage: str, cfg: Config, job: JobConfig, log=print) -> Any
 
 
 def eval_sets(stage: str, cfg: Config, job: JobConfig) -> dict[str, Any]:
-    """Held-out data rank 0 scores at each eval (world directories only)."""
-    from jobs.data import read_heldout_pairs, read_sft
+    """Held-out data rank 0 scores at each eval (world directories only): stage 1 retrieval
+    pairs and the zero-shot classification set, stage 2 conversations."""
+    from jobs.data import read_heldout_pairs, read_sft, read_zero_shot
 
     size = cfg.model.vision.image_size
     if stage == "contrastive":
         pixels, captions = read_heldout_pairs(job.data, size=size, limit=job.eval_samples)
-        return {"pixels": pixels, "captions": captions}
+        out: dict[str, Any] = {"pixels": pixels, "captions": captions}
+        if job.zero_shot and captions:
+            out["zero_shot"] = read_zero_shot(job.data, size=size, label_kind=job.zero_shot, limit=job.eval_samples)
+        return out
     return {"examples": read_sft(job.data, size=size, split="heldout", limit=job.eval_samples)}
+
+
+def ingest_options():
+    """Ray Train's default ingest options with ``preserve_order``: each worker's shard arrives in
+    the same order on every pass, so a resumed worker can replay its epoch and skip what it trained."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     """The ``TorchTrainer`` for a stage (its run is ``job.output/ray_train``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.data import pairs_dataset, sft_dataset
@@ -135,7 +149,21 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
             ),
         ),
         datasets={"train": ds},
+        # a deterministic row order per shard: a resumed worker replays its epoch and skips what it trained
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
+
+
+def prune_unregistered(ray_dir: Path, *, keep: list[str]) -> list[str]:
+    """Remove ``checkpoint_*`` directories Ray Train does not hold (an attempt that died while
+    uploading one); returns their names. The registered ones are pruned by Ray itself."""
+    kept = {Path(k).resolve() for k in keep}
+    gone = []
+    for d in sorted(ray_dir.glob("checkpoint_*")):
+        if d.is_dir() and d.resolve() not in kept:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+    return gone
 
 
 def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]:
@@ -157,6 +185,7 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
     if result.checkpoint is None:
         raise RuntimeError(f"the run in {out / RAY_DIR} finished without a checkpoint")
     summary: dict[str, Any] = {"stage": stage, "metrics": result.metrics, "seconds": time.perf_counter() - t0}
+    summary["pruned"] = prune_unregistered(out / RAY_DIR, keep=[c.path for c, _ in result.best_checkpoints or []] + [result.checkpoint.path])
     with result.checkpoint.as_directory() as d:
         for name, dest in (("model", "final"), ("hf", "final-hf")):
             if (Path(d) / name).is_dir():

@@ -14,7 +14,7 @@ from jobs.job_config import deepspeed_config, load_job, micro_batch
 from jobs.metrics import MetricsLog, read_metrics, tower_flops, zero_memory_formula
 from vlm.config import ConfigError
 
-from .conftest import write_tiny_world
+from .conftest import ROOT, write_tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,8 @@ def test_job_config_errors_name_the_key():
         load_job(overrides=["job.zero_stage=4"])
     with pytest.raises(ConfigError, match="job config.*nope"):
         load_job(overrides=["job.nope=1"])
+    with pytest.raises(ConfigError, match="job.zero_init.*not supported"):  # refused before any worker starts
+        load_job(overrides=["job.zero_stage=3", "job.zero_init=true"])
     cfg, job = load_job(overrides=["job.num_workers=3", "stage1.batch_size=8"])
     with pytest.raises(ConfigError, match="multiple of num_workers"):
         micro_batch(cfg.stage1, job)
@@ -95,3 +97,15 @@ def test_flop_and_zero_memory_formulas():
     assert zero_memory_formula(p, 0, 8) == 16e9
     assert zero_memory_formula(p, 3, 8) == 2e9
     assert zero_memory_formula(p, 1, 8) > zero_memory_formula(p, 2, 8) > zero_memory_formula(p, 3, 8)
+
+
+def test_decode_module_imports_neither_torch_nor_transformers():
+    """Ray Data starts fresh worker processes for the decode stages on each pass: they must not
+    pay a torch/transformers import every epoch."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, jobs.data; print(sorted(m for m in ('torch', 'transformers', 'ray', 'deepspeed') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout

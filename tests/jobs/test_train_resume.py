@@ -1,17 +1,20 @@
 """A worker killed with SIGKILL mid-run resumes from the last checkpoint; re-running resumes;
 the exported checkpoints load (ours and transformers' LLaVA) and give the same logits.
 
-Stage 2 (SFT) under ZeRO-3 on 2 gloo workers: the export has to gather the shards.
+Stage 2 (SFT) under ZeRO-3 on 2 gloo workers: the export has to gather the shards. The data
+stream resumes mid-epoch: the whole run lies inside one epoch, so no row may be trained twice.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.data import ShardStream
 from jobs.metrics import read_metrics
 from jobs.train import main
 
@@ -19,6 +22,7 @@ from .conftest import TINY, write_tiny_world
 
 STEPS = 6
 KILL_AT = 3  # after step 3; the last checkpoint is step 2, so step 3 is trained again
+# 28 conversations in the world below: 14 per worker, 7 micro-batches of 2 per epoch > STEPS
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +37,7 @@ def _argv(world, out):
         f"stage2.steps={STEPS}", "stage2.batch_size=4", "stage2.warmup_steps=1", "stage2.log_every=0",
         "job.checkpoint_every=2", "job.keep_checkpoints=2", f"job.kill_rank_at_step={KILL_AT}", "job.max_failures=2",
         "job.progress=false", "job.tensorboard=false", "job.eval_samples=4", "job.sample_generations=1", "job.shuffle_buffer=16", "job.cache_shard=true",
+        "job.trace_samples=true",
     ]
 
 
@@ -42,11 +47,18 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
     assert (out / ".killed_once").read_text() == str(KILL_AT)  # the kill really happened
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "a step was lost or logged twice"
+    # the restart resumed from the step-2 checkpoint: steps 1-2 are the first attempt's, 3.. the second's
+    killed = (out / ".killed_once").stat().st_mtime
+    assert rows[1]["time"] < killed < rows[2]["time"], "the restarted attempt did not resume from the checkpoint"
     assert all(np.isfinite(r["loss"]) for r in rows)
     ckpts = sorted(p for p in (out / "ray_train").glob("checkpoint_*") if p.is_dir())
-    # keep_checkpoints=2 bounds each attempt; the checkpoint the failed attempt left is not
-    # pruned by the restarted one (seen with Ray 2.60), so one restart leaves at most 3.
-    assert 1 <= len(ckpts) <= 3
+    steps_kept = sorted(json.loads((c / "state.json").read_text())["step"] for c in ckpts)
+    assert steps_kept == [4, STEPS], f"keep_checkpoints=2 should leave the checkpoints of steps 4 and {STEPS}, found {steps_kept}"
+    # the data stream went on mid-epoch after the restart: every row of the epoch at most once
+    traced = [json.loads(ln) for r in (0, 1) for ln in (out / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
+    assert sorted(t["step"] for t in traced) == sorted(list(range(1, STEPS + 1)) * 2)
+    seen = Counter(i for t in traced for i in t["ids"])
+    assert len(seen) == STEPS * 4 and max(seen.values()) == 1, f"rows trained twice within one epoch: {seen.most_common(3)}"
     assert json.loads((out / "result.json").read_text())["metrics"]["step"] == STEPS
 
     # Re-running the finished command resumes at its last step: no step trained again.
@@ -72,3 +84,65 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
         b = hf(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert ours.meta["step"] == STEPS
+
+
+def test_shard_stream_resumes_where_it_stopped(ray_local):
+    """A stream rebuilt from ``state()`` yields exactly the batches the first one would have,
+    inside an epoch and across epoch boundaries: streamed, cached, and prefetched on a thread."""
+    import ray.data
+
+    from jobs.train import ingest_options
+
+    ray.data.DataContext.get_current().execution_options = ingest_options()
+    ds = ray.data.range(20, override_num_blocks=4).map_batches(lambda b: {"id": b["id"]})
+
+    def take(stream, n):
+        return [tuple(next(stream)["id"]) for _ in range(n)]
+
+    for cache, prefetch in ((False, 0), (True, 0), (False, 3)):
+        def stream(state=None):
+            return ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=8, cache=cache, state=state, prefetch=prefetch)
+
+        s = stream()
+        ref = take(s, 14)  # 6 micro-batches per epoch: into the third epoch
+        s.close()
+        assert len({i for b in ref[:6] for i in b}) == 18  # one epoch: no row twice
+        assert ref[6:12] != ref[:6]  # a new order each epoch
+        for k in (2, 6, 8):
+            first = stream()
+            got = take(first, k)
+            first.close()
+            again = stream(state=first.state())
+            assert got + take(again, 14 - k) == ref, (cache, prefetch, k, first.state())
+            again.close()
+    with pytest.raises(ValueError, match="epoch >= 0"):
+        ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=8, cache=False, state={"epoch": -1, "batch": 0})
+
+
+def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
+    """``job.phase=align`` (LLaVA's phase 1, ZeRO-2 on 2 workers): the export's vision tower and
+    decoder equal their initial weights, the projector moved, and only caption rows were read."""
+    from jobs.job_config import load_job
+    from jobs.loop import build_model
+    from jobs.train import resolve_tokenizer
+    from vlm.checkpoint import load_checkpoint
+
+    out = tmp_path / "align"
+    argv = [
+        "sft", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", "2", *TINY,
+        "stage2.steps=3", "stage2.batch_size=4", "stage2.warmup_steps=1", "stage2.lr=1e-2", "stage2.log_every=0",
+        "job.phase=align", "job.checkpoint_every=0", "job.max_failures=0", "job.progress=false", "job.tensorboard=false",
+        "job.eval_samples=2", "job.sample_generations=0", "job.trace_samples=true",
+    ]
+    assert main(argv) == 0
+    ids = {i for ln in (out / "samples" / "rank0.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]}
+    ids |= {i for ln in (out / "samples" / "rank1.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]}
+    assert ids and all(i.endswith("-caption") for i in ids), f"the align phase read non-caption rows: {sorted(ids)}"
+
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={out}"])
+    initial = build_model("sft", cfg, job, resolve_tokenizer("sft", cfg, job)).state_dict()  # same seed as the run
+    trained = load_checkpoint(out / "final").model.state_dict()
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert moved, "nothing trained"
+    assert all(k.startswith("projector.") for k in moved), f"the align phase changed {sorted(k for k in moved if not k.startswith('projector.'))[:5]}"
+    assert {k for k in initial if k.startswith("projector.") and k.endswith("weight")} <= moved

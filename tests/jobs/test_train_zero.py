@@ -4,10 +4,14 @@ Same data, seed and initial weights: the train split holds exactly one global ba
 step of both runs sees the same 8 pairs (the CLIP loss is invariant to their order and to how
 Ray Data splits them between the 2 workers). Tolerance: relative 2e-3 on the loss at every
 step (fp32; only reduction order differs), learning rates equal.
+
+ZeRO-3 runs with the periodic zero-shot eval on (retrieval R@1/R@5 both ways and zero-shot
+shape classification, every 2 steps and at the end).
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import local
-from jobs.data import DecodePairs
+from jobs.data import DecodePairs, read_heldout_pairs, read_zero_shot
 from jobs.job_config import load_job
 from jobs.loop import build_model
 from jobs.metrics import read_metrics
@@ -60,10 +64,17 @@ def baseline(world, tmp_path_factory):
     return result.history
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_stage):
+EVAL_KEYS = ("eval_i2t_r1", "eval_i2t_r5", "eval_t2i_r1", "eval_t2i_r5", "eval_zero_shot_acc")
+
+
+@pytest.mark.parametrize(
+    "zero_stage,extra",
+    [(1, []), (2, []), (3, ["stage1.eval_every=2"])],
+    ids=["zero1", "zero2", "zero3-eval"],
+)
+def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_stage, extra):
     out = tmp_path / f"zero{zero_stage}"
-    rc = main(["contrastive", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", str(zero_stage), *OVERRIDES])
+    rc = main(["contrastive", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", str(zero_stage), *OVERRIDES, *extra])
     assert rc == 0
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -76,3 +87,31 @@ def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_
     np.testing.assert_allclose([r["grad_norm"] for r in rows], [h["grad_norm"] for h in baseline], rtol=2e-2)
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "curves.png").stat().st_size > 0
+    if "stage1.eval_every=2" in extra:
+        _check_evals(world, out, rows)
+
+
+def _check_evals(world, out, rows):
+    """The periodic eval is logged every 2 steps (the last step's is the final one, in result.json),
+    and the final one equals a recomputation from the export."""
+    import torch
+
+    from vlm.checkpoint import load_checkpoint
+    from vlm.evaluate import retrieval_metrics
+
+    assert [r["step"] for r in rows if "eval_t2i_r1" in r] == [2, 4]
+    for key in EVAL_KEYS:
+        assert 0.0 <= rows[1][key] <= 1.0, key
+    final = json.loads((out / "result.json").read_text())["metrics"]
+    loaded = load_checkpoint(out / "final")
+    model, tok = loaded.model, loaded.tokenizer
+    size = model.cfg.vision.image_size
+    pixels, captions = read_heldout_pairs(str(world), size=size, limit=8)
+    zs = read_zero_shot(str(world), size=size, label_kind="shape", limit=8)
+    assert len(captions) == 8 and zs is not None and len(zs["labels"]) >= 2
+    with torch.no_grad():
+        img, txt = local.embed_pairs(model, pixels, captions, tok)
+    want = {f"eval_{k}": v for k, v in retrieval_metrics(img, txt).items()}
+    want["eval_zero_shot_acc"] = local.zero_shot(model, zs["pixels"], zs["labels"], zs["classnames"], zs["templates"], tok)
+    for key in EVAL_KEYS:
+        assert final[key] == pytest.approx(want[key], abs=1e-6), key
