@@ -179,10 +179,11 @@ def encode_mp4(frames: Sequence[Image.Image], path: str | os.PathLike, *, codec:
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One thread and fixed quality: the same frames always give the same bitstream.
+        # One thread; H.264 lossless (qp 0), so a decoder gets back exactly the yuv420p frames we
+        # wrote whatever choices the encoder makes (world videos are small: a few KB each).
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "fast"}
+            stream.options = {"qp": "0", "preset": "fast"}
         else:
             stream.codec_context.bit_rate = max(200_000, width * height * fps * 2)
         for image in frames:
