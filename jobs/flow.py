@@ -69,6 +69,13 @@ class Flow:
 
     # ------------------------------------------------------------------ data
 
+    def media_server(self):
+        """The world on 127.0.0.1 at the port its URL list names (a context manager)."""
+        from pipelines.local_server import LocalServer
+
+        sample = next((self.world / "images").glob("*.jpg")).relative_to(self.world).as_posix()
+        return LocalServer(self.world, sample_image=sample, port=urlparse(self.base_url).port)
+
     def write_world(self) -> dict[str, Any]:
         """The generated world; its URL list points at a port fixed for the life of the flow."""
         from pipelines.world import load_manifest, write_world
@@ -99,7 +106,6 @@ class Flow:
         """Download the URL list from the local server and write tokenized shards (resumes)."""
         from pipelines.config import load_curate_config
         from pipelines.graph import curate
-        from pipelines.local_server import LocalServer
 
         config = load_curate_config(overrides=[
             f"image.image_size={self.cfg.model.vision.image_size}",
@@ -108,9 +114,7 @@ class Flow:
             "filter.max_aspect_ratio=4",
             "filter.min_caption_words=2",
         ])
-        sample = next((self.world / "images").glob("*.jpg")).relative_to(self.world).as_posix()
-        port = urlparse(self.base_url).port
-        with LocalServer(self.world, sample_image=sample, port=port):
+        with self.media_server():
             summary = curate(str(self.world / "urls.parquet"), str(self.shards), config=config)
         if summary["failed_shards"]:
             raise RuntimeError(f"curation left {len(summary['failed_shards'])} failed shard(s) in {self.shards}; run the flow again to retry them")
@@ -155,7 +159,6 @@ class Flow:
         """Deploy both checkpoints, then talk to the endpoint over HTTP like a client would."""
         from ray import serve
 
-        from pipelines.local_server import LocalServer
         from serve.app import build_app
         from serve.config import AppArgs
 
@@ -173,8 +176,7 @@ class Flow:
         serve.run(build_app(args), name="flow", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1"
         self.log(f"[serve] {url} (chat: vlmforge-flow, embeddings: vlmforge-flow-clip)")
-        sample = next((self.world / "images").glob("*.jpg")).relative_to(self.world).as_posix()
-        with LocalServer(self.world, sample_image=sample, port=urlparse(self.base_url).port):
+        with self.media_server():
             report = {"url": url, **ask(url, self.world, self.base_url, questions=self.a.questions, pool=self.a.retrieval_pool, log=self.log)}
             if self.a.keep_serving:
                 self.log(f"[serve] serving at {url} until Ctrl-C")
@@ -262,9 +264,12 @@ def ask(url: str, world: Path, base_url: str, *, questions: int, pool: int, log:
 
             img = embed([{"type": "image_url", "image_url": {"url": _data_url(world / r["image"])}} for r in rows])
             txt = embed([r["caption"] for r in rows])
-            sims = txt @ img.T  # (captions, images); the endpoint returns unit vectors
-            retrieval = {"pool": len(rows), "t2i_r1": float((sims.argmax(1) == np.arange(len(rows))).mean()),
-                         "i2t_r1": float((sims.argmax(0) == np.arange(len(rows))).mean())}
+            import torch
+
+            from vlm.evaluate import retrieval_metrics
+
+            # The endpoint returns unit vectors, as retrieval_metrics expects.
+            retrieval = {"pool": len(rows), **retrieval_metrics(torch.from_numpy(img), torch.from_numpy(txt))}
     em = {task: round(sum(v) / len(v), 3) for task, v in scores.items()}
     asked = sum(len(v) for v in scores.values())
     log(f"[ask] {asked} held-out questions in {chat_seconds:.1f}s; exact match by task {em}")

@@ -205,14 +205,7 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     log(f"[{stage}] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads per worker")
 
-    if job.zero_init and job.zero_stage == 3:  # JobConfig refuses zero_init for now (see its check)
-        # zero.Init partitions over DeepSpeed's own communicator: bind it to the process group Ray
-        # Train set up now (deepspeed.initialize would do it only later), else it sees one rank
-        deepspeed.init_distributed(dist_backend="nccl" if job.gpu else "gloo", auto_mpi_discovery=False)
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(optim, job), remote_device="cpu" if job.offload_params else None):
-            model = build_model(stage, cfg, job, tokenizer)
-    else:
-        model = build_model(stage, cfg, job, tokenizer)
+    model = build_model(stage, cfg, job, tokenizer)  # job.zero_init is refused by JobConfig (see its check)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
     engine, _, _, _ = deepspeed.initialize(
