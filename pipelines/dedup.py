@@ -17,20 +17,29 @@ A sample without a colour signature (a parquet written before it existed) is nev
 duplicate, nor the original of one: exact dedup still applies to it, near dedup does not,
 because a colour-blind match is the false positive this module guards against.
 
-Near-duplicate lookup uses 8 bands of 8 bits: two hashes within 7 bits share at least one
-band exactly (pigeonhole), so candidates come from 8 dict lookups, not a scan.
+Near-duplicate lookup is multi-index hashing: the 64 bits are cut into ``distance + 1`` bands,
+and two hashes within ``distance`` bits share at least one band exactly (pigeonhole), so
+candidates come from ``distance + 1`` dict lookups, not a scan. The fewer the bands, the wider
+each one and the fewer false candidates a lookup returns (at the default distance 4: 5 bands of
+12-13 bits, 4,096+ buckets each, against 256 for 8 bands of 8 bits).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-_BANDS = 8
+_MAX_DISTANCE = 7
 
 
-def _bands(h: int) -> list[tuple[int, int]]:
-    u = h & 0xFFFFFFFFFFFFFFFF
-    return [(b, (u >> (8 * b)) & 0xFF) for b in range(_BANDS)]
+def _band_layout(distance: int) -> list[tuple[int, int]]:
+    """(shift, mask) of each of the ``distance + 1`` bands that tile the 64 bits."""
+    n = distance + 1
+    widths = [64 // n + (1 if b < 64 % n else 0) for b in range(n)]
+    layout, shift = [], 0
+    for w in widths:
+        layout.append((shift, (1 << w) - 1))
+        shift += w
+    return layout
 
 
 def hamming(a: int, b: int) -> int:
@@ -53,15 +62,20 @@ class DedupIndex:
     """
 
     def __init__(self, *, exact: bool = True, near: bool = True, distance: int = 4, colour_distance: int = 8) -> None:
-        if not 0 <= distance < _BANDS:
-            raise ValueError(f"expected distance in [0, {_BANDS - 1}], got {distance}")
+        if not 0 <= distance <= _MAX_DISTANCE:
+            raise ValueError(f"expected distance in [0, {_MAX_DISTANCE}], got {distance}")
         if not 0 <= colour_distance <= 255:
             raise ValueError(f"expected colour_distance in [0, 255], got {colour_distance}")
         self.exact, self.near, self.distance, self.colour_distance = exact, near, distance, colour_distance
         self._sha: dict[str, str] = {}
         self._phash: dict[int, list[tuple[bytes | None, str]]] = {}  # pHash -> (colour signature, key) kept
         self._bands: dict[tuple[int, int], list[int]] = {}
+        self._layout = _band_layout(distance)
         self._near_count = 0
+
+    def _bands_of(self, h: int) -> list[tuple[int, int]]:
+        u = h & 0xFFFFFFFFFFFFFFFF
+        return [(b, (u >> shift) & mask) for b, (shift, mask) in enumerate(self._layout)]
 
     def __len__(self) -> int:
         return max(len(self._sha), self._near_count)
@@ -77,7 +91,7 @@ class DedupIndex:
         if sig is None:
             return None
         seen: set[int] = set()
-        for band in _bands(h):
+        for band in self._bands_of(h):
             for other in self._bands.get(band, ()):
                 if other in seen:
                     continue
@@ -97,7 +111,7 @@ class DedupIndex:
         entries = self._phash.get(ph)
         if entries is None:
             entries = self._phash[ph] = []
-            for band in _bands(ph):
+            for band in self._bands_of(ph):
                 self._bands.setdefault(band, []).append(ph)
         if (sig, key) not in entries:  # a retried shard re-adds its own samples
             entries.append((sig, key))

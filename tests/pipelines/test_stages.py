@@ -353,3 +353,36 @@ def test_stage_modules_do_not_import_ray():
         "pipelines.tokens, pipelines.report, pipelines.inputs; assert 'ray' not in sys.modules, 'ray imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("distance", [0, 1, 3, 4, 7])
+def test_near_dedup_band_lookup_equals_a_full_scan(distance):
+    """Multi-index hashing (distance + 1 bands) finds exactly the owners a scan of every kept
+    hash finds: hashes planted at 0..distance+2 bits from earlier ones, colour always close."""
+    rng = np.random.default_rng(distance)
+    hashes: list[int] = []
+    for i in range(600):
+        if hashes and rng.random() < 0.5:  # a copy of an earlier hash with a few bits flipped
+            h = hashes[int(rng.integers(len(hashes)))]
+            for bit in rng.choice(64, size=int(rng.integers(0, distance + 3)), replace=False):
+                h ^= 1 << int(bit)
+        else:
+            h = int(rng.integers(0, 2**63)) * (1 if rng.random() < 0.5 else -1)
+        hashes.append(h)
+    keys = [f"k{i}" for i in range(len(hashes))]
+    sig = "00" * 48
+    got = DedupIndex(exact=False, distance=distance).claim(keys, [None] * len(keys), hashes, [sig] * len(keys))
+
+    kept: list[tuple[int, str]] = []
+    want: list[str | None] = []
+    for k, h in zip(keys, hashes):
+        owner = next((o for oh, o in kept if hamming(h, oh) <= distance), None)
+        want.append(None if owner is None else f"near_duplicate_of:{owner}")
+        if owner is None:
+            kept.append((h, k))
+    assert [g is None for g in got] == [w is None for w in want]
+    assert sum(w is not None for w in want) > 50  # the planted copies were found
+    kept_hash = {k: h for h, k in kept}
+    for h, g in zip(hashes, got):  # any kept owner within distance is a right answer
+        if g is not None:
+            assert hamming(h, kept_hash[g.split(":", 1)[1]]) <= distance
