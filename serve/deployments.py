@@ -182,6 +182,7 @@ class LanguageModel:
         cfg = LMConfig.model_validate(config or {})
         self.engine.max_batch_size = cfg.max_batch_size
         self.engine.batch_wait_timeout_s = cfg.batch_wait_timeout_s
+        self.engine.stream_interval = cfg.stream_interval
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
 
