@@ -173,8 +173,10 @@ class LanguageModel:
     def __init__(self, checkpoint: str, *, device: str = "auto", dtype: str = "float32") -> None:
         loaded = load_model(checkpoint, device=device, dtype=dtype)
         self.m = metrics.get()
+        cfg = LMConfig()  # the defaults until reconfigure() applies a user_config
         self.engine = BatchEngine(
-            loaded.model, loaded.tokenizer,
+            loaded.model, loaded.tokenizer, max_batch_size=cfg.max_batch_size,
+            batch_wait_timeout_s=cfg.batch_wait_timeout_s, stream_interval=cfg.stream_interval,
             on_batch=lambda n: self.m.batch_size.observe(n, tags={"stage": "lm"}),
         )
 
