@@ -8,13 +8,16 @@ Both run behind Ray Serve on 127.0.0.1 and are called over HTTP with the same re
 image + a question each, greedy, ``--max-tokens`` tokens):
 
 - ours: ``serve.app:build_app`` (ingress -> batched, cached image encoder -> batched LM), streamed,
-  so time to first token (TTFT) is the first content chunk;
+  so time to first token (TTFT) is the first content chunk; after the first token, tokens come in
+  messages of ``lm.stream_interval`` (``--stream-interval``, default the app's own);
 - naive: one replica that handles one request at a time (queued inside it, behind a lock) with
   transformers' ``generate`` on the decoder (image features recomputed per request, no cache);
   TTFT is the whole answer's latency.
 
 Printed per concurrency level: requests/s, TTFT p50/p99, generated tokens/s, and ours/naive as a
-ratio.
+ratio; then, per level, where ours spent its CPU: milliseconds of CPU per request in Serve's HTTP
+proxy, each of our deployments' replicas, and this script's own client (psutil, summed over the
+processes of each).
 
 Then the cost of a repeated image against its first encoding. The figure: per image part, the
 seconds from the start of its fetch in the ingress to its (T, D) features being ready there,
@@ -33,6 +36,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -139,6 +143,30 @@ def naive_deployment(checkpoint: str, device: str, dtype: str):
     return Naive.bind()
 
 
+CPU_ROLES = {"proxy": "ProxyActor", "ingress": "ServeReplica:ours:Ingress",
+             "encoder": "ServeReplica:ours:ImageEncoder", "lm": "ServeReplica:ours:LanguageModel"}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of Serve's proxy, each of our deployments' replicas (by
+    their process titles) and this process (the HTTP client)."""
+    import psutil
+
+    out = dict.fromkeys([*CPU_ROLES, "client"], 0.0)
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            role = next((r for r, title in CPU_ROLES.items() if cmd.startswith(f"ray::{title}")), None)
+            if proc.pid == os.getpid():
+                role = "client"
+            if role:
+                t = proc.cpu_times()
+                out[role] += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
 async def run_level(url: str, bodies: list[dict], concurrency: int, *, stream: bool) -> dict:
     import httpx
 
@@ -220,13 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-requests", type=int, default=24, help="requests per level for the naive server")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs given to the local Ray")
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="ours: tokens per streamed message after the first (default: LMConfig's)")
     ns = p.parse_args(argv)
 
     import ray
     from ray import serve
 
     from serve.app import build_app
-    from serve.config import AppArgs
+    from serve.config import AppArgs, LMConfig
 
     tmp = tempfile.TemporaryDirectory()
     ckpt = ns.checkpoint or str(make_checkpoint(ns.preset, Path(tmp.name)))
@@ -241,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "ImageEncoder": {**one, "ray_actor_options": {"num_cpus": 1}},
                                 "LanguageModel": {**one, "ray_actor_options": {"num_cpus": 1},
                                                   "max_ongoing_requests": 128, "max_queued_requests": -1}},
-                   lm={"max_batch_size": 32, "batch_wait_timeout_s": 0.005})
+                   lm={"max_batch_size": 32, "batch_wait_timeout_s": 0.005,
+                       "stream_interval": ns.stream_interval or LMConfig().stream_interval})
     serve.run(build_app(args), name="ours", route_prefix="/ours")
     serve.run(naive_deployment(ckpt, ns.device, ns.dtype), name="naive", route_prefix="/naive")
 
@@ -258,16 +289,23 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(run_level(f"{base}/ours/v1/chat/completions", bodies(8), 4, stream=True))  # warm up
     asyncio.run(run_level(f"{base}/naive/v1/chat/completions", bodies(2), 1, stream=False))
     print(f"checkpoint {ckpt} ({ns.preset if not ns.checkpoint else 'given'}), device {ns.device} {ns.dtype}, "
-          f"max_tokens {ns.max_tokens}")
+          f"max_tokens {ns.max_tokens}, ours streams {args.lm.stream_interval} tokens per message after the first")
     print(f"{'conc':>4} | {'ours req/s':>10} {'TTFT p50':>9} {'p99':>7} {'tok/s':>8} | {'naive req/s':>11} "
           f"{'TTFT p50':>9} {'p99':>7} {'tok/s':>8} | {'x req/s':>7} {'x tok/s':>7}")
+    cpu: dict[int, dict[str, float]] = {}
     for c in ns.levels:
-        ours = asyncio.run(run_level(f"{base}/ours/v1/chat/completions", bodies(max(ns.requests, 2 * c)), c, stream=True))
+        n = max(ns.requests, 2 * c)
+        before = cpu_seconds()
+        ours = asyncio.run(run_level(f"{base}/ours/v1/chat/completions", bodies(n), c, stream=True))
+        cpu[c] = {k: (v - before[k]) / n for k, v in cpu_seconds().items()}
         naive = asyncio.run(run_level(f"{base}/naive/v1/chat/completions", bodies(max(ns.naive_requests, c)), c,
                                       stream=False))
         print(f"{c:>4} | {ours['rps']:>10.2f} {ours['ttft_p50']:>9.3f} {ours['ttft_p99']:>7.3f} {ours['tok_s']:>8.1f} | "
               f"{naive['rps']:>11.2f} {naive['ttft_p50']:>9.3f} {naive['ttft_p99']:>7.3f} {naive['tok_s']:>8.1f} | "
               f"{ours['rps'] / naive['rps']:>7.2f} {ours['tok_s'] / max(naive['tok_s'], 1e-9):>7.2f}", flush=True)
+    print("ours, CPU milliseconds per request: " + "; ".join(
+        f"concurrency {c}: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in per.items()) + f" (sum {1e3 * sum(per.values()):.1f})"
+        for c, per in cpu.items()), flush=True)
     first, again = image_cost(base, f"http://127.0.0.1:{metrics_port}/metrics")
     print(f"image cost in the ingress (fetch start -> features ready, mean of 16): first encoding {first * 1e3:.3f} ms, "
           f"repeated image {again * 1e3:.3f} ms ({100 * again / first:.1f}% of the first)")

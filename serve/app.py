@@ -100,6 +100,7 @@ class Ingress:
         from vlm.config import read_config
 
         self.encoder, self.lm, self.embedder = encoder, lm, embedder
+        self.lm_stream = lm.options(stream=True) if lm is not None else None
         self.chat_model, self.embedding_model = chat_model, embedding_model
         self.cfg = IngressConfig()
         self.features = LRU(int(self.cfg.image_cache_mb * 2**20), weigh=lambda a: a.nbytes)  # bytes hash -> (1, T, D)
@@ -366,40 +367,51 @@ class Ingress:
             self._count(out["prompt_tokens"], out["completion_tokens"], counts["image_tokens"])
             return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created))
 
-        events = self.lm.options(stream=True).generate_stream.remote(gen).__aiter__()
+        events = self.lm_stream.generate_stream.remote(gen).__aiter__()
         first = await events.__anext__()  # a list of events; errors before it are still HTTP errors
         self.m.ttft.observe(time.perf_counter() - start)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        deadline = start + self.cfg.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + max(0.001, start + self.cfg.request_timeout_s
+                                                           - time.perf_counter())
+
+        def sse_text(batch: list[dict[str, Any]]) -> tuple[str, bool]:
+            """The SSE events for one message of the language model (the steps since the last
+            one) as one string, so each message costs one write downstream; and whether it ends
+            the answer."""
+            out = []
+            text = "".join(e.get("delta", "") for e in batch)
+            if text:
+                out.append(chunk(rid, req.model, created, delta={"content": text}))
+            event = batch[-1]
+            if "finish_reason" not in event:
+                return "".join(out), False
+            out.append(chunk(rid, req.model, created, delta={}, finish=event["finish_reason"]))
+            p, c = event["prompt_tokens"], event["completion_tokens"]
+            self._count(p, c, counts["image_tokens"])
+            if include_usage:
+                out.append(chunk(rid, req.model, created, delta=None, usage_=usage(p, c, **counts)))
+            out.append(SSE_DONE)
+            return "".join(out), True
 
         async def sse():
-            yield chunk(rid, req.model, created, delta={"role": "assistant", "content": ""})
-            batch = first
-            event: dict[str, Any] = {}
+            done = False
             try:
-                while True:
-                    text = "".join(e.get("delta", "") for e in batch)  # the steps since the last message
-                    if text:
-                        yield chunk(rid, req.model, created, delta={"content": text})
-                    event = batch[-1]
-                    if "finish_reason" in event:
-                        yield chunk(rid, req.model, created, delta={}, finish=event["finish_reason"])
-                        p, c = event["prompt_tokens"], event["completion_tokens"]
-                        self._count(p, c, counts["image_tokens"])
-                        if include_usage:
-                            yield chunk(rid, req.model, created, delta=None, usage_=usage(p, c, **counts))
-                        break
-                    batch = await asyncio.wait_for(events.__anext__(), max(0.001, deadline - time.perf_counter()))
-            except asyncio.TimeoutError:
+                text, done = sse_text(first)
+                yield chunk(rid, req.model, created, delta={"role": "assistant", "content": ""}) + text
+                while not done:
+                    async with asyncio.timeout_at(deadline):  # around the wait only, never a yield
+                        batch = await events.__anext__()
+                    text, done = sse_text(batch)
+                    yield text
+            except TimeoutError:
                 yield sse_error(ApiError(504, f"the request took longer than {self.cfg.request_timeout_s:g}s",
-                                         code="timeout"))
+                                         code="timeout")) + SSE_DONE
             except Exception as e:
                 log.exception("stream failed")
-                yield sse_error(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+                yield sse_error(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")) + SSE_DONE
             finally:
-                if "finish_reason" not in event:  # client gone or timed out: stop generating for it
+                if not done:  # client gone, timed out or failed: stop generating for it
                     events.cancel()
-            yield SSE_DONE
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -72,6 +72,7 @@ class LMConfig(_Strict):
 
     max_batch_size: int = Field(32, ge=1, description="rows decoded together")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="wait this long for more requests before a prefill")
+    stream_interval: int = Field(8, ge=1, description="streamed answers: tokens per message after the first token (which goes at once); 1 sends every token on its own, a larger value costs less per token on each hop (language model -> ingress -> proxy -> client) and makes the text arrive in bursts")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves the default")
 
 

@@ -173,8 +173,10 @@ class LanguageModel:
     def __init__(self, checkpoint: str, *, device: str = "auto", dtype: str = "float32") -> None:
         loaded = load_model(checkpoint, device=device, dtype=dtype)
         self.m = metrics.get()
+        cfg = LMConfig()  # the defaults until reconfigure() applies a user_config
         self.engine = BatchEngine(
-            loaded.model, loaded.tokenizer,
+            loaded.model, loaded.tokenizer, max_batch_size=cfg.max_batch_size,
+            batch_wait_timeout_s=cfg.batch_wait_timeout_s, stream_interval=cfg.stream_interval,
             on_batch=lambda n: self.m.batch_size.observe(n, tags={"stage": "lm"}),
         )
 
@@ -182,6 +184,7 @@ class LanguageModel:
         cfg = LMConfig.model_validate(config or {})
         self.engine.max_batch_size = cfg.max_batch_size
         self.engine.batch_wait_timeout_s = cfg.batch_wait_timeout_s
+        self.engine.stream_interval = cfg.stream_interval
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
 

@@ -6,8 +6,10 @@ through ``vlm.generation.decode_tokens`` (one prefill with left padding and a sh
 then one token per row per step). Requests that arrive while it decodes join the running batch
 at the next step boundary (prefilled on their own, their KV cache merged into the batch's), as
 long as there is room; each row stops by ``RowState``'s rules, as in ``generate``, and leaves the
-batch when it stops or its consumer goes away. Every step's new text is pushed to its consumer,
-so streaming costs nothing extra.
+batch when it stops or its consumer goes away. New text goes to its consumer in messages of
+``stream_interval`` pieces (the first piece at once, the last with the final event), so a stream
+costs one message per few tokens on each hop downstream, not one per token (vLLM's
+``--stream-interval`` has the same trade: fewer, larger deltas for less per-message overhead).
 
 Each row keeps its own sampling knobs and ``torch.Generator``, and position ids come from the
 attention mask, so a request's answer does not depend on which others share its batch or when
@@ -50,21 +52,34 @@ class GenRequest:
 
 
 class _StreamRow(RowState):
-    """A ``RowState`` that pushes each new piece of text to its consumer as it is generated
-    (held back by the longest stop string's length less one, and any incomplete character)."""
+    """A ``RowState`` that pushes new text to its consumer as it is generated (held back by the
+    longest stop string's length less one, and any incomplete character), ``interval`` pieces
+    per message: the first piece goes at once (time to first token), later ones wait until
+    ``interval`` are ready, and the final event takes whatever is left."""
 
     req: GenRequest
-    emit: Callable[[dict[str, Any]], None]  # called from the decode thread
-    sent: str  # the text already pushed to the consumer
+    emit: Callable[[list[dict[str, Any]]], None]  # called from the decode thread with one message
+    sent: str  # the text already made into pieces
     hold: int  # characters held back while they may begin a stop string
+    interval: int  # pieces per message after the first
+    pending: list[dict[str, Any]]  # pieces not yet sent
+    started: bool  # the first piece has been sent
 
     @classmethod
-    def open(cls, model, tokenizer, req: GenRequest, emit: Callable[[dict[str, Any]], None]) -> _StreamRow:
+    def open(cls, model, tokenizer, req: GenRequest, emit: Callable[[list[dict[str, Any]]], None], *,
+             interval: int = 1) -> _StreamRow:
         row = cls.for_prompt(model, tokenizer, req.input_ids, req.config(), where="the prompt")
         row.req, row.emit = req, emit
         row.sent = ""
         row.hold = max((len(s) for s in req.stop), default=1) - 1
+        row.interval, row.pending, row.started = max(1, int(interval)), [], False
         return row
+
+    def _send(self, event: dict[str, Any]) -> None:
+        self.pending.append(event)
+        if "finish_reason" in event or not self.started or len(self.pending) >= self.interval:
+            self.emit(self.pending)
+            self.pending, self.started = [], True
 
     def push(self, token: int, tokenizer) -> None:
         super().push(token, tokenizer)
@@ -76,11 +91,11 @@ class _StreamRow(RowState):
             res = self.result(tokenizer)
             safe = res.text
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
-            self.emit({"delta": safe[len(self.sent):]})
+            self._send({"delta": safe[len(self.sent):]})
             self.sent = safe
         if self.finish is not None:
-            self.emit({"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
-                       "completion_tokens": res.num_generated_tokens})
+            self._send({"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
+                        "completion_tokens": res.num_generated_tokens})
 
 
 class BatchEngine:
@@ -92,15 +107,18 @@ class BatchEngine:
         max_batch_size: rows decoded together.
         batch_wait_timeout_s: when idle, after the first waiting request, wait this long for more
             (requests that arrive while a batch decodes join it at once).
+        stream_interval: pieces of new text (about one per token) per streamed message after
+            the first; 1 sends every piece on its own.
         on_batch: called with each batch's size (metrics).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 stream_interval: int = 1, on_batch: Callable[[int], None] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.stream_interval = stream_interval
         self.on_batch = on_batch
         self._waiting: list[_StreamRow] = []
         self._running: list[_StreamRow] = []  # the rows of the decode loop now running
@@ -119,24 +137,25 @@ class BatchEngine:
 
     async def stream(self, req: GenRequest) -> AsyncIterator[list[dict[str, Any]]]:
         """Yield lists of events: ``{"delta": text}`` ones, then one ``{"finish_reason", "text",
-        "prompt_tokens", "completion_tokens"}`` that ends the stream. Each list holds every event
-        made since the last one, so a consumer that falls behind gets fewer, larger messages
-        (one per step when it keeps up). Leaving the loop early cancels the row."""
+        "prompt_tokens", "completion_tokens"}`` that ends the stream. The first list holds the
+        first piece of text alone; later ones ``stream_interval`` pieces each (the last one what
+        is left, with the final event), more when the consumer falls behind: a list holds every
+        event made since the last one. Leaving the loop early cancels the row."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def emit(event: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def emit(events: list[dict[str, Any]]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, events)
 
-        row = _StreamRow.open(self.model, self.tokenizer, req, emit)
+        row = _StreamRow.open(self.model, self.tokenizer, req, emit, interval=self.stream_interval)
         with self._cv:
             self._waiting.append(row)
             self._cv.notify()
         try:
             while True:
-                events = [await queue.get()]
+                events = list(await queue.get())
                 while not queue.empty():
-                    events.append(queue.get_nowait())
+                    events.extend(queue.get_nowait())
                 for event in events:
                     if "error" in event:
                         raise RuntimeError(event["error"])
@@ -181,7 +200,7 @@ class BatchEngine:
             except Exception as e:  # a bug, not the client's: fail the running requests, keep serving
                 for r in self._running:
                     if r.finish is None:
-                        r.emit({"error": f"{type(e).__name__}: {e}"})
+                        r.emit([{"error": f"{type(e).__name__}: {e}"}])
 
     def _join(self, live: int) -> Prompts | None:
         """Waiting requests that fit beside ``live`` running rows join the batch at once."""

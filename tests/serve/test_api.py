@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from _helpers import API_KEY, data_url, make_mp4, scene_png
 
-from serve.config import Limits
+from serve.config import Limits, LMConfig
 from serve.media import decode_image, decode_video
 
 MODEL = "tiny-vlm"
@@ -120,6 +120,11 @@ def test_streaming_equals_whole_answer(client, main_app, media):
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
+    # tokens travel in messages of lm.stream_interval after the first: fewer chunks than tokens
+    n, interval = whole.usage.completion_tokens, LMConfig().stream_interval
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert 1 <= len(content) <= 1 + -(-(n - 1) // interval), (len(content), n)
+    assert len(content) < n, (len(content), n)  # (n is 10 here: the answer runs to max_tokens)
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [whole.choices[0].finish_reason]

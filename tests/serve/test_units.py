@@ -153,3 +153,67 @@ def test_engine_requests_join_a_running_batch(checkpoints):
     for out, w in zip(outs, want):
         assert (out["text"], out["completion_tokens"], out["finish_reason"]) == (w.text, w.num_generated_tokens,
                                                                                   w.finish_reason)
+
+
+def test_stream_messages_carry_interval_tokens(checkpoints):
+    """Streamed text leaves a row in messages: the first piece alone (time to first token), then
+    ``interval`` pieces per message, the final event with whatever is left; the pieces
+    concatenate to the answer generate() gives."""
+    from vlm.checkpoint import load_checkpoint
+    from vlm.generation import GenerationConfig, generate
+
+    from serve.engine import GenRequest, _StreamRow
+
+    ck = load_checkpoint(checkpoints["vlm"])
+    m, tok = ck.model, ck.tokenizer
+    prompt = [2, 60, 61, 62, 63, 3, 2, 70]
+    want = generate(m, input_ids=[prompt], tokenizer=tok, config=GenerationConfig(max_new_tokens=14))[0]
+    assert want.num_generated_tokens >= 8, want  # long enough to make several messages
+    for interval in (1, 3, 5):
+        messages: list[list[dict]] = []
+        row = _StreamRow.open(m, tok, GenRequest(input_ids=prompt, max_new_tokens=14), messages.append,
+                              interval=interval)
+        for t in want.token_ids:
+            row.push(t, tok)
+        assert row.finish is not None and not row.pending
+        text = "".join(e.get("delta", "") for msg in messages for e in msg)
+        assert text == want.text == messages[-1][-1]["text"]
+        assert messages[-1][-1]["completion_tokens"] == want.num_generated_tokens
+        assert [e for msg in messages for e in msg if "finish_reason" in e] == [messages[-1][-1]]
+        assert len(messages[0]) == 1 and "delta" in messages[0][0], messages[0]
+        assert all(len(msg) == interval for msg in messages[1:-1]), [len(msg) for msg in messages]
+        assert 1 <= len(messages[-1]) <= interval
+        pieces = sum(1 for msg in messages for e in msg if "delta" in e)
+        assert len(messages) == 1 + -(-pieces // interval)  # the first piece, then the rest and the end in groups
+
+
+def test_engine_stream_coalesces_and_matches_generate(checkpoints):
+    """Through the engine's stream, with an interval, a request gets fewer messages than tokens
+    and the same text and counts as generate() alone."""
+    from vlm.checkpoint import load_checkpoint
+    from vlm.generation import GenerationConfig, generate
+
+    from serve.engine import BatchEngine, GenRequest
+
+    ck = load_checkpoint(checkpoints["vlm"])
+    m, tok = ck.model, ck.tokenizer
+    prompts = [[2, 60, 61, 62, 63, 3, 2, 70], [2, 40, 41, 3, 2, 50]]
+    want = [generate(m, input_ids=[p], tokenizer=tok, config=GenerationConfig(max_new_tokens=16))[0] for p in prompts]
+    engine = BatchEngine(m, tok, max_batch_size=8, batch_wait_timeout_s=0.0, stream_interval=4)
+
+    async def one(p: list[int]) -> list[list[dict]]:
+        return [events async for events in engine.stream(GenRequest(input_ids=p, max_new_tokens=16))]
+
+    async def run():
+        return await asyncio.gather(*[one(p) for p in prompts])
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        engine.close()
+    for lists, w in zip(outs, want):
+        assert "".join(e.get("delta", "") for events in lists for e in events) == w.text
+        last = lists[-1][-1]
+        assert (last["text"], last["completion_tokens"], last["finish_reason"]) == (w.text, w.num_generated_tokens,
+                                                                                  w.finish_reason)
+        assert len(lists) <= 2 + (w.num_generated_tokens - 1) // 4 < w.num_generated_tokens, len(lists)
