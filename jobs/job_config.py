@@ -35,7 +35,11 @@ class JobConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU
     offload_params: bool = False  # ZeRO-3 parameters on CPU
-    zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init); not supported yet
+    # ZeRO-3: build the model inside deepspeed.zero.Init, each parameter partitioned over the workers
+    # as it is created, so a model larger than one device (or host) can be built; weights from
+    # init_from or pretrained towers load into the shards. On by default at ZeRO-3, as DeepSpeed and
+    # transformers users expect (same weights as without it); no effect at stages 0-2.
+    zero_init: bool = True
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
@@ -74,15 +78,6 @@ class JobConfig:
             )
         if self.zero_shot not in ("", "shape", "colour", "color", "size", "background"):
             raise ConfigError(f"job.zero_shot: expected '', 'shape', 'colour', 'size' or 'background', got {self.zero_shot!r}")
-        if self.zero_init:
-            # Seen with transformers 5.24 + DeepSpeed 0.19.8: under zero.Init the towers' own weight
-            # init (post_init) runs on already-partitioned, empty tensors and fails (BERT's padding
-            # row: "index 0 is out of bounds for dimension 0 with size 0"); skipping it would start
-            # from another initialisation than the unpartitioned build. Refuse it up front.
-            raise ConfigError(
-                "job.zero_init: building the model partitioned (deepspeed.zero.Init) is not supported yet: the "
-                "transformers towers initialise their weights after ZeRO-3 has partitioned them; use job.zero_init=false"
-            )
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("job.offload_params: parameter offload needs job.zero_stage=3")
 
