@@ -120,16 +120,24 @@ def test_shard_stream_resumes_where_it_stopped(ray_local):
 
 
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
-    """``job.phase=align`` (LLaVA's phase 1, ZeRO-2 on 2 workers): the export's vision tower and
-    decoder equal their initial weights, the projector moved, and only caption rows were read."""
+    """``job.phase=align`` (LLaVA's phase 1) from a stage-1 checkpoint, ZeRO-3 on 2 workers with the
+    model built partitioned (``job.zero_init``, its default): the stage-1 vision tower loads into the
+    shards, and the export's vision tower equals the checkpoint's, its decoder the unpartitioned
+    build's initial one; the projector moved, and only caption rows were read."""
     from jobs.job_config import load_job
     from jobs.loop import build_model
     from jobs.train import resolve_tokenizer
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint import load_checkpoint, save_checkpoint
+
+    # a stage-1 checkpoint from another seed than the run's: a vision tower that did not load would show
+    s1 = tmp_path / "s1"
+    cfg1, job1 = load_job(overrides=[*TINY, "seed=7", f"job.data={world}", f"job.output={s1}"])
+    tok = resolve_tokenizer("contrastive", cfg1, job1, log=lambda *_: None)
+    save_checkpoint(build_model("contrastive", cfg1, job1, tok), s1, config=cfg1, tokenizer=tok)
 
     out = tmp_path / "align"
     argv = [
-        "sft", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", "2", *TINY,
+        "sft", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", "3", "--init-from", str(s1), *TINY,
         "stage2.steps=3", "stage2.batch_size=4", "stage2.warmup_steps=1", "stage2.lr=1e-2", "stage2.log_every=0",
         "job.phase=align", "job.checkpoint_every=0", "job.max_failures=0", "job.progress=false", "job.tensorboard=false",
         "job.eval_samples=2", "job.sample_generations=0", "job.trace_samples=true",
@@ -138,10 +146,14 @@ def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, worl
     ids = {i for ln in (out / "samples" / "rank0.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]}
     ids |= {i for ln in (out / "samples" / "rank1.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]}
     assert ids and all(i.endswith("-caption") for i in ids), f"the align phase read non-caption rows: {sorted(ids)}"
+    shards = json.loads((out / "partition.json").read_text())["ranks"]
+    assert len(shards) == 2 and all(r["visible_numel"] == 0 and 0 < r["shard_numel"] < r["full_numel"] for r in shards)
 
-    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={out}"])
-    initial = build_model("sft", cfg, job, resolve_tokenizer("sft", cfg, job)).state_dict()  # same seed as the run
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={out}", f"job.init_from={s1}"])
+    initial = build_model("sft", cfg, job, resolve_tokenizer("sft", cfg, job)).state_dict()  # same seed as the run, unpartitioned
+    stage1 = load_checkpoint(s1).model.vision.state_dict()
     trained = load_checkpoint(out / "final").model.state_dict()
+    assert all(torch.equal(trained[f"vision.{k}"], v) for k, v in stage1.items()), "the export's vision tower is not the stage-1 one"
     moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
     assert moved, "nothing trained"
     assert all(k.startswith("projector.") for k in moved), f"the align phase changed {sorted(k for k in moved if not k.startswith('projector.'))[:5]}"
