@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.data import ShardStream, sft_examples
+from jobs.data import ShardStream, available_memory, sft_examples
 from jobs.job_config import JobConfig, deepspeed_config, micro_batch
 from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, truncate_jsonl
 from vlm.config import Config
@@ -276,9 +276,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     micro = micro_batch(optim, job)
     shard = ray.train.get_dataset_shard("train")
+    if job.cache_budget_mb > 0:
+        budget = int(job.cache_budget_mb * 2**20)
+    else:  # a quarter of what this node has free, shared by its workers
+        budget = available_memory() // (4 * max(1, ctx.get_local_world_size()))
     stream = ShardStream(
         shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard,
-        state=data_state, prefetch=job.prefetch_batches,
+        cache_budget=budget, state=data_state, prefetch=job.prefetch_batches, log=lambda m: print(f"[{stage}] rank {rank} {m}"),
     )
     it = stream
     if stage == "sft" and job.group_by_length:

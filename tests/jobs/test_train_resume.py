@@ -119,6 +119,51 @@ def test_shard_stream_resumes_where_it_stopped(ray_local):
         ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=8, cache=False, state={"epoch": -1, "batch": 0})
 
 
+def test_shard_stream_auto_cache(ray_local, tmp_path):
+    """``cache="auto"`` keeps a shard within its budget (Ray Data runs its read/decode once over
+    three epochs) and streams one past it (a run per epoch, the batches of ``cache=False``). The
+    cached epochs draw from the same rows as the first, in a new order each epoch when shuffling
+    and in the first epoch's order when not, as the streamed epochs do."""
+    import ray.data
+
+    from jobs.data import batch_nbytes
+    from jobs.train import ingest_options
+
+    ray.data.DataContext.get_current().execution_options = ingest_options()
+    decoded = tmp_path / "decoded.txt"  # one line per row the "decode" stage produced
+
+    def decode(b):
+        with open(decoded, "a") as f:
+            f.write("x\n" * len(b["id"]))
+        return {"id": b["id"], "pixels": np.zeros((len(b["id"]), 8, 8, 3), np.uint8)}
+
+    ds = ray.data.range(20, override_num_blocks=4).map_batches(decode)
+    row_bytes = batch_nbytes({"id": np.zeros(1, np.int64), "pixels": np.zeros((1, 8, 8, 3), np.uint8)})
+
+    def epochs(cache, budget, shuffle):
+        decoded.write_text("")
+        said: list[str] = []
+        s = ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=shuffle, cache=cache, cache_budget=budget, log=said.append)
+        got = [[tuple(next(s)["id"]) for _ in range(6)] for _ in range(3)]  # 3 epochs of 6 micro-batches
+        s.close()
+        return got, s.state()["cached"], len(decoded.read_text().splitlines()), said
+
+    for shuffle in (8, 0):
+        streamed, cached_flag, rows_streamed, _ = epochs(False, 0, shuffle)
+        assert cached_flag is False and rows_streamed > 40  # decoded again each epoch
+        fits, cached_flag, rows_fit, said = epochs("auto", 20 * row_bytes, shuffle)
+        assert cached_flag is True and rows_fit == 20, "a shard within the budget was decoded again"
+        assert len(said) == 1 and said[0].startswith("data: caching")
+        assert fits[0] == streamed[0]  # epoch 1 is Ray Data's either way
+        for e in (1, 2):
+            ids = [i for b in fits[e] for i in b]
+            assert len(set(ids)) == 18 and set(ids) <= set(range(20))  # 6 full micro-batches of distinct rows
+            assert (fits[e] != fits[0]) == (shuffle > 0), (shuffle, e)
+        too_big, cached_flag, rows_big, said = epochs("auto", 20 * row_bytes - 1, shuffle)
+        assert cached_flag is False and too_big == streamed and rows_big == rows_streamed
+        assert len(said) == 1 and said[0].startswith("data: not caching")
+
+
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
     """``job.phase=align`` (LLaVA's phase 1) from a stage-1 checkpoint, ZeRO-3 on 2 workers with the
     model built partitioned (``job.zero_init``, its default): the stage-1 vision tower loads into the
