@@ -179,16 +179,13 @@ def _grouped(it, window: int, key):
             yield {k: np.array([r[k] for r in part], dtype=chunk[0][k].dtype) for k in chunk[0]}
 
 
-@contextlib.contextmanager
-def gathered(engine: Any, zero_stage: int):
-    """Full parameters on every rank for the duration (ZeRO-3 gathers its shards)."""
+def _gathered(params: list[torch.nn.Parameter], zero_stage: int):
+    """Full ``params`` on every rank for the duration (ZeRO-3 gathers their shards)."""
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield
-    else:
-        yield
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, tokenizer: Any, evals: dict[str, Any], log) -> dict[str, float]:
@@ -476,18 +473,26 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, e
 def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: Any, rank: int) -> torch.nn.Module | None:
     """A plain fp32 copy of the trained model on rank 0 (None elsewhere); collective under ZeRO-3.
 
-    Inside ``gathered`` rank 0 copies every full parameter out, then loads them into a fresh
-    module built from the config. Evaluating the engine's own module instead would run
-    ZeRO-3's forward hooks (collectives) on rank 0 alone and hang.
+    Module by module, ``_gathered`` puts its full parameters on every rank and rank 0 copies them
+    to host memory (under ZeRO-3 no device ever holds more than one module's full weights), then
+    loads them into a fresh module built from the config. Evaluating the engine's own module
+    instead would run ZeRO-3's forward hooks (collectives) on rank 0 alone and hang.
     """
     import dataclasses
 
     state: dict[str, torch.Tensor] = {}
-    with gathered(engine, job.zero_stage):
-        if rank == 0:
-            module = engine.module
-            for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-                state[name] = t.detach().float().cpu().clone()
+    module = engine.module
+    for prefix, sub in module.named_modules():
+        own = list(sub.named_parameters(recurse=False))
+        if not own:
+            continue
+        with _gathered([p for _, p in own], job.zero_stage):
+            if rank == 0:
+                for name, p in own:
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().float().cpu().clone()
+    if rank == 0:
+        for name, b in module.named_buffers(remove_duplicate=False):  # buffers are never partitioned
+            state[name] = b.detach().cpu().clone()
     if rank != 0:
         return None
     with torch.random.fork_rng(devices=[]):  # build_model seeds; keep the training RNG untouched

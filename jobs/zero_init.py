@@ -8,13 +8,15 @@ loading. ``partitioned_build`` makes each of those go through
 ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)`` (gather, write, broadcast rank 0's
 values, re-partition), one module at a time, so the peak is one module's full weights.
 
-The build consumes the random stream exactly as the unpartitioned build does (every rank runs
-the same initialisations in the same order on gathered tensors), so with the same seed the
-partitioned model holds exactly the weights ``build_model`` gives without ZeRO-3: turning
-``job.zero_init`` on does not change a run.
+The build draws from the random stream exactly as the unpartitioned build does (every rank runs
+the same initialisations in the same order on gathered tensors; a pretrained tower's load draws
+nothing, as a plain load of a complete checkpoint), so with the same seed the partitioned model
+holds exactly the weights ``build_model`` gives without ZeRO-3 (on CPU; a GPU build draws from
+the GPU's random stream): turning ``job.zero_init`` on does not change a run.
 
-How transformers takes part (transformers 5.x, ``transformers.integrations.deepspeed``): while an
-````HfDeepSpeedConfig`` (or what ``set_hf_deepspeed_config`` registers) lives, ``is_deepspeed_zero3_enabled()`` is true and
+How transformers takes part (transformers 5.x, ``transformers.integrations.deepspeed``): while a
+DeepSpeed config is registered with it (``HfDeepSpeedConfig``; we register a minimal stand-in,
+the real one also requires accelerate), ``is_deepspeed_zero3_enabled()`` is true and
 
 - ``from_pretrained`` builds the tower under ``zero.Init`` and loads the checkpoint into the
   partitioned parameters (``_load_state_dict_into_zero3_model``: rank 0 reads, each module is
