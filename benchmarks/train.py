@@ -16,8 +16,9 @@ data blocks and the final export excluded); both runs use the same number of tor
 
 Figures: stage 1 samples/s, stage 2 tokens/s; overhead = 1 - ours / plain (target < 10%); the
 share of our step time spent waiting on the data stream; the median step (epoch starts aside:
-Ray Data re-runs its read/decode graph at each pass, which costs CPU on a small machine;
-``job.cache_shard=true`` keeps a shard that fits in RAM instead); MFU.
+Ray Data re-runs its read/decode graph at each pass, which costs CPU on a small machine; each
+worker keeps a shard that fits its budget in RAM instead, ``job.cache_shard=auto``, the
+default; ``job.cache_shard=false`` streams every epoch); MFU.
 
 MFU = achieved FLOP/s / peak FLOP/s, with FLOPs per sample (fwd + bwd) as written in
 ``jobs/metrics.py`` (PaLM's accounting): a trained tower costs ``6 N T + 12 L d T^2`` (N matmul
@@ -104,7 +105,9 @@ def ours_run(stage: str, cfg, job) -> dict[str, list[float]]:
 
     run(stage, cfg, job, log=lambda *_: None)
     m = read_metrics(Path(job.output) / "metrics.csv")
+    states = [json.loads(p.read_text()) for p in Path(job.output).glob("ray_train/checkpoint_*/data_rank0.json")]
     return {
+        "shard_cached": any(s.get("cached") for s in states),  # the worker's job.cache_shard decision
         "time": [r["time"] for r in m],
         "samples": [r["samples_per_s"] * r["step_s"] for r in m],
         "tokens": [r["tokens_per_s"] * r["step_s"] for r in m],
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stage:<12} ours (Ray Train + DeepSpeed ZeRO-{z}, 1 worker) {r[unit]:9.1f} {label}  "
                   f"MFU {100 * r['flop_per_s'] / (peak * 1e12):.2f}%  overhead {100 * r['overhead']:+.1f}%  "
                   f"data wait {100 * r['data_wait_share']:.1f}% of step time  worker threads {r['torch_threads']:.0f}  "
-                  f"peak RSS {r['peak_mem_mb']:.0f} MB  median step {1000 * r['median_step_s']:.0f} ms", flush=True)
+                  f"peak RSS {r['peak_mem_mb']:.0f} MB  median step {1000 * r['median_step_s']:.0f} ms  "
+                  f"shard cached {'yes' if raw['shard_cached'] else 'no'}", flush=True)
         report[stage] = rows
     print(json.dumps(report, indent=2, default=float))
     ray.shutdown()

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,34 +183,72 @@ def sft_dataset(data: str, *, size: int, split: str = "train", tasks: tuple[str,
 # ----------------------------------------------------------------------------- the per-worker stream
 
 
+def batch_nbytes(batch: dict[str, np.ndarray]) -> int:
+    """Bytes a decoded micro-batch holds (object columns: their bytes/str payloads too)."""
+    total = 0
+    for v in batch.values():
+        total += v.nbytes
+        if v.dtype == object:
+            total += sum(len(x) if isinstance(x, (bytes, str)) else 64 for x in v)
+    return total
+
+
+def available_memory() -> int:
+    """Bytes this process may still use: the host's MemAvailable, capped by a cgroup v2 limit
+    (a container's memory limit, e.g. a Kubernetes pod's)."""
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        avail = int(next(ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return int(avail)
+
+
 class ShardStream:
     """Endless micro-batches from one worker's Ray Data shard, resumable mid-epoch.
 
     The order of epoch ``e`` depends on ``(seed, e)`` alone: Ray Data's local shuffle seeded
     with ``seed + e`` over the shard in its deterministic order (the trainer sets
-    ``preserve_order``), or, with ``cache``, a permutation seeded with ``seed + e`` of the rows the
-    first epoch read and kept in RAM (no re-read, no re-decode; for shards that fit in memory).
+    ``preserve_order``), or, once the shard is cached, a permutation seeded with ``seed + e`` of
+    the rows the first epoch read and kept in RAM (no re-read, no re-decode). Both drop an epoch's
+    last partial micro-batch; without a shuffle buffer both repeat the first epoch's order.
 
-    ``state()`` is ``{"epoch", "batch"}`` (micro-batches consumed in that epoch). A stream built
-    with a saved state replays that epoch's order and drops its first ``batch`` micro-batches
-    (they are read and decoded again on the Ray Data workers, not trained), so a resumed run
-    trains the rest of the epoch instead of restarting it. With ``cache`` a resume inside a later
-    epoch first re-reads one pass of the shard to rebuild the cache.
+    Caching (``cache``): ``True`` keeps the first epoch's rows; ``False`` reads every epoch through
+    Ray Data; ``"auto"`` keeps them while they fit ``cache_budget`` bytes (counted as the first
+    epoch arrives: a shard past the budget is dropped from RAM at once and streamed every epoch)
+    and logs the decision. Ray Data re-runs its whole read/decode graph at every pass, which costs
+    CPU beside the trainer at each epoch start; a cached shard pays it once.
+
+    ``state()`` is ``{"epoch", "batch", "cached"}`` (micro-batches consumed in that epoch; the
+    caching decision, None until taken). A stream built with a saved state replays that epoch's
+    order and drops its first ``batch`` micro-batches (they are read and decoded again on the Ray
+    Data workers, not trained), so a resumed run trains the rest of the epoch instead of
+    restarting it; an ``"auto"`` stream keeps the saved decision. A cached stream resumed inside a
+    later epoch first re-reads one pass of the shard to rebuild the cache.
 
     With ``prefetch`` > 0 a background thread prepares up to that many micro-batches ahead and
-    runs on into the next epoch while the trainer still works on the last ones: Ray Data
-    restarts its whole read/decode graph at every pass, and without this the trainer would wait
-    for that start at each epoch boundary. ``state()`` counts the micro-batches handed out, not
-    the prepared ones. ``close()`` stops the thread.
+    runs on into the next epoch while the trainer still works on the last ones: without it the
+    trainer would wait for Ray Data's start at each epoch boundary. ``state()`` counts the
+    micro-batches handed out, not the prepared ones. ``close()`` stops the thread.
 
     Args:
         shard: ``ray.train.get_dataset_shard(...)`` (anything with ``iter_batches``).
         batch_size: rows per micro-batch (the last partial one of an epoch is dropped).
         seed: this worker's seed (different per rank).
         shuffle_buffer: rows in the local shuffle buffer; 0 keeps the shard's order.
-        cache: keep the first epoch's decoded rows in RAM.
+        cache: ``True``, ``False`` or ``"auto"`` (see above).
+        cache_budget: bytes an ``"auto"`` cache may hold.
         state: a ``state()`` to continue from.
         prefetch: micro-batches prepared ahead on a background thread (0: none, all inline).
+        log: where the caching decision is reported.
     """
 
     def __init__(
@@ -219,19 +258,28 @@ class ShardStream:
         batch_size: int,
         seed: int,
         shuffle_buffer: int,
-        cache: bool,
-        state: dict[str, int] | None = None,
+        cache: bool | str,
+        cache_budget: int = 0,
+        state: dict[str, Any] | None = None,
         prefetch: int = 0,
+        log: Callable[[str], None] = print,
     ) -> None:
+        if cache not in (True, False, "auto"):
+            raise ValueError(f"expected cache to be true, false or 'auto', got {cache!r}")
         self.shard = shard
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.cache = cache
-        self.epoch = int((state or {}).get("epoch", 0))
-        self.batch = int((state or {}).get("batch", 0))
+        self.cache_budget = cache_budget
+        self.log = log
+        state = state or {}
+        self.epoch = int(state.get("epoch", 0))
+        self.batch = int(state.get("batch", 0))
         if self.epoch < 0 or self.batch < 0:
             raise ValueError(f"expected a stream state with epoch >= 0 and batch >= 0, got {state!r}")
+        # the caching decision: fixed by the setting, or (auto) by a saved state, else taken in epoch 0
+        self.cached: bool | None = cache if isinstance(cache, bool) else state.get("cached")
         self._rows: dict[str, np.ndarray] | None = None
         self._it = self._generate()
         self._queue: queue.Queue | None = None
@@ -241,8 +289,8 @@ class ShardStream:
             self._thread = threading.Thread(target=self._produce, name="shard-stream-prefetch", daemon=True)
             self._thread.start()
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "cached": self.cached}
 
     def __iter__(self) -> "ShardStream":
         return self
@@ -259,8 +307,10 @@ class ShardStream:
         return rows
 
     def close(self) -> None:
-        """Stop the prefetch thread (it may hold a Ray Data iterator open)."""
+        """Stop the prefetch thread, or close the stream's Ray Data iterator when there is none."""
         self._stop.set()
+        if self._queue is None:
+            self._it.close()
 
     def _produce(self) -> None:
         assert self._queue is not None
@@ -277,11 +327,38 @@ class ShardStream:
         except BaseException as e:  # handed to the trainer, which raises it
             self._queue.put(e)
 
-    def _read_pass(self, epoch: int):
+    def _read_pass(self, epoch: int, *, drop_last: bool = True):
         kwargs: dict[str, Any] = {}
         if self.shuffle_buffer > 0:
             kwargs = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch}
-        yield from self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True, **kwargs)
+        yield from self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=drop_last, **kwargs)
+
+    def _caching_pass(self):
+        """Epoch 0 through Ray Data, its full micro-batches yielded, every row kept (the partial
+        last micro-batch's too, so later epochs draw from all of them) while within the budget."""
+        kept: list[dict[str, np.ndarray]] | None = []
+        size = 0
+        for b in self._read_pass(0, drop_last=False):
+            if kept is not None:
+                kept.append(b)
+                size += batch_nbytes(b)
+                if self.cached is None and size > self.cache_budget:
+                    kept = None
+                    self.log(
+                        f"data: not caching the decoded shard (past the {self.cache_budget / 2**20:.0f} MB budget, "
+                        "job.cache_budget_mb): Ray Data reads and decodes it again every epoch"
+                    )
+            if len(next(iter(b.values()))) == self.batch_size:
+                yield b
+        if kept is None:
+            self.cached = False
+            return
+        self._rows = _concat(kept)
+        if self.cached is None:
+            rows = len(next(iter(self._rows.values()))) if self._rows else 0
+            self.log(f"data: caching the decoded shard in RAM ({rows} rows, {size / 2**20:.1f} MB within the "
+                     f"{self.cache_budget / 2**20:.0f} MB budget): later epochs skip Ray Data")
+        self.cached = True
 
     def _cached_pass(self, epoch: int):
         assert self._rows is not None
@@ -291,19 +368,19 @@ class ShardStream:
             yield {k: v[perm[i : i + self.batch_size]] for k, v in self._rows.items()}
 
     def _epoch(self, epoch: int):
-        if not self.cache:
+        if self.cached is False:
             yield from self._read_pass(epoch)
             return
-        if self._rows is None and epoch > 0:  # resumed inside a later epoch: rebuild the cache
-            self._rows = _concat(list(self._read_pass(0)))
-        if self._rows is not None:
-            yield from self._cached_pass(epoch)
-            return
-        kept = []
-        for b in self._read_pass(0):
-            kept.append(b)
-            yield b
-        self._rows = _concat(kept)
+        if self._rows is None:
+            if epoch == 0:
+                yield from self._caching_pass()
+                return
+            for _ in self._caching_pass():  # resumed inside a later epoch: rebuild the cache (or decide)
+                pass
+            if self._rows is None:
+                yield from self._read_pass(epoch)
+                return
+        yield from self._cached_pass(epoch)
 
     def _generate(self):
         """``(epoch, micro-batches of it consumed once this one is, batch)`` from the saved position on."""

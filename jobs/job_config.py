@@ -35,14 +35,21 @@ class JobConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU
     offload_params: bool = False  # ZeRO-3 parameters on CPU
-    zero_init: bool = False  # ZeRO-3: build the model partitioned (deepspeed.zero.Init); not supported yet
+    # ZeRO-3: build the model inside deepspeed.zero.Init, each parameter partitioned over the workers
+    # as it is created, so a model larger than one device (or host) can be built; weights from
+    # init_from or pretrained towers load into the shards. On by default at ZeRO-3, as DeepSpeed and
+    # transformers users expect (same weights as without it); no effect at stages 0-2.
+    zero_init: bool = True
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
     checkpoint_score: str | None = None  # keep the best by this metric (max) instead of the latest
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: no shuffle)
-    cache_shard: bool = False  # keep each worker's decoded shard in RAM after epoch 1 (small data)
+    # keep each worker's decoded shard in RAM after the first epoch (Ray Data re-runs its read and
+    # decode at every pass): auto (when it fits cache_budget_mb, decided and logged in epoch 1) | true | false
+    cache_shard: bool | str = "auto"
+    cache_budget_mb: float = 0.0  # per worker, for cache_shard=auto; 0: a quarter of the memory available at start / workers on the node
     prefetch_batches: int = 8  # micro-batches each worker prepares ahead on a thread, across epoch starts
     disable_dropout: bool = False  # p=0 in every nn.Dropout (the text tower's BERT has 0.1)
     lock_image: bool = False  # stage 1: freeze the image tower (LiT-style when true)
@@ -74,15 +81,10 @@ class JobConfig:
             )
         if self.zero_shot not in ("", "shape", "colour", "color", "size", "background"):
             raise ConfigError(f"job.zero_shot: expected '', 'shape', 'colour', 'size' or 'background', got {self.zero_shot!r}")
-        if self.zero_init:
-            # Seen with transformers 5.24 + DeepSpeed 0.19.8: under zero.Init the towers' own weight
-            # init (post_init) runs on already-partitioned, empty tensors and fails (BERT's padding
-            # row: "index 0 is out of bounds for dimension 0 with size 0"); skipping it would start
-            # from another initialisation than the unpartitioned build. Refuse it up front.
-            raise ConfigError(
-                "job.zero_init: building the model partitioned (deepspeed.zero.Init) is not supported yet: the "
-                "transformers towers initialise their weights after ZeRO-3 has partitioned them; use job.zero_init=false"
-            )
+        if self.cache_shard not in (True, False, "auto"):
+            raise ConfigError(f"job.cache_shard: expected auto, true or false, got {self.cache_shard!r}")
+        if self.cache_budget_mb < 0:
+            raise ConfigError(f"job.cache_budget_mb: expected >= 0 (0: automatic), got {self.cache_budget_mb!r}")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("job.offload_params: parameter offload needs job.zero_stage=3")
 

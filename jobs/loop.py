@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.data import ShardStream, sft_examples
+from jobs.data import ShardStream, available_memory, sft_examples
 from jobs.job_config import JobConfig, deepspeed_config, micro_batch
 from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, truncate_jsonl
 from vlm.config import Config
@@ -54,13 +54,47 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any) -> torch.nn.Module:
-    """The stage's model, seeded like the local loop so a 1-worker run starts from the same weights."""
-    model = _build_model(stage, cfg, job, tokenizer)
+def build_model(
+    stage: str, cfg: Config, job: JobConfig, tokenizer: Any, *, partition: dict[str, Any] | None = None, rank: int = 0
+) -> torch.nn.Module:
+    """The stage's model, seeded like the local loop so a 1-worker run starts from the same weights.
+
+    With ``partition`` (a ZeRO-3 DeepSpeed config; ``job.zero_init``) every rank builds it inside
+    ``deepspeed.zero.Init`` (``jobs.zero_init.partitioned_build``): each parameter is partitioned
+    as it is created, and ``job.init_from`` weights load into the shards. Collective then; the
+    weights are the same as without ``partition``.
+    """
+    if partition is None:
+        model = _build_model(stage, cfg, job, tokenizer, rank=None)
+    else:
+        from jobs.zero_init import partitioned_build
+
+        with partitioned_build(partition, remote_device="cpu" if job.offload_params else None):
+            model = _build_model(stage, cfg, job, tokenizer, rank=rank)
     return without_dropout(model) if job.disable_dropout else model
 
 
-def _build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any) -> torch.nn.Module:
+def _init_checkpoint(path: str, *, rank: int | None) -> tuple[str, torch.nn.Module, Path]:
+    """``job.init_from``'s stage, model and weights file. ``rank`` given (a partitioned build):
+    the model is built as ``load_checkpoint`` builds it (the same random stream, so what is built
+    after it starts alike) and only a stage-1 model's weights are loaded, into its shards."""
+    from vlm.checkpoint import build_from_info, load_checkpoint, read_info
+    from vlm.config import read_config
+
+    weights = Path(path) / "model.safetensors"
+    if rank is None:
+        loaded = load_checkpoint(path)
+        return loaded.stage, loaded.model, weights
+    info = read_info(path)
+    model = build_from_info(info, read_config(Path(path) / "config.yaml"))
+    if info["stage"] == "contrastive":
+        from jobs.zero_init import load_partitioned
+
+        load_partitioned(model, weights, rank=rank)
+    return info["stage"], model, weights
+
+
+def _build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any, *, rank: int | None) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     if stage == "contrastive":
         model = ContrastiveModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
@@ -71,20 +105,23 @@ def _build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any) -> tor
         return model
     ids = special_token_ids(tokenizer)
     vision = None
-    init_state = None
+    init_weights = None  # a stage-2 checkpoint: every weight comes from it
     if job.init_from:
-        from vlm.checkpoint import load_checkpoint
-
-        loaded = load_checkpoint(job.init_from)
-        if loaded.stage == "contrastive":
-            vision = loaded.model.vision  # LLaVA: stage 2 starts from the stage-1 image tower
+        init_stage, loaded, weights = _init_checkpoint(job.init_from, rank=rank)
+        if init_stage == "contrastive":
+            vision = loaded.vision  # LLaVA: stage 2 starts from the stage-1 image tower
         else:
-            init_state = loaded.model.state_dict()
+            init_weights = (loaded, weights)
     model = VisionLanguageModel(
         cfg.model, vocab_size=len(tokenizer), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, vision=vision
     )
-    if init_state is not None:
-        model.load_state_dict(init_state)
+    if init_weights is not None:
+        if rank is None:
+            model.load_state_dict(init_weights[0].state_dict())
+        else:
+            from jobs.zero_init import load_partitioned
+
+            load_partitioned(model, init_weights[1], rank=rank)
     return model
 
 
@@ -142,16 +179,13 @@ def _grouped(it, window: int, key):
             yield {k: np.array([r[k] for r in part], dtype=chunk[0][k].dtype) for k in chunk[0]}
 
 
-@contextlib.contextmanager
-def gathered(engine: Any, zero_stage: int):
-    """Full parameters on every rank for the duration (ZeRO-3 gathers its shards)."""
+def _gathered(params: list[torch.nn.Parameter], zero_stage: int):
+    """Full ``params`` on every rank for the duration (ZeRO-3 gathers their shards)."""
     if zero_stage == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield
-    else:
-        yield
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, tokenizer: Any, evals: dict[str, Any], log) -> dict[str, float]:
@@ -205,11 +239,21 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     log(f"[{stage}] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads per worker")
 
-    model = build_model(stage, cfg, job, tokenizer)  # job.zero_init is refused by JobConfig (see its check)
+    ds_config = deepspeed_config(optim, job)
+    partition = None
+    if job.zero_init and job.zero_stage == 3:
+        # zero.Init partitions over DeepSpeed's own communicator: bind it to the process group Ray
+        # Train set up now (deepspeed.initialize would do it only later), else it sees one rank
+        deepspeed.init_distributed(dist_backend="nccl" if job.gpu else "gloo", auto_mpi_discovery=False)
+        partition = ds_config
+    t_build = time.perf_counter()
+    model = build_model(stage, cfg, job, tokenizer, partition=partition, rank=rank)
+    if partition is not None:
+        _report_partition(model, run_dir, rank, time.perf_counter() - t_build, log)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(optim, job), dist_init_required=False
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.precision]
 
@@ -229,9 +273,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     micro = micro_batch(optim, job)
     shard = ray.train.get_dataset_shard("train")
+    if job.cache_budget_mb > 0:
+        budget = int(job.cache_budget_mb * 2**20)
+    else:  # a quarter of what this node has free, shared by its workers
+        budget = available_memory() // (4 * max(1, ctx.get_local_world_size()))
     stream = ShardStream(
         shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard,
-        state=data_state, prefetch=job.prefetch_batches,
+        cache_budget=budget, state=data_state, prefetch=job.prefetch_batches, log=lambda m: print(f"[{stage}] rank {rank} {m}"),
     )
     it = stream
     if stage == "sft" and job.group_by_length:
@@ -371,6 +419,28 @@ def train_loop(config: dict[str, Any]) -> None:
         log(f"[{stage}] skipped samples by reason (rank {rank}): {skipped}")
 
 
+def _report_partition(model: torch.nn.Module, run_dir: Path, rank: int, seconds: float, log) -> None:
+    """How ``deepspeed.zero.Init`` left the parameters: each rank's shard and what it sees before
+    any gather, written by rank 0 to ``OUTPUT/partition.json`` (collective)."""
+    import torch.distributed as dist
+
+    params = list(model.parameters())
+    mine = {
+        "rank": rank,
+        "full_numel": sum(int(p.ds_numel) for p in params),
+        "shard_numel": sum(int(p.ds_tensor.numel()) for p in params),
+        "visible_numel": sum(p.numel() for p in params),  # 0 while partitioned
+        "parameters": len(params),
+    }
+    ranks: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "partition.json").write_text(json.dumps({"zero_init": True, "build_s": seconds, "ranks": ranks}, indent=2))
+        shards = ", ".join(f"{r['shard_numel']:,}" for r in ranks)
+        log(f"built partitioned (deepspeed.zero.Init) in {seconds:.1f}s: {mine['full_numel']:,} parameter elements, shards {shards}")
+
+
 def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log, data_state) -> None:
     import ray.train
     import torch.distributed as dist
@@ -403,18 +473,26 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, e
 def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: Any, rank: int) -> torch.nn.Module | None:
     """A plain fp32 copy of the trained model on rank 0 (None elsewhere); collective under ZeRO-3.
 
-    Inside ``gathered`` rank 0 copies every full parameter out, then loads them into a fresh
-    module built from the config. Evaluating the engine's own module instead would run
-    ZeRO-3's forward hooks (collectives) on rank 0 alone and hang.
+    Module by module, ``_gathered`` puts its full parameters on every rank and rank 0 copies them
+    to host memory (under ZeRO-3 no device ever holds more than one module's full weights), then
+    loads them into a fresh module built from the config. Evaluating the engine's own module
+    instead would run ZeRO-3's forward hooks (collectives) on rank 0 alone and hang.
     """
     import dataclasses
 
     state: dict[str, torch.Tensor] = {}
-    with gathered(engine, job.zero_stage):
-        if rank == 0:
-            module = engine.module
-            for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-                state[name] = t.detach().float().cpu().clone()
+    module = engine.module
+    for prefix, sub in module.named_modules():
+        own = list(sub.named_parameters(recurse=False))
+        if not own:
+            continue
+        with _gathered([p for _, p in own], job.zero_stage):
+            if rank == 0:
+                for name, p in own:
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().float().cpu().clone()
+    if rank == 0:
+        for name, b in module.named_buffers(remove_duplicate=False):  # buffers are never partitioned
+            state[name] = b.detach().cpu().clone()
     if rank != 0:
         return None
     with torch.random.fork_rng(devices=[]):  # build_model seeds; keep the training RNG untouched

@@ -38,8 +38,9 @@ def test_job_config_errors_name_the_key():
         load_job(overrides=["job.zero_stage=4"])
     with pytest.raises(ConfigError, match="job config.*nope"):
         load_job(overrides=["job.nope=1"])
-    with pytest.raises(ConfigError, match="job.zero_init.*not supported"):  # refused before any worker starts
-        load_job(overrides=["job.zero_stage=3", "job.zero_init=true"])
+    with pytest.raises(ConfigError, match="zero_init: expected true or false"):
+        load_job(overrides=["job.zero_stage=3", "job.zero_init=maybe"])
+    assert load_job(overrides=["job.zero_stage=3"])[1].zero_init  # on by default at ZeRO-3
     cfg, job = load_job(overrides=["job.num_workers=3", "stage1.batch_size=8"])
     with pytest.raises(ConfigError, match="multiple of num_workers"):
         micro_batch(cfg.stage1, job)

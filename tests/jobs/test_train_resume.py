@@ -119,17 +119,70 @@ def test_shard_stream_resumes_where_it_stopped(ray_local):
         ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=8, cache=False, state={"epoch": -1, "batch": 0})
 
 
+def test_shard_stream_auto_cache(ray_local, tmp_path):
+    """``cache="auto"`` keeps a shard within its budget (Ray Data runs its read/decode once over
+    three epochs) and streams one past it (a run per epoch, the batches of ``cache=False``). The
+    cached epochs draw from the same rows as the first, in a new order each epoch when shuffling
+    and in the first epoch's order when not, as the streamed epochs do."""
+    import ray.data
+
+    from jobs.data import batch_nbytes
+    from jobs.train import ingest_options
+
+    ray.data.DataContext.get_current().execution_options = ingest_options()
+    decoded = tmp_path / "decoded.txt"  # one line per row the "decode" stage produced
+
+    def decode(b):
+        with open(decoded, "a") as f:
+            f.write("x\n" * len(b["id"]))
+        return {"id": b["id"], "pixels": np.zeros((len(b["id"]), 8, 8, 3), np.uint8)}
+
+    ds = ray.data.range(20, override_num_blocks=4).map_batches(decode)
+    row_bytes = batch_nbytes({"id": np.zeros(1, np.int64), "pixels": np.zeros((1, 8, 8, 3), np.uint8)})
+
+    def epochs(cache, budget, shuffle):
+        decoded.write_text("")
+        said: list[str] = []
+        s = ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=shuffle, cache=cache, cache_budget=budget, log=said.append)
+        got = [[tuple(next(s)["id"]) for _ in range(6)] for _ in range(3)]  # 3 epochs of 6 micro-batches
+        s.close()
+        return got, s.state()["cached"], len(decoded.read_text().splitlines()), said
+
+    for shuffle in (8, 0):
+        streamed, cached_flag, rows_streamed, _ = epochs(False, 0, shuffle)
+        assert cached_flag is False and rows_streamed > 40  # decoded again each epoch
+        fits, cached_flag, rows_fit, said = epochs("auto", 20 * row_bytes, shuffle)
+        assert cached_flag is True and rows_fit == 20, "a shard within the budget was decoded again"
+        assert len(said) == 1 and said[0].startswith("data: caching")
+        assert fits[0] == streamed[0]  # epoch 1 is Ray Data's either way
+        for e in (1, 2):
+            ids = [i for b in fits[e] for i in b]
+            assert len(set(ids)) == 18 and set(ids) <= set(range(20))  # 6 full micro-batches of distinct rows
+            assert (fits[e] != fits[0]) == (shuffle > 0), (shuffle, e)
+        too_big, cached_flag, rows_big, said = epochs("auto", 20 * row_bytes - 1, shuffle)
+        assert cached_flag is False and too_big == streamed and rows_big == rows_streamed
+        assert len(said) == 1 and said[0].startswith("data: not caching")
+
+
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
-    """``job.phase=align`` (LLaVA's phase 1, ZeRO-2 on 2 workers): the export's vision tower and
-    decoder equal their initial weights, the projector moved, and only caption rows were read."""
+    """``job.phase=align`` (LLaVA's phase 1) from a stage-1 checkpoint, ZeRO-3 on 2 workers with the
+    model built partitioned (``job.zero_init``, its default): the stage-1 vision tower loads into the
+    shards, and the export's vision tower equals the checkpoint's, its decoder the unpartitioned
+    build's initial one; the projector moved, and only caption rows were read."""
     from jobs.job_config import load_job
     from jobs.loop import build_model
     from jobs.train import resolve_tokenizer
-    from vlm.checkpoint import load_checkpoint
+    from vlm.checkpoint import load_checkpoint, save_checkpoint
+
+    # a stage-1 checkpoint from another seed than the run's: a vision tower that did not load would show
+    s1 = tmp_path / "s1"
+    cfg1, job1 = load_job(overrides=[*TINY, "seed=7", f"job.data={world}", f"job.output={s1}"])
+    tok = resolve_tokenizer("contrastive", cfg1, job1, log=lambda *_: None)
+    save_checkpoint(build_model("contrastive", cfg1, job1, tok), s1, config=cfg1, tokenizer=tok)
 
     out = tmp_path / "align"
     argv = [
-        "sft", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", "2", *TINY,
+        "sft", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", "3", "--init-from", str(s1), *TINY,
         "stage2.steps=3", "stage2.batch_size=4", "stage2.warmup_steps=1", "stage2.lr=1e-2", "stage2.log_every=0",
         "job.phase=align", "job.checkpoint_every=0", "job.max_failures=0", "job.progress=false", "job.tensorboard=false",
         "job.eval_samples=2", "job.sample_generations=0", "job.trace_samples=true",
@@ -138,10 +191,14 @@ def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, worl
     ids = {i for ln in (out / "samples" / "rank0.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]}
     ids |= {i for ln in (out / "samples" / "rank1.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]}
     assert ids and all(i.endswith("-caption") for i in ids), f"the align phase read non-caption rows: {sorted(ids)}"
+    shards = json.loads((out / "partition.json").read_text())["ranks"]
+    assert len(shards) == 2 and all(r["visible_numel"] == 0 and 0 < r["shard_numel"] < r["full_numel"] for r in shards)
 
-    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={out}"])
-    initial = build_model("sft", cfg, job, resolve_tokenizer("sft", cfg, job)).state_dict()  # same seed as the run
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={out}", f"job.init_from={s1}"])
+    initial = build_model("sft", cfg, job, resolve_tokenizer("sft", cfg, job)).state_dict()  # same seed as the run, unpartitioned
+    stage1 = load_checkpoint(s1).model.vision.state_dict()
     trained = load_checkpoint(out / "final").model.state_dict()
+    assert all(torch.equal(trained[f"vision.{k}"], v) for k, v in stage1.items()), "the export's vision tower is not the stage-1 one"
     moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
     assert moved, "nothing trained"
     assert all(k.startswith("projector.") for k in moved), f"the align phase changed {sorted(k for k in moved if not k.startswith('projector.'))[:5]}"
