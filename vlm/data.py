@@ -36,6 +36,8 @@ def collate_pairs(
     *,
     vision_kind: str,
     max_length: int,
+    negatives: Sequence[str] | None = None,
+    cell_labels: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stage-1 batch.
 
@@ -45,15 +47,29 @@ def collate_pairs(
         tokenizer: the text tower's tokenizer.
         vision_kind: ``clip`` or ``siglip`` (normalisation statistics).
         max_length: token budget per caption (longer captions are truncated).
+        negatives: B*K hard-negative captions (``vlm.scene_targets``), tokenised into
+            ``negative_input_ids``/``negative_attention_mask`` when given.
+        cell_labels: (B, 2, 9) per-cell kind and colour classes (``scene_targets.cell_labels``).
     """
     if len(captions) != len(pixels):
         raise ValueError(f"expected one caption per image, got {len(captions)} captions for {len(pixels)} images")
     tok = tokenizer(list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {
+    batch = {
         "pixel_values": normalize(pixels, kind=vision_kind),  # (B, 3, S, S)
         "input_ids": tok["input_ids"],  # (B, L)
         "attention_mask": tok["attention_mask"],  # (B, L)
     }
+    if negatives is not None:
+        if not negatives or len(negatives) % len(captions):
+            raise ValueError(f"expected K >= 1 negatives per caption, got {len(negatives)} negatives for {len(captions)} captions")
+        neg = tokenizer(list(negatives), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch["negative_input_ids"] = neg["input_ids"]  # (B*K, L')
+        batch["negative_attention_mask"] = neg["attention_mask"]  # (B*K, L')
+    if cell_labels is not None:
+        if len(cell_labels) != len(captions):
+            raise ValueError(f"expected one cell-label row per image, got {len(cell_labels)} for {len(captions)} images")
+        batch["cell_labels"] = torch.as_tensor(cell_labels, dtype=torch.long)  # (B, 2, 9)
+    return batch
 
 
 def collate_sft(
