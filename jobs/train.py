@@ -129,7 +129,10 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     if stage == "contrastive":
         ds = pairs_dataset(job.data, size=size)
     else:
-        ds = sft_dataset(job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None)
+        ds = sft_dataset(
+            job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None,
+            questions_per_conversation=cfg.mix.questions_per_conversation, seed=cfg.seed,
+        )  # fmt: skip
     resources = {"CPU": job.cpus_per_worker}
     if job.gpu:
         resources["GPU"] = 1
