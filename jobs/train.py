@@ -68,6 +68,13 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
     if job.init_from:
         job.init_from = str(Path(job.init_from).resolve())
     micro_batch(cfg.stage1 if a.stage == "contrastive" else cfg.stage2, job)  # fail early on a bad split
+    c = cfg.model.contrastive
+    if a.stage == "contrastive" and (c.hard_negatives or c.cell_loss_weight):
+        raise ConfigError(
+            "model.contrastive.hard_negatives / cell_loss_weight: built from the generated world's scenes, which "
+            f"image-caption pairs do not carry; expected 0 for `vlm train contrastive`, got {c.hard_negatives} / {c.cell_loss_weight} "
+            "(the in-process trainer, `vlm demo` and benchmarks/learn.py, supports them)"
+        )
     return a.stage, cfg, job, a
 
 

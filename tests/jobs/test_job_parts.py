@@ -45,6 +45,14 @@ def test_job_config_errors_name_the_key():
         micro_batch(cfg.stage1, job)
 
 
+def test_ray_stage1_refuses_scene_targets_that_pairs_do_not_carry(world, tmp_path):
+    from jobs.train import resolve
+
+    with pytest.raises(ConfigError, match="expected 0 for `vlm train contrastive`, got 1 / 1.0"):
+        resolve(["contrastive", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn"])
+    assert resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn"])[0] == "sft"
+
+
 def test_decode_world_rows_including_video(world):
     lines = (world / "sft.jsonl").read_text().splitlines()
     video = next(ln for ln in lines if json.loads(ln)["video"])

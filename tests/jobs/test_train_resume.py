@@ -119,6 +119,21 @@ def test_shard_stream_resumes_where_it_stopped(ray_local):
         ShardStream(ds.iterator(), batch_size=3, seed=5, shuffle_buffer=8, cache=False, state={"epoch": -1, "batch": 0})
 
 
+def test_sft_dataset_regroups_questions_into_conversations(ray_local, world):
+    """`vlm train sft` reads sft.jsonl through ``sft_dataset``: with mix.questions_per_conversation > 1
+    an image's questions arrive as turns of one conversation, its one image decoded once."""
+    from jobs.data import sft_dataset
+
+    one = sft_dataset(str(world), size=32).take_all()
+    rows = sft_dataset(str(world), size=32, questions_per_conversation=4).take_all()
+    convs = [r for r in rows if r["task"] == "conversation"]
+    assert convs and all(int(r["num_images"]) == 1 and len(r["pixels"]) == 32 * 32 * 3 for r in convs)
+    turns = sum(sum(m["role"] == "assistant" for m in json.loads(r["messages"])) for r in convs)
+    single = [r for r in one if int(r["num_images"]) == 1 and r["task"] not in ("video", "video_caption")]
+    assert turns == len(single)  # every question and caption of the one-question file, once
+    assert len(rows) < len(one)
+
+
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
     """``job.phase=align`` (LLaVA's phase 1, ZeRO-2 on 2 workers): the export's vision tower and
     decoder equal their initial weights, the projector moved, and only caption rows were read."""
