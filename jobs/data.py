@@ -22,6 +22,7 @@ import json
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,18 +166,77 @@ def pairs_dataset(data: str, *, size: int, split: str = "train"):
     return ds.map_batches(DecodePairs(None, size), batch_size=64)
 
 
-def sft_dataset(data: str, *, size: int, split: str = "train", tasks: tuple[str, ...] | None = None):
-    """Stage-2 ``ray.data.Dataset`` of decoded conversations (``tasks`` keeps only those tasks)."""
+def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: int) -> list[str]:
+    """One-question JSON lines -> multi-turn lines: an image's questions as turns of one
+    conversation (up to ``questions_per_conversation`` each, in a seeded order, the caption
+    request last), as ``vlm.data.world_sft`` builds them in-process (``mix.questions_per_conversation``).
+
+    Records of one image with a single-image question or the caption task are grouped by their
+    image path; every other record (two images, video, another task) passes unchanged. Grouped
+    records get the task ``conversation`` and the id ``<image path>/turns<start>``.
+    """
+    from vlm.data import multi_turn
+    from vlm.world import QA_KINDS
+
+    if questions_per_conversation < 1:
+        raise ValueError(f"expected questions_per_conversation >= 1, got {questions_per_conversation}")
+    out: list[str] = []
+    groups: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(ln for ln in lines if ln.strip()):
+        r = json.loads(line)
+        task, images = r.get("task"), r.get("images") or []
+        if (task in QA_KINDS or task == "caption") and len(images) == 1 and not r.get("video"):
+            msgs = r["messages"]
+            if len(msgs) != 2 or msgs[0]["role"] != "user" or msgs[1]["role"] != "assistant":
+                raise ValueError(f"line {n + 1} ({r.get('id')}): expected one user and one assistant message, got roles {[m.get('role') for m in msgs]}")
+            q, a = (_text_of(m["content"]) for m in msgs)
+            g = groups.setdefault(images[0], {"qas": [], "caption": None})
+            if task == "caption":
+                g["caption"] = a
+            else:
+                g["qas"].append((q, a))
+        else:
+            out.append(line)
+    for image, g in groups.items():
+        rng = np.random.default_rng([seed, zlib.crc32(image.encode())])
+        for start, messages in multi_turn(g["qas"], g["caption"], questions_per_conversation, rng):
+            out.append(json.dumps({"id": f"{image}/turns{start}", "images": [image], "video": None, "messages": messages, "task": "conversation"}))
+    return out
+
+
+def _text_of(content: str | list[dict]) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def sft_dataset(
+    data: str,
+    *,
+    size: int,
+    split: str = "train",
+    tasks: tuple[str, ...] | None = None,
+    questions_per_conversation: int = 1,
+    seed: int = 0,
+):
+    """Stage-2 ``ray.data.Dataset`` of decoded conversations (``tasks`` keeps only those tasks;
+    ``questions_per_conversation`` > 1 regroups an image's questions as turns, see ``group_turns``)."""
     import ray.data
 
     name = "sft.jsonl" if split == "train" else "sft_heldout.jsonl"
     path = Path(data) / name
     if not path.is_file():
         raise FileNotFoundError(f"expected {path} (a world directory written by `vlm world`), found none")
-    ds = ray.data.read_text(str(path))
-    if tasks is not None:
-        wanted = set(tasks)
-        ds = ds.filter(lambda r: json.loads(r["text"]).get("task") in wanted)
+    if questions_per_conversation > 1:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        if tasks is not None:
+            lines = [ln for ln in lines if json.loads(ln).get("task") in tasks]
+        ds = ray.data.from_items([{"text": ln} for ln in group_turns(lines, questions_per_conversation=questions_per_conversation, seed=seed)])
+    else:
+        ds = ray.data.read_text(str(path))
+        if tasks is not None:
+            wanted = set(tasks)
+            ds = ds.filter(lambda r: json.loads(r["text"]).get("task") in wanted)
     return ds.map_batches(DecodeSFT(str(Path(data).resolve()), size), batch_size=32)
 
 

@@ -57,13 +57,16 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
 
     log("[data] rendering the generated world in memory")
     train, heldout = world.generate_split(wc, "train"), world.generate_split(wc, "heldout")
-    tr_pix, tr_cap, _ = world_pairs(wc, "train", size=size, items=train)
+    tr_pix, tr_cap, tr_samples = world_pairs(wc, "train", size=size, items=train)
     ev_pix, ev_cap, ev_samples = world_pairs(wc, "heldout", size=size, items=heldout)
     tokenizer = train_bpe_tokenizer(corpus(train), vocab_size=cfg.model.tokenizer.vocab_size)
     log(f"[data] {len(tr_cap)} train / {len(ev_cap)} held-out images; tokenizer of {len(tokenizer)} tokens")
 
     log(f"[stage 1] contrastive, {cfg.stage1.steps} steps of {cfg.stage1.batch_size}")
-    s1 = train_contrastive(cfg, tokenizer=tokenizer, train_pixels=tr_pix, train_captions=tr_cap, eval_pixels=ev_pix, eval_captions=ev_cap, log=log, progress=progress)
+    s1 = train_contrastive(
+        cfg, tokenizer=tokenizer, train_pixels=tr_pix, train_captions=tr_cap, eval_pixels=ev_pix, eval_captions=ev_cap, log=log, progress=progress,
+        train_scenes=[s.scene for s in tr_samples],
+    )  # fmt: skip
     single = [i for i, s in enumerate(ev_samples) if s.scene.count == 1]
     if single:
         zs = world.zero_shot_prompts("shape")

@@ -24,8 +24,10 @@ from vlm.evaluate import exact_match, retrieval_metrics, zero_shot_accuracy
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
 from vlm.llava import VisionLanguageModel
+from vlm.scene_targets import cell_labels, negative_captions
 from vlm.optim import build_optimizer, build_scheduler
 from vlm.tokenizer import special_token_ids
+from vlm.world import Scene
 
 Log = Callable[[str], None]
 
@@ -143,12 +145,23 @@ def train_contrastive(
     log: Log = print,
     progress: bool = True,
     order: Sequence[Sequence[int]] | None = None,
+    train_scenes: Sequence[Scene] | None = None,
 ) -> RunResult:
     """Stage 1 on in-memory pairs; returns the model, per-step history and held-out retrieval.
 
     ``order``: the row indices of each step (e.g. the order another run trained in), instead of
-    seeded permutations; one entry per step."""
+    seeded permutations; one entry per step. ``train_scenes``: the scene of each training row,
+    which ``model.contrastive.hard_negatives`` > 0 needs to build its negative captions and
+    ``model.contrastive.cell_loss_weight`` > 0 its per-cell labels."""
     torch.manual_seed(cfg.seed)
+    c = cfg.model.contrastive
+    n_neg = c.hard_negatives
+    if (n_neg or c.cell_loss_weight) and (train_scenes is None or len(train_scenes) != len(train_captions)):
+        got = "none" if train_scenes is None else f"{len(train_scenes)} scenes for {len(train_captions)} captions"
+        raise ValueError(
+            f"model.contrastive.hard_negatives={n_neg} / cell_loss_weight={c.cell_loss_weight} need one scene per training caption, got {got}"
+        )
+    cells = cell_labels(train_scenes) if c.cell_loss_weight else None  # (N, 2, 9)
     if model is None:
         model = ContrastiveModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     opt_cfg = cfg.stage1
@@ -159,7 +172,15 @@ def train_contrastive(
     bar = tqdm(total=opt_cfg.steps, desc="stage 1", disable=not progress, leave=False)
     model.train()
     for step, idx in enumerate(_order(order, opt_cfg.steps) or _batches(len(train_captions), opt_cfg.batch_size, opt_cfg.steps, cfg.seed)):
-        batch = collate_pairs(train_pixels[idx], [train_captions[i] for i in idx], tokenizer, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
+        negatives = None
+        if n_neg:
+            rng = np.random.default_rng([cfg.seed, step, 11])
+            negatives = negative_captions([train_scenes[i] for i in idx], rng, per_scene=n_neg, kinds=c.hard_negative_kinds)
+        batch = collate_pairs(
+            train_pixels[idx], [train_captions[i] for i in idx], tokenizer,
+            vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length, negatives=negatives,
+            cell_labels=None if cells is None else cells[idx],
+        )  # fmt: skip
         out = model(**batch)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -176,11 +197,13 @@ def train_contrastive(
             "samples_per_s": (step + 1) * opt_cfg.batch_size / (time.perf_counter() - t0),
             "elapsed_s": time.perf_counter() - t0,
         }
+        rec.update({k: float(out[k].detach()) for k in ("loss_cell", "cell_kind_acc") if k in out})
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if opt_cfg.log_every and (step + 1) % opt_cfg.log_every == 0:
-            log(f"stage1 step {step + 1}/{opt_cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} {rec['samples_per_s']:.0f} samples/s")
+            cell = f" cell loss {rec['loss_cell']:.3f} kind acc {rec['cell_kind_acc']:.2f}" if "loss_cell" in rec else ""
+            log(f"stage1 step {step + 1}/{opt_cfg.steps} loss {rec['loss']:.4f}{cell} lr {rec['lr']:.2e} scale {rec['logit_scale']:.1f} {rec['samples_per_s']:.0f} samples/s")
     bar.close()
     seconds = time.perf_counter() - t0
     metrics: dict[str, float] = {"train_seconds": seconds}

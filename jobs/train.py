@@ -68,6 +68,13 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
     if job.init_from:
         job.init_from = str(Path(job.init_from).resolve())
     micro_batch(cfg.stage1 if a.stage == "contrastive" else cfg.stage2, job)  # fail early on a bad split
+    c = cfg.model.contrastive
+    if a.stage == "contrastive" and (c.hard_negatives or c.cell_loss_weight):
+        raise ConfigError(
+            "model.contrastive.hard_negatives / cell_loss_weight: built from the generated world's scenes, which "
+            f"image-caption pairs do not carry; expected 0 for `vlm train contrastive`, got {c.hard_negatives} / {c.cell_loss_weight} "
+            "(the in-process trainer, `vlm demo` and benchmarks/learn.py, supports them)"
+        )
     return a.stage, cfg, job, a
 
 
@@ -129,7 +136,10 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     if stage == "contrastive":
         ds = pairs_dataset(job.data, size=size)
     else:
-        ds = sft_dataset(job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None)
+        ds = sft_dataset(
+            job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None,
+            questions_per_conversation=cfg.mix.questions_per_conversation, seed=cfg.seed,
+        )  # fmt: skip
     resources = {"CPU": job.cpus_per_worker}
     if job.gpu:
         resources["GPU"] = 1

@@ -91,10 +91,26 @@ class ContrastiveConfig:
     init_logit_bias: float = -10.0  # siglip only
     local_loss: bool = True
     gather_with_grad: bool = True
+    # NegCLIP hard negatives (vlm/scene_targets.py): per image and step, this many captions of
+    # an edited scene as extra image-to-text columns; needs the scenes (the generated world).
+    hard_negatives: int = 0
+    hard_negative_kinds: list[str] = field(default_factory=lambda: ["shape", "swap", "position"])
+    # > 0: an auxiliary head classifies each 3x3-grid cell's shape kind and colour from the
+    # vision tower's patch tokens at llava.vision_feature_layer; its loss is added at this weight.
+    cell_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("clip", "siglip"):
             raise ConfigError(f"contrastive.loss: expected 'clip' or 'siglip', got {self.loss!r}")
+        if self.hard_negatives < 0:
+            raise ConfigError(f"contrastive.hard_negatives: expected an integer >= 0, got {self.hard_negatives}")
+        if self.hard_negatives and self.loss != "clip":
+            raise ConfigError(f"contrastive.hard_negatives: supported with loss 'clip', got loss {self.loss!r}")
+        if self.cell_loss_weight < 0:
+            raise ConfigError(f"contrastive.cell_loss_weight: expected a number >= 0, got {self.cell_loss_weight}")
+        bad = [k for k in self.hard_negative_kinds if k not in ("shape", "swap", "position")]
+        if bad or not self.hard_negative_kinds:
+            raise ConfigError(f"contrastive.hard_negative_kinds: expected a non-empty list from ['shape', 'swap', 'position'], got {self.hard_negative_kinds!r}")
 
 
 @dataclass

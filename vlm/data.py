@@ -36,6 +36,8 @@ def collate_pairs(
     *,
     vision_kind: str,
     max_length: int,
+    negatives: Sequence[str] | None = None,
+    cell_labels: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stage-1 batch.
 
@@ -45,15 +47,29 @@ def collate_pairs(
         tokenizer: the text tower's tokenizer.
         vision_kind: ``clip`` or ``siglip`` (normalisation statistics).
         max_length: token budget per caption (longer captions are truncated).
+        negatives: B*K hard-negative captions (``vlm.scene_targets``), tokenised into
+            ``negative_input_ids``/``negative_attention_mask`` when given.
+        cell_labels: (B, 2, 9) per-cell kind and colour classes (``scene_targets.cell_labels``).
     """
     if len(captions) != len(pixels):
         raise ValueError(f"expected one caption per image, got {len(captions)} captions for {len(pixels)} images")
     tok = tokenizer(list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {
+    batch = {
         "pixel_values": normalize(pixels, kind=vision_kind),  # (B, 3, S, S)
         "input_ids": tok["input_ids"],  # (B, L)
         "attention_mask": tok["attention_mask"],  # (B, L)
     }
+    if negatives is not None:
+        if not negatives or len(negatives) % len(captions):
+            raise ValueError(f"expected K >= 1 negatives per caption, got {len(negatives)} negatives for {len(captions)} captions")
+        neg = tokenizer(list(negatives), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        batch["negative_input_ids"] = neg["input_ids"]  # (B*K, L')
+        batch["negative_attention_mask"] = neg["attention_mask"]  # (B*K, L')
+    if cell_labels is not None:
+        if len(cell_labels) != len(captions):
+            raise ValueError(f"expected one cell-label row per image, got {len(cell_labels)} for {len(captions)} images")
+        batch["cell_labels"] = torch.as_tensor(cell_labels, dtype=torch.long)  # (B, 2, 9)
+    return batch
 
 
 def collate_sft(
@@ -164,15 +180,10 @@ def world_sft(
             if with_caption:
                 out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption"))
             continue
-        order = np.random.default_rng([cfg.seed, s.index, 7]).permutation(len(s.qas))
-        qas = [s.qas[int(i)] for i in order]
-        for start in range(0, len(qas), questions_per_conversation):
-            chunk = qas[start : start + questions_per_conversation]
-            last = start + questions_per_conversation >= len(qas)
-            turns = [(qa.question, qa.answer) for qa in chunk]
-            if last and with_caption:
-                turns.append((world.CAPTION_PROMPT, s.caption))
-            out.append(SFTExample(f"{s.id}/turns{start}", _conversation(turns), [img], "conversation"))
+        rng = np.random.default_rng([cfg.seed, s.index, 7])
+        qas = [(qa.question, qa.answer) for qa in s.qas]
+        for start, messages in multi_turn(qas, s.caption if with_caption else None, questions_per_conversation, rng):
+            out.append(SFTExample(f"{s.id}/turns{start}", messages, [img], "conversation"))
     for p in items.pairs:
         imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]
         imgs = [im if im is not None else to_uint8([sm.image], size)[0] for im, sm in zip(imgs, (p.first, p.second))]
@@ -180,6 +191,28 @@ def world_sft(
     for v in items.videos:
         frames = list(to_uint8(v.frames, size))
         out.append(SFTExample(v.id, world.to_messages(v, v.qa), frames, v.qa.kind))
+    return out
+
+
+def multi_turn(
+    qas: Sequence[tuple[str, str]], caption: str | None, per_conversation: int, rng: np.random.Generator
+) -> list[tuple[int, list[dict]]]:
+    """One image's (question, answer) pairs as conversations of up to ``per_conversation``
+    turns, in an order drawn from ``rng``; the caption request (when ``caption`` is given) is
+    the last turn of the last conversation, so no answer can be read off the caption's text.
+
+    Returns ``(start, messages)`` per conversation: ``start`` is the index of its first question
+    in the drawn order; the image comes with the first question."""
+    if per_conversation < 1:
+        raise ValueError(f"expected per_conversation >= 1, got {per_conversation}")
+    order = [qas[int(i)] for i in rng.permutation(len(qas))]
+    out = []
+    for start in range(0, max(len(order), 1), per_conversation):
+        turns = list(order[start : start + per_conversation])
+        if start + per_conversation >= len(order) and caption is not None:
+            turns.append((world.CAPTION_PROMPT, caption))
+        if turns:
+            out.append((start, _conversation(turns)))
     return out
 
 

@@ -67,8 +67,9 @@ def clip_loss(
     world_size: int = 1,
     gather: Gather = no_gather,
     local_loss: bool = True,
+    negative_text_features: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Symmetric InfoNCE over L2-normalised features.
+    """Symmetric InfoNCE over L2-normalised features, optionally with hard text negatives.
 
     Args:
         image_features: (B, D) this rank's image embeddings, normalised.
@@ -79,6 +80,10 @@ def clip_loss(
         gather: local (B, D) -> list of ``world_size`` (B, D) tensors.
         local_loss: score only local rows against all columns; otherwise the full
             (N*B, N*B) matrix on every rank.
+        negative_text_features: (B*K, D) normalised embeddings of captions that match no image
+            (NegCLIP's hard negatives, K per image). They are gathered like the texts and added
+            as extra columns of the image-to-text logits, so every image is scored against every
+            rank's negatives as well; the text-to-image direction is unchanged.
 
     Returns:
         ``{"loss", "loss_i2t", "loss_t2i", "acc_i2t", "acc_t2i"}``.
@@ -87,13 +92,20 @@ def clip_loss(
     all_img = _gathered(image_features, rank=rank, world_size=world_size, gather=gather)  # (N*B, D)
     all_txt = _gathered(text_features, rank=rank, world_size=world_size, gather=gather)  # (N*B, D)
     if local_loss or world_size == 1:
-        logits_i2t = logit_scale * image_features @ all_txt.T  # (B, N*B)
         logits_t2i = logit_scale * text_features @ all_img.T  # (B, N*B)
+        queries = image_features  # (B, D)
         labels = torch.arange(b, device=image_features.device) + rank * b
     else:
-        logits_i2t = logit_scale * all_img @ all_txt.T  # (N*B, N*B)
-        logits_t2i = logits_i2t.T
+        logits_t2i = logit_scale * all_txt @ all_img.T  # (N*B, N*B)
+        queries = all_img  # (N*B, D)
         labels = torch.arange(all_img.shape[0], device=image_features.device)
+    columns = all_txt
+    if negative_text_features is not None:
+        if negative_text_features.shape[-1] != text_features.shape[-1]:
+            raise ValueError(f"expected negative_text_features of width {text_features.shape[-1]}, got shape {tuple(negative_text_features.shape)}")
+        all_neg = _gathered(negative_text_features, rank=rank, world_size=world_size, gather=gather)  # (N*B*K, D)
+        columns = torch.cat([all_txt, all_neg], dim=0)  # (N*B + N*B*K, D)
+    logits_i2t = logit_scale * queries @ columns.T  # (B or N*B, N*B [+ N*B*K])
     loss_i2t = F.cross_entropy(logits_i2t, labels)
     loss_t2i = F.cross_entropy(logits_t2i, labels)
     with torch.no_grad():

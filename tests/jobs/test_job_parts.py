@@ -46,6 +46,14 @@ def test_job_config_errors_name_the_key():
         micro_batch(cfg.stage1, job)
 
 
+def test_ray_stage1_refuses_scene_targets_that_pairs_do_not_carry(world, tmp_path):
+    from jobs.train import resolve
+
+    with pytest.raises(ConfigError, match="expected 0 for `vlm train contrastive`, got 1 / 1.0"):
+        resolve(["contrastive", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn"])
+    assert resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn"])[0] == "sft"
+
+
 def test_decode_world_rows_including_video(world):
     lines = (world / "sft.jsonl").read_text().splitlines()
     video = next(ln for ln in lines if json.loads(ln)["video"])
@@ -110,3 +118,27 @@ def test_decode_module_imports_neither_torch_nor_transformers():
     code = "import sys, jobs.data; print(sorted(m for m in ('torch', 'transformers', 'ray', 'deepspeed') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_group_turns_asks_each_image_all_its_questions_caption_last(world):
+    from jobs.data import group_turns
+
+    lines = (world / "sft.jsonl").read_text().splitlines()
+    records = [json.loads(ln) for ln in lines]
+    grouped = [json.loads(ln) for ln in group_turns(lines, questions_per_conversation=3, seed=0)]
+    assert grouped == [json.loads(ln) for ln in group_turns(lines, questions_per_conversation=3, seed=0)]
+    single = [r for r in records if r["task"] != "caption" and len(r["images"]) == 1 and not r["video"]]
+    others = [r for r in records if r["task"] not in ("caption",) and r not in single]
+    assert [r for r in grouped if r["task"] != "conversation"] == others  # pairs and videos pass unchanged
+    convs = [r for r in grouped if r["task"] == "conversation"]
+    for image in {r["images"][0] for r in single}:
+        mine = [r for r in convs if r["images"] == [image]]
+        turns = [(m["content"][-1]["text"], mine_msgs[i + 1]["content"][0]["text"]) for r in mine for mine_msgs in [r["messages"]] for i, m in enumerate(mine_msgs) if m["role"] == "user"]
+        expected = [(r["messages"][0]["content"][-1]["text"], r["messages"][1]["content"][0]["text"]) for r in records if r["images"] == [image] and not r["video"]]
+        assert sorted(turns) == sorted(expected)  # every question once, and the caption
+        assert all(len(r["messages"]) <= 2 * 4 for r in mine) and len(mine) == -(-(len(expected) - 1) // 3)
+        assert mine[-1]["messages"][-2]["content"][-1]["text"] == "describe the image."
+        assert all(sum(p.get("type") == "image" for m in r["messages"] for p in m["content"] if isinstance(m["content"], list)) == 1 for r in mine)
+    assert len(group_turns(lines, questions_per_conversation=1, seed=0)) == len(others) + len(single)  # caption joins the last
+    with pytest.raises(ValueError, match="questions_per_conversation >= 1"):
+        group_turns(lines, questions_per_conversation=0, seed=0)

@@ -164,6 +164,21 @@ def test_shard_stream_auto_cache(ray_local, tmp_path):
         assert len(said) == 1 and said[0].startswith("data: not caching")
 
 
+def test_sft_dataset_regroups_questions_into_conversations(ray_local, world):
+    """`vlm train sft` reads sft.jsonl through ``sft_dataset``: with mix.questions_per_conversation > 1
+    an image's questions arrive as turns of one conversation, its one image decoded once."""
+    from jobs.data import sft_dataset
+
+    one = sft_dataset(str(world), size=32).take_all()
+    rows = sft_dataset(str(world), size=32, questions_per_conversation=4).take_all()
+    convs = [r for r in rows if r["task"] == "conversation"]
+    assert convs and all(int(r["num_images"]) == 1 and len(r["pixels"]) == 32 * 32 * 3 for r in convs)
+    turns = sum(sum(m["role"] == "assistant" for m in json.loads(r["messages"])) for r in convs)
+    single = [r for r in one if int(r["num_images"]) == 1 and r["task"] not in ("video", "video_caption")]
+    assert turns == len(single)  # every question and caption of the one-question file, once
+    assert len(rows) < len(one)
+
+
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
     """``job.phase=align`` (LLaVA's phase 1) from a stage-1 checkpoint, ZeRO-3 on 2 workers with the
     model built partitioned (``job.zero_init``, its default): the stage-1 vision tower loads into the

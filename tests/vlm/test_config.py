@@ -77,3 +77,18 @@ def test_derived_image_tokens_follow_overrides():
     cfg = load_config(preset="tiny", overrides=["model.projector.pixel_shuffle=2"])
     assert cfg.model.image_tokens == load_config(preset="tiny").model.image_tokens // 4
     assert Config().model.image_tokens == 64
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.contrastive.hard_negatives=-1", "hard_negatives: expected an integer >= 0"),
+        ("model.contrastive.hard_negative_kinds=[colour]", "expected a non-empty list from"),
+        ("model.contrastive.cell_loss_weight=-0.5", "cell_loss_weight: expected a number >= 0"),
+    ],
+)
+def test_stage1_scene_target_options_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset="tiny", overrides=[override])
+    with pytest.raises(ConfigError, match="supported with loss 'clip'"):
+        load_config(preset="tiny", overrides=["model.contrastive.hard_negatives=1", "model.contrastive.loss=siglip"])

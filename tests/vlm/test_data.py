@@ -92,3 +92,12 @@ def test_world_sft_multi_turn_asks_every_question_once_and_captions_last():
     assert [ex.id for ex in multi if ex.task != "conversation"] == [ex.id for ex in single if "/" not in ex.id]
     with pytest.raises(ValueError, match="questions_per_conversation"):
         world_sft(WC, "train", size=32, questions_per_conversation=0)
+
+
+def test_collate_pairs_tokenises_hard_negatives_and_checks_their_count():
+    tok = _tok()
+    pix, caps, _ = world_pairs(WC, "heldout", size=32)
+    b = collate_pairs(pix, caps, tok, vision_kind="clip", max_length=96, negatives=caps[1:] + caps[:1])
+    assert b["negative_input_ids"].shape[0] == 4 and b["negative_attention_mask"].shape == b["negative_input_ids"].shape
+    with pytest.raises(ValueError, match="K >= 1 negatives per caption, got 3 negatives for 4 captions"):
+        collate_pairs(pix, caps, tok, vision_kind="clip", max_length=96, negatives=caps[:3])

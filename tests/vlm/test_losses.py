@@ -144,3 +144,49 @@ def test_lm_loss_token_average_is_the_causal_lm_loss_and_turn_average_weighs_tur
         lm_loss(out.logits, labels, average="sample")
     with pytest.raises(ValueError, match="supervised"):
         lm_loss(out.logits, torch.full_like(labels, -100))
+
+
+def textbook_clip_with_negatives(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, scale: float) -> float:
+    """NegCLIP: image i is scored against every text and every hard negative; texts against images only."""
+    n = img.shape[0]
+    sim = (img @ txt.T * scale).tolist()
+    nsim = (img @ neg.T * scale).tolist()
+    i2t = -sum(sim[i][i] - math.log(sum(math.exp(s) for s in sim[i] + nsim[i])) for i in range(n)) / n
+    cols = [[sim[i][j] for i in range(n)] for j in range(n)]
+    t2i = -sum(cols[j][j] - math.log(sum(math.exp(s) for s in cols[j])) for j in range(n)) / n
+    return (i2t + t2i) / 2
+
+
+def test_clip_loss_with_hard_negatives_matches_textbook_formula_and_only_raises_image_to_text():
+    img, txt = _feats(6, 8, 6)
+    _, neg = _feats(12, 8, 7)  # two negatives per image
+    scale = torch.tensor(7.5, dtype=torch.float64)
+    plain = clip_loss(img.double(), txt.double(), scale)
+    out = clip_loss(img.double(), txt.double(), scale, negative_text_features=neg.double())
+    assert out["loss"].item() == pytest.approx(textbook_clip_with_negatives(img.double(), txt.double(), neg.double(), 7.5), rel=1e-9)
+    assert out["loss_t2i"].item() == pytest.approx(plain["loss_t2i"].item(), rel=1e-12)
+    assert out["loss_i2t"].item() > plain["loss_i2t"].item()
+    with pytest.raises(ValueError, match="width 8"):
+        clip_loss(img, txt, torch.tensor(1.0), negative_text_features=torch.zeros(6, 4))
+
+
+def test_two_rank_loss_with_hard_negatives_equals_single_process():
+    img, txt = _feats(8, 16, 8)
+    _, neg = _feats(8, 16, 9)  # one negative per image
+    scale = torch.tensor(12.0)
+    leaves = [x.clone().requires_grad_() for x in (img, txt, neg)]
+    ref = clip_loss(leaves[0], leaves[1], scale, negative_text_features=leaves[2])["loss"]
+    ref.backward()
+    halves = [[x[:4].clone().requires_grad_(), x[4:].clone().requires_grad_()] for x in (img, txt, neg)]
+    losses = []
+    for rank in range(2):
+        def gather(x: torch.Tensor) -> list[torch.Tensor]:
+            return next(h for h in halves if any(x is p for p in h))
+
+        hi, ht, hn = (h[rank] for h in halves)
+        losses.append(clip_loss(hi, ht, scale, rank=rank, world_size=2, gather=gather, negative_text_features=hn)["loss"])
+    mean = (losses[0] + losses[1]) / 2
+    assert torch.allclose(mean, ref, atol=1e-6)
+    mean.backward()
+    for h, leaf in zip(halves, leaves):
+        assert torch.allclose(torch.cat([p.grad for p in h]), leaf.grad, atol=1e-6)

@@ -183,3 +183,44 @@ def test_tied_embeddings_survive_a_checkpoint(cfg, tok, tmp_path):
     l = load_checkpoint(tmp_path / "t").model
     assert l.decoder.lm_head.weight.data_ptr() == l.decoder.get_input_embeddings().weight.data_ptr()
     assert torch.equal(l.decoder.lm_head.weight, m.decoder.lm_head.weight)
+
+
+def test_cell_head_pools_patch_tokens_onto_the_3x3_grid_and_adds_its_loss(cfg, tok):
+    from vlm.scene_targets import NUM_CELL_COLOURS, NUM_CELL_KINDS
+
+    c = dataclasses.replace(cfg.model, contrastive=dataclasses.replace(cfg.model.contrastive, cell_loss_weight=0.5))
+    torch.manual_seed(0)
+    model = ContrastiveModel(c, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    g, d = c.vision.grid, c.vision.hidden_size  # tiny: 64 px / 16 px patches, a 4x4 grid
+    with torch.no_grad():
+        model.cell_head.weight.copy_(torch.eye(NUM_CELL_KINDS + NUM_CELL_COLOURS, d))
+        model.cell_head.bias.zero_()
+        hidden = torch.zeros(2, 1 + g * g, d)  # CLS first, then patches in raster order
+        hidden[:, 0] = 100.0  # the CLS token must not reach any cell
+        hidden[0, 1 + 0, 0] = 1.0  # image 0: the top-left patch
+        hidden[1, 1 + g * g - 1, 0] = 1.0  # image 1: the bottom-right patch
+        kinds, colours = model.cell_logits(hidden)
+    assert kinds.shape == (2, 9, NUM_CELL_KINDS) and colours.shape == (2, 9, NUM_CELL_COLOURS)
+    lit = kinds[..., 0] != 0  # (2, 9) which cells saw the marked patch
+    assert lit[0].nonzero().flatten().tolist() == [0] and lit[1].nonzero().flatten().tolist() == [8]
+    assert float(colours.abs().sum()) == 0.0
+
+    b = tok(CORPUS[:4], padding=True, return_tensors="pt")
+    pix = torch.randn(4, 3, 64, 64)
+    labels = torch.zeros(4, 2, 9, dtype=torch.long)
+    labels[:, 0, 4], labels[:, 1, 4] = 3, 2  # a shape in the centre cell
+    out = model(pix, b["input_ids"], b["attention_mask"], cell_labels=labels)
+    assert torch.allclose(out["loss"], out["loss_contrastive"] + 0.5 * out["loss_cell"])
+    vis = model.vision(pixel_values=pix, output_hidden_states=True)
+    k, col = model.cell_logits(vis.hidden_states[c.llava.vision_feature_layer])
+    expected = torch.nn.functional.cross_entropy(k.flatten(0, 1), labels[:, 0].flatten()) + torch.nn.functional.cross_entropy(col.flatten(0, 1), labels[:, 1].flatten())
+    assert torch.allclose(out["loss_cell"], expected)
+    out["loss_cell"].backward()
+    vision_grads = [p.grad for p in model.vision.parameters() if p.grad is not None]
+    assert vision_grads and sum(float(g.abs().sum()) for g in vision_grads) > 0
+    with pytest.raises(ValueError, match="expected cell_labels"):
+        model(pix, b["input_ids"], b["attention_mask"])
+    plain = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    assert plain.cell_head is None
+    with pytest.raises(ValueError, match="cell_loss_weight > 0"):
+        plain.cell_logits(hidden)
