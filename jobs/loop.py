@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.data import ShardStream, available_memory, sft_examples
-from jobs.job_config import JobConfig, deepspeed_config, micro_batch
+from jobs.job_config import JobConfig, clips_in_loop, deepspeed_config, micro_batch
 from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, truncate_jsonl
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
@@ -164,6 +164,18 @@ def _all_reduce_sums(values: list[torch.Tensor | float], device: torch.device) -
     return t.tolist()
 
 
+def _engine_step(engine: Any, clip: float) -> torch.Tensor | None:
+    """``engine.step()``; with ``clip`` > 0 (``job_config.clips_in_loop``) first clip the
+    all-reduced gradients at the accumulation boundary with torch's fused ``clip_grad_norm_``.
+    Returns the gradient norm before clipping when it clipped, else None."""
+    norm = None
+    if clip > 0 and engine.is_gradient_accumulation_boundary():
+        grads = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, clip, foreach=True)
+    engine.step()
+    return norm
+
+
 def _grouped(it, window: int, key):
     """Length grouping: within each window of micro-batches, re-batch rows sorted by length."""
     if window <= 1:
@@ -240,6 +252,8 @@ def train_loop(config: dict[str, Any]) -> None:
     log(f"[{stage}] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads per worker")
 
     ds_config = deepspeed_config(optim, job)
+    own_clip = optim.grad_clip if clips_in_loop(job) else 0.0  # see clips_in_loop
+    own_norm = None
     partition = None
     if job.zero_init and job.zero_stage == 3:
         # zero.Init partitions over DeepSpeed's own communicator: bind it to the process group Ray
@@ -334,7 +348,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     dummy = sum(p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad)
                     mean_lab = _all_reduce_mean(0.0, device)
                     engine.backward(dummy)
-                    engine.step()
+                    own_norm = _engine_step(engine, own_clip)
                     continue
                 n_lab = int((batch["labels"][:, 1:] != -100).sum())  # host copies: no device sync
                 tokens += int(batch["attention_mask"].sum())
@@ -348,14 +362,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 samples += len(examples) - len(bad)
                 loss_sum = loss_sum + loss.detach()
             engine.backward(loss)
-            engine.step()
+            own_norm = _engine_step(engine, own_clip)
         # one collective per step: the global loss (a mean over ranks; stage 2's per-rank losses are
         # already token-weighted), samples, tokens and images
         loss_tot, g_samples, g_tokens, g_images = _all_reduce_sums([loss_sum, samples, tokens, images], device)
         loss_val = loss_tot / (world * job.grad_accum)
         t_now = time.perf_counter()
         dt, t_last = t_now - t_last, t_now
-        gnorm = engine.get_global_grad_norm()
+        gnorm = own_norm if own_clip > 0 else engine.get_global_grad_norm()
         rec: dict[str, Any] = {
             "step": step,
             "time": time.time(),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jobs.data import DecodePairs, DecodeSFT, read_sft, sft_examples, tokenizer_corpus
-from jobs.job_config import deepspeed_config, load_job, micro_batch
+from jobs.job_config import clips_in_loop, deepspeed_config, load_job, micro_batch
 from jobs.metrics import MetricsLog, read_metrics, tower_flops, zero_memory_formula
 from vlm.config import ConfigError
 
@@ -31,6 +31,12 @@ def test_yaml_job_section_and_overrides_build_the_deepspeed_config(tmp_path):
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    # ZeRO-0 in fp32: the loop clips (fused) and DeepSpeed does not; elsewhere DeepSpeed clips
+    for over, loop_clips in ((["job.zero_stage=0"], True), (["job.zero_stage=0", "job.precision=bf16"], False),
+                             (["job.zero_stage=1"], False)):
+        cfg, job = load_job(overrides=over)
+        assert clips_in_loop(job) == loop_clips, over
+        assert deepspeed_config(cfg.stage1, job)["gradient_clipping"] == (0.0 if loop_clips else cfg.stage1.grad_clip), over
 
 
 def test_job_config_errors_name_the_key():

@@ -73,8 +73,8 @@ EVAL_KEYS = ("eval_i2t_r1", "eval_i2t_r5", "eval_t2i_r1", "eval_t2i_r5", "eval_z
 
 @pytest.mark.parametrize(
     "zero_stage,extra",
-    [(1, []), (2, []), (3, ["job.zero_init=false"]), (3, ["stage1.eval_every=2"])],
-    ids=["zero1", "zero2", "zero3", "zero3-init-eval"],
+    [(0, []), (1, []), (2, []), (3, ["job.zero_init=false"]), (3, ["stage1.eval_every=2"])],
+    ids=["zero0", "zero1", "zero2", "zero3", "zero3-init-eval"],
 )
 def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_stage, extra):
     out = tmp_path / f"zero{zero_stage}"
