@@ -33,6 +33,14 @@ class JobConfig:
     cpus_per_worker: float = 1.0
     zero_stage: int = 2  # 0 (plain data parallel) | 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # bf16 only: autocast (fp32 weights, the forward autocast to bf16: DeepSpeed's torch_autocast) |
+    # weights (bf16 weights and fp32 master copies: DeepSpeed's bf16 mode, slower on one GPU: BENCHMARKS.md)
+    bf16_mode: str = "autocast"
+    # regional torch.compile of every transformer block before DeepSpeed wraps the model
+    # (vlm.towers.compile_blocks); worth it on a GPU, costly to start on a CPU. ZeRO-0 only: with
+    # ZeRO-1 compiled stage-1 blocks stopped on a CUDA misaligned-address error, and at ZeRO-3
+    # compiled stage-2 blocks ran at a quarter of ZeRO-0's rate (an H200, BENCHMARKS.md)
+    compile: bool = False
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU
     offload_params: bool = False  # ZeRO-3 parameters on CPU
     # ZeRO-3: build the model inside deepspeed.zero.Init, each parameter partitioned over the workers
@@ -73,6 +81,13 @@ class JobConfig:
             raise ConfigError(f"job.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"job.precision: expected one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile and self.zero_stage != 0:
+            raise ConfigError(
+                f"job.compile: supported with job.zero_stage=0 only, got zero_stage={self.zero_stage} "
+                "(compiled blocks under ZeRO 1-3 failed or ran slower; on one GPU ZeRO-0 is the fastest stage)"
+            )
+        if self.bf16_mode not in ("autocast", "weights"):
+            raise ConfigError(f"job.bf16_mode: expected 'autocast' or 'weights', got {self.bf16_mode!r}")
         if self.phase not in ("align", "instruct"):
             raise ConfigError(f"job.phase: expected 'align' or 'instruct', got {self.phase!r}")
         if self.num_workers < 1 or self.grad_accum < 1:
@@ -107,8 +122,14 @@ def clips_in_loop(job: JobConfig) -> bool:
     step); the loop uses torch's fused ``clip_grad_norm_`` on the same all-reduced gradients,
     with the same rule (scale by min(1, max_norm / (norm + 1e-6))). With fp16/bf16 DeepSpeed's
     optimiser wrappers clip after unscaling, and ZeRO 1-3 clip their flat partitions in one
-    pass: both stay DeepSpeed's."""
-    return job.zero_stage == 0 and job.precision == "fp32"
+    pass: both stay DeepSpeed's. bf16 through autocast keeps fp32 gradients: the loop clips."""
+    return job.zero_stage == 0 and (job.precision == "fp32" or autocast(job))
+
+
+def autocast(job: JobConfig) -> bool:
+    """bf16 through DeepSpeed's torch_autocast: fp32 weights, gradients and optimiser, the forward
+    in bf16 (``job.bf16_mode=autocast``)."""
+    return job.precision == "bf16" and job.bf16_mode == "autocast"
 
 
 def deepspeed_config(optim: OptimConfig, job: JobConfig) -> dict[str, Any]:
@@ -134,7 +155,8 @@ def deepspeed_config(optim: OptimConfig, job: JobConfig) -> dict[str, Any]:
         "gradient_accumulation_steps": job.grad_accum,
         "gradient_clipping": 0.0 if clips_in_loop(job) else optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": job.precision == "bf16"},
+        "bf16": {"enabled": job.precision == "bf16" and not autocast(job)},
+        "torch_autocast": {"enabled": autocast(job), "dtype": "bfloat16"},
         "fp16": {"enabled": job.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 200},
         "zero_allow_untested_optimizer": True,  # our AdamW with its own parameter groups
         "zero_force_ds_cpu_optimizer": False,  # offload with torch's AdamW (no compiled CPUAdam)

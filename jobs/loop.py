@@ -264,7 +264,13 @@ def train_loop(config: dict[str, Any]) -> None:
     model = build_model(stage, cfg, job, tokenizer, partition=partition, rank=rank)
     if partition is not None:
         _report_partition(model, run_dir, rank, time.perf_counter() - t_build, log)
-    optimizer = build_optimizer(model, optim)
+    if job.compile:
+        from vlm.towers import compile_blocks
+
+        log(f"[{stage}] torch.compile: {compile_blocks(model)} transformer blocks")
+    # fused AdamW on a GPU at ZeRO-0; ZeRO 1-3 hand the optimiser views into flat partition
+    # buffers, which the fused kernel reads misaligned (a CUDA error, seen on an H200)
+    optimizer = build_optimizer(model, optim, fused=job.gpu and job.zero_stage == 0)
     scheduler = build_scheduler(optimizer, optim)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False

@@ -197,3 +197,18 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 
 def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
+    """Compile each transformer block of ``model`` in place (``nn.Module.compile``), regional
+    compilation: the blocks of a stack share one compiled graph, so start-up costs one block's
+    compile per stack, and the glue between blocks (embeddings, pooling, losses, the image-token
+    scatter) stays eager. A block is a child of an ``nn.ModuleList`` of two or more modules of
+    one class (CLIP's, BERT's and the decoders' layer stacks). Returns how many were compiled."""
+    n = 0
+    for stack in model.modules():
+        if isinstance(stack, nn.ModuleList) and len(stack) > 1 and len({type(m) for m in stack}) == 1:
+            for block in stack:
+                block.compile(**compile_kwargs)
+                n += 1
+    return n

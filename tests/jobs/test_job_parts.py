@@ -30,9 +30,18 @@ def test_yaml_job_section_and_overrides_build_the_deepspeed_config(tmp_path):
     ds = deepspeed_config(cfg.stage2, job)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
-    # ZeRO-0 in fp32: the loop clips (fused) and DeepSpeed does not; elsewhere DeepSpeed clips
-    for over, loop_clips in ((["job.zero_stage=0"], True), (["job.zero_stage=0", "job.precision=bf16"], False),
+    # bf16 by default through DeepSpeed's torch_autocast (fp32 weights); job.bf16_mode=weights: its bf16 mode
+    assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    ds = deepspeed_config(cfg.stage2, load_job(path=f, overrides=["job.bf16_mode=weights"])[1])
+    assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
+    with pytest.raises(ConfigError, match="job.bf16_mode"):
+        load_job(overrides=["job.bf16_mode=fp8"])
+    with pytest.raises(ConfigError, match="job.compile.*zero_stage=2"):
+        load_job(overrides=["job.compile=true", "job.zero_stage=2"])
+    assert load_job(overrides=["job.compile=true", "job.zero_stage=0"])[1].compile
+    # ZeRO-0 with fp32 gradients: the loop clips (fused) and DeepSpeed does not; elsewhere DeepSpeed clips
+    for over, loop_clips in ((["job.zero_stage=0"], True), (["job.zero_stage=0", "job.precision=bf16"], True),
+                             (["job.zero_stage=0", "job.precision=bf16", "job.bf16_mode=weights"], False),
                              (["job.zero_stage=1"], False)):
         cfg, job = load_job(overrides=over)
         assert clips_in_loop(job) == loop_clips, over

@@ -17,7 +17,8 @@ from vlm.config import load_config
 from vlm.contrastive import ContrastiveModel
 from vlm.llava import VisionLanguageModel
 from vlm.tokenizer import special_token_ids, train_bpe_tokenizer
-from vlm.towers import build_text_encoder, build_vision_tower, pool_text
+from vlm.optim import build_optimizer
+from vlm.towers import build_text_encoder, build_vision_tower, compile_blocks, pool_text
 
 SMALL = [
     "model.vision.num_layers=2",
@@ -142,6 +143,35 @@ def test_vlm_forward_places_images_and_masks_loss(cfg, tok):
     # a wrong number of images is a precise error
     with pytest.raises(ValueError, match="3 images|2 images were given"):
         model(**{**batch, "pixel_values": torch.randn(2, 3, 64, 64)})
+
+
+def test_compile_blocks_compiles_each_layer_stack_and_keeps_the_outputs(cfg, tok):
+    torch.manual_seed(0)
+    model = _vlm(cfg, tok).eval()
+    batch = _chat_batch(cfg, tok)
+    with torch.no_grad():
+        eager = model(**batch).logits
+    # the vision tower's and the decoder's layer stacks, block by block (glue stays eager);
+    # dynamo's capture with the eager backend: the graphs without inductor's CPU code generation
+    n = compile_blocks(model, backend="eager")
+    assert n == cfg.model.vision.num_layers + cfg.model.decoder.num_layers
+    with torch.no_grad():
+        compiled = model(**batch).logits
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_fused_optimizer_takes_the_same_step(cfg, tok):
+    states = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = _vlm(cfg, tok)
+        opt = build_optimizer(model, cfg.stage2, fused=fused)
+        assert bool(opt.defaults["fused"]) is fused
+        model(**_chat_batch(cfg, tok)).loss.backward()
+        opt.step()
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6)
 
 
 def test_freeze_flags(cfg, tok):
