@@ -70,6 +70,7 @@ class _StreamRow(RowState):
              interval: int = 1) -> _StreamRow:
         row = cls.for_prompt(model, tokenizer, req.input_ids, req.config(), where="the prompt")
         row.req, row.emit = req, emit
+        row.track_text = True  # the row's text grows incrementally, not decoded whole per token
         row.sent = ""
         row.hold = max((len(s) for s in req.stop), default=1) - 1
         row.interval, row.pending, row.started = max(1, int(interval)), [], False
@@ -84,8 +85,7 @@ class _StreamRow(RowState):
     def push(self, token: int, tokenizer) -> None:
         super().push(token, tokenizer)
         if self.finish is None:
-            text = self.text if self.cfg.stop_strings else tokenizer.decode(self.ids, skip_special_tokens=True)
-            safe = text.rstrip("\ufffd")  # a multi-byte character still incomplete
+            safe = self.text  # incremental: a multi-byte character waits until complete
             safe = safe[: max(0, len(safe) - self.hold)] if self.req.stop else safe
         else:
             res = self.result(tokenizer)

@@ -398,6 +398,35 @@ def _stack_media(
     return torch.cat(parts) if parts else None
 
 
+class IncrementalText:
+    """The text of a growing list of token ids, decoded a few tokens at a time.
+
+    Decoding the whole list at every new token costs O(n) per token, O(n^2) per answer. Here
+    each step decodes only the tokens since the last emitted text plus the ones before them
+    (``prefix``..end against ``prefix``..``read``): both decodes start at the same token, so
+    whatever a tokenizer does at the start of a decode (a SentencePiece leading space) cancels
+    out, and the difference is the new text. A step whose new text ends in an incomplete
+    multi-byte character (U+FFFD) emits nothing until the character completes. For byte-level
+    BPE the joined text equals ``tokenizer.decode(ids, skip_special_tokens=True)``.
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.prefix = 0  # first token of the decode window
+        self.read = 0  # tokens already turned into ``text``
+
+    def update(self, tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+        """``text`` after ``ids`` (the same list as before, grown at the end)."""
+        if len(ids) <= self.read:
+            return self.text
+        before = tokenizer.decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(ids)
+        return self.text
+
+
 class RowState:
     """One row while it decodes: its sampling knobs, its tokens so far, and whether it is done.
 
@@ -432,6 +461,8 @@ class RowState:
         self.finish: str | None = None
         self.stop: int | str | None = None
         self.cancelled = False  # set by a consumer that went away; the row leaves the batch
+        self.track_text = False  # keep ``text`` current at every token (stop strings set it too)
+        self._incremental = IncrementalText()
 
     @classmethod
     def for_prompt(
@@ -468,14 +499,15 @@ class RowState:
             self.finish, self.stop = FINISH_STOP, token
             self.text = tokenizer.decode(self.ids[:-1], skip_special_tokens=True)
             return
-        if self.cfg.stop_strings:
-            # Decoding the whole answer each step keeps multi-byte characters that span tokens
-            # right. Only the tail that can hold a new match is searched: the last `longest`
-            # characters, plus a few for a partial UTF-8 character that decoded as U+FFFD.
-            before = len(self.text)
-            self.text = tokenizer.decode(self.ids, skip_special_tokens=True)
+        before = len(self.text)
+        if self.cfg.stop_strings or self.track_text:
+            # The text grows a few characters a token (IncrementalText: multi-byte characters
+            # that span tokens wait until complete); only the tail that can hold a new match is
+            # searched: the new characters and the `longest - 1` before them.
+            self.text = self._incremental.update(tokenizer, self.ids)
+        if self.cfg.stop_strings and len(self.text) > before:
             longest = max(len(s) for s in self.cfg.stop_strings)
-            start = max(0, before - longest - 4)
+            start = max(0, before - longest + 1)
             hits = [(self.text.find(s, start), s) for s in self.cfg.stop_strings]
             hits = [(at, s) for at, s in hits if at >= 0]
             if hits:

