@@ -73,7 +73,7 @@ def _tree_sample(proc: psutil.Process, cpu: dict[int, float], names: dict[int, s
                 total += p.memory_info().rss
                 t = p.cpu_times()
                 cpu[p.pid] = t.user + t.system
-                if names.get(p.pid, "python default_worker.py") == "python default_worker.py":
+                if names.get(p.pid, "ray::IDLE") in ("python default_worker.py", "ray::IDLE"):
                     names[p.pid] = _process_name(p)  # a Ray worker takes its ray::NAME title once it runs
         except psutil.Error:
             pass

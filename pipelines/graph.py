@@ -8,8 +8,9 @@ the shard tasks (as many at once as the cluster has CPUs, or ``run.concurrency``
 failed task ``run.max_task_retries`` times and, past that, records the shard as failed and
 goes on: running the same command again completes it.
 
-Dedup across the run lives in one ``DedupActor``; at start it is filled from the finished
-shards' parquet so a resumed run dedups against what is already written.
+Dedup across the run lives in one ``DedupIndex`` actor; at start it is filled from the finished
+shards' parquet so a resumed run dedups against what is already written. The actor is the class
+of ``pipelines.dedup`` itself, so its worker imports only that module, not this one's stages.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ from pipelines.inputs import prepare_shards
 from pipelines.shard import process_shard, shard_name, stats_path
 
 log = logging.getLogger("vlmforge.curate")
-
-
-class DedupActor(DedupIndex):
-    """The run's ``DedupIndex`` in a Ray actor (methods called with ``.remote``)."""
 
 
 class _ActorDedup:
@@ -147,7 +144,7 @@ def curate(
         log.info("curate: %d shards, %d done, %d to run", len(specs), len(done), len(pending))
         dedup = None
         if pending and (config.dedup.exact or config.dedup.near):
-            dedup = ray.remote(num_cpus=0)(DedupActor).remote(
+            dedup = ray.remote(num_cpus=0)(DedupIndex).remote(
                 exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance,
                 colour_distance=config.dedup.colour_distance,
             )
