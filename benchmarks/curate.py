@@ -54,8 +54,9 @@ img2dataset.download(url_list=url_list, input_format="parquet", url_col="url", c
 def _process_name(p: psutil.Process) -> str:
     """A short name for the CPU table: Ray's process title, else the program and its module."""
     cmd = p.cmdline()
-    if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split("(")[0]
+    if cmd and cmd[0].startswith("ray::"):  # ray::Class.method, ray::NAME:Class.__init__, ray::MapBatches(fn)
+        name = cmd[0][5:].split("(")[0].split(":")[-1].split(".")[0]
+        return f"ray::{name}"
     args = [a for a in cmd[1:] if not a.startswith("-")][:1]
     return " ".join([Path(cmd[0]).name if cmd else p.name(), *(Path(a).name for a in args)])[:40]
 
@@ -73,7 +74,7 @@ def _tree_sample(proc: psutil.Process, cpu: dict[int, float], names: dict[int, s
                 total += p.memory_info().rss
                 t = p.cpu_times()
                 cpu[p.pid] = t.user + t.system
-                if names.get(p.pid, "python default_worker.py") == "python default_worker.py":
+                if names.get(p.pid, "ray::IDLE") in ("python default_worker.py", "ray::IDLE"):
                     names[p.pid] = _process_name(p)  # a Ray worker takes its ray::NAME title once it runs
         except psutil.Error:
             pass

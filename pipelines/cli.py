@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.report_only:
-        from pipelines.report import summarize, write_report
+        from pipelines.report import load_table, summarize, write_report
 
-        summary = summarize(args.output)
-        write_report(args.output, summary)
+        table = load_table(args.output)
+        summary = summarize(args.output, table=table)
+        write_report(args.output, summary, table=table)
         print(json.dumps({k: summary[k] for k in ("count", "status")}, indent=2))
         return 0
     from pipelines.graph import curate

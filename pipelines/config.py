@@ -108,7 +108,7 @@ class DedupConfig:
 
     exact: bool = True
     near: bool = True
-    phash_distance: int = 4  # Hamming distance; <= 7 keeps the 8-band index exact
+    phash_distance: int = 4  # Hamming distance, 0-7 (the banded index is exact over that range)
     colour_distance: int = 8  # largest difference of any cell's mean R, G or B, 0-255 units
 
     def __post_init__(self) -> None:

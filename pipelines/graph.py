@@ -8,8 +8,9 @@ the shard tasks (as many at once as the cluster has CPUs, or ``run.concurrency``
 failed task ``run.max_task_retries`` times and, past that, records the shard as failed and
 goes on: running the same command again completes it.
 
-Dedup across the run lives in one ``DedupActor``; at start it is filled from the finished
-shards' parquet so a resumed run dedups against what is already written.
+Dedup across the run lives in one ``DedupIndex`` actor; at start it is filled from the finished
+shards' parquet so a resumed run dedups against what is already written. The actor is the class
+of ``pipelines.dedup`` itself, so its worker imports only that module, not this one's stages.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +33,6 @@ from pipelines.inputs import prepare_shards
 from pipelines.shard import process_shard, shard_name, stats_path
 
 log = logging.getLogger("vlmforge.curate")
-
-
-class DedupActor(DedupIndex):
-    """The run's ``DedupIndex`` in a Ray actor (methods called with ``.remote``)."""
 
 
 class _ActorDedup:
@@ -130,16 +128,23 @@ def curate(
     t0 = time.time()
     # Read and shard the input before Ray starts: a wrong path or column fails in a second.
     specs = prepare_shards(str(input_path), out, config=config.input, shard_size=config.output.shard_size)
+    # Ray Data's and matplotlib's imports (~1.5 CPU-s) run while Ray starts, when the driver
+    # only waits for Ray's processes, instead of before the first task and at the end of the run.
+    warm = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-imports")
+    warmed = warm.submit(_import_late_modules, report=config.output.report)
+    warm.shutdown(wait=False)
     t_ray = time.time()
     started_ray = init_ray(config)
     ray_start = time.time() - t_ray
+    tables: dict[str, Any] = {}  # shard parquet name -> its summary columns, read as each shard finishes
+    report = None
     try:
         done = finished_shards(out)
         pending = [s for s in specs if s["shard"] not in done]
         log.info("curate: %d shards, %d done, %d to run", len(specs), len(done), len(pending))
         dedup = None
         if pending and (config.dedup.exact or config.dedup.near):
-            dedup = ray.remote(num_cpus=0)(DedupActor).remote(
+            dedup = ray.remote(num_cpus=0)(DedupIndex).remote(
                 exact=config.dedup.exact, near=config.dedup.near, distance=config.dedup.phash_distance,
                 colour_distance=config.dedup.colour_distance,
             )
@@ -147,11 +152,16 @@ def curate(
         failed: list[int] = []
         rows_done = 0
         if pending:
+            warmed.result()
             import ray.data
+
+            from pipelines.report import load_shard_table
 
             ctx = ray.data.DataContext.get_current()
             ctx.max_errored_blocks = -1  # a shard that fails all retries is skipped; rerun to finish it
             ctx.enable_progress_bars = False
+            ctx.enable_auto_log_stats = False
+            ctx.memory_usage_poll_interval_s = None  # no USS-polling thread in each task: we report RSS ourselves
             cpus = int(ray.cluster_resources().get("CPU", 1))
             concurrency = config.run.concurrency or max(1, min(cpus, len(pending)))
             ds = ray.data.from_items([{"spec": json.dumps(s)} for s in pending], override_num_blocks=len(pending))
@@ -176,6 +186,8 @@ def curate(
             for row in ds.iter_rows():
                 stats = json.loads(row["stats"])
                 seen.add(stats["shard"])
+                name = f"{shard_name(stats['shard'])}.parquet"
+                tables[name] = load_shard_table(out / name)
                 rows_done += stats["count"]
                 bad = stats["failed_to_download"] + stats["failed_to_decode"]
                 if stats["count"] and bad / stats["count"] > config.run.error_warn_rate:
@@ -192,18 +204,32 @@ def curate(
             failed = sorted(s["shard"] for s in pending if s["shard"] not in seen and not stats_path(out, s["shard"]).exists())
             for p in out.glob(".*.attempt"):
                 p.unlink(missing_ok=True)
-        from pipelines.report import summarize, write_report
+        from pipelines.report import load_table, summarize, write_report
 
-        summary = summarize(out)
+        table = load_table(out, loaded=tables)
+        summary = summarize(out, table=table)
         wall = time.time() - t0
         summary.update(wall_seconds=wall, ray_start_seconds=ray_start, pipeline_seconds=wall - ray_start,
                        failed_shards=failed, shards=len(specs))
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if config.output.report:
-            write_report(out, summary)
+        if config.output.report:  # drawn while Ray shuts down (below)
+            report = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-report")
+            drawn = report.submit(write_report, out, summary, table=table)
+            report.shutdown(wait=False)
         if failed:
             print(f"WARNING curate: shards {failed} failed after retries; run the same command again to finish them", file=sys.stderr)
-        return summary
     finally:
         if started_ray:
             ray.shutdown()
+    if report is not None:
+        drawn.result()
+    return summary
+
+
+def _import_late_modules(*, report: bool) -> None:
+    import ray.data  # noqa: F401
+
+    if report:
+        from pipelines.report import import_plotting
+
+        import_plotting()

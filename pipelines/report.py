@@ -29,25 +29,37 @@ FUNNEL = (
 _COLUMNS = ("url", "status", "error_message", "original_width", "original_height", "width", "height", "clip_score", "num_tokens")
 
 
-def _load(out: Path) -> pa.Table | None:
-    tables = []
-    for p in sorted(out.glob("[0-9]*.parquet")):
-        names = pq.read_schema(p).names
-        t = pq.read_table(p, columns=[c for c in _COLUMNS if c in names])
-        tables.append(t.select([c for c in _COLUMNS if c in t.column_names]))
+def load_shard_table(path: str | Path) -> pa.Table:
+    """The columns the summary and the report read, from one shard parquet."""
+    names = pq.read_schema(path).names
+    t = pq.read_table(path, columns=[c for c in _COLUMNS if c in names])
+    return t.select([c for c in _COLUMNS if c in t.column_names])
+
+
+def load_table(output_dir: str | Path, *, loaded: dict[str, pa.Table] | None = None) -> pa.Table | None:
+    """Every finished shard's summary columns as one table (None when there is no shard).
+
+    Args:
+        output_dir: a curation output directory.
+        loaded: shard tables already read, by parquet file name (the run reads each shard as it
+            finishes); the others are read here.
+    """
+    loaded = loaded or {}
+    paths = sorted(Path(output_dir).glob("[0-9]*.parquet"))
+    tables = [loaded[p.name] if p.name in loaded else load_shard_table(p) for p in paths]
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def summarize(output_dir: str | Path) -> dict[str, Any]:
+def summarize(output_dir: str | Path, *, table: pa.Table | None = None) -> dict[str, Any]:
     """Counts over every finished shard: by status, by reason, the funnel, errors by host.
 
     Args:
         output_dir: a curation output directory.
+        table: ``load_table(output_dir)`` when the caller has it already.
     """
-    out = Path(output_dir)
-    table = _load(out)
+    table = load_table(output_dir) if table is None else table
     if table is None:
         return {"count": 0, "status": {}, "reasons": {}, "funnel": [], "errors_by_host": {}}
     rows = table.to_pydict()
@@ -86,20 +98,27 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(output_dir: str | Path, summary: dict[str, Any]) -> Path:
-    """Write ``funnel.png``, ``sizes.png`` and ``report.html`` (PNGs embedded) next to the shards.
-
-    Args:
-        output_dir: the curation output directory.
-        summary: from ``summarize`` (plus anything else to show).
-    """
+def import_plotting():
+    """Import matplotlib (Agg) and return ``pyplot``: ~0.5 s, so a run starts it early, in a thread."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_report(output_dir: str | Path, summary: dict[str, Any], *, table: pa.Table | None = None) -> Path:
+    """Write ``funnel.png``, ``sizes.png`` and ``report.html`` (PNGs embedded) next to the shards.
+
+    Args:
+        output_dir: the curation output directory.
+        summary: from ``summarize`` (plus anything else to show).
+        table: ``load_table(output_dir)`` when the caller has it already.
+    """
+    plt = import_plotting()
     out = Path(output_dir)
-    table = _load(out)
+    table = load_table(out) if table is None else table
     images: dict[str, bytes] = {}
     funnel = summary.get("funnel", [])
     if funnel:

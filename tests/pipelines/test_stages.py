@@ -355,10 +355,11 @@ def test_stage_modules_do_not_import_ray():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
 
 
-@pytest.mark.parametrize("distance", [0, 1, 3, 4, 7])
+@pytest.mark.parametrize("distance", [0, 1, 2, 3, 4, 5, 6, 7])
 def test_near_dedup_band_lookup_equals_a_full_scan(distance):
-    """Multi-index hashing (distance + 1 bands) finds exactly the owners a scan of every kept
-    hash finds: hashes planted at 0..distance+2 bits from earlier ones, colour always close."""
+    """Multi-index hashing (bands looked up exactly up to distance 2, with one-bit probing from
+    3) finds exactly the owners a scan of every kept hash finds: hashes planted at
+    0..distance+2 bits from earlier ones, colour always close."""
     rng = np.random.default_rng(distance)
     hashes: list[int] = []
     for i in range(600):
