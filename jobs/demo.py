@@ -24,15 +24,15 @@ from vlm.tokenizer import train_bpe_tokenizer
 
 
 def corpus(train: world.SplitItems) -> list[str]:
-    """Every text the tokenizer must cover, each turn's text on its own as the chat presents it:
-    captions, questions, answers of the train split. An answer opens its assistant turn, so it
-    is a document of its own here: "red" then learns a token of its own, as " red" does inside a
-    sentence, and a one-word answer is one decision instead of pieces ("re" + "d")."""
+    """Every text the tokenizer must cover: captions, questions and answers of the train split."""
     texts: list[str] = [world.CAPTION_PROMPT, world.VIDEO_CAPTION_PROMPT]
-    qas = [qa for s in train.samples for qa in s.qas] + [p.qa for p in train.pairs] + [v.qa for v in train.videos]
-    texts += [s.caption for s in train.samples] + [v.caption for v in train.videos]
-    for qa in qas:
-        texts += [qa.question, qa.answer]
+    for s in train.samples:
+        texts.append(s.caption)
+        texts.extend(f"{qa.question} {qa.answer}" for qa in s.qas)
+    for p in train.pairs:
+        texts.append(f"{p.qa.question} {p.qa.answer}")
+    for v in train.videos:
+        texts.append(f"{v.caption} {v.qa.question} {v.qa.answer}")
     return texts
 
 
