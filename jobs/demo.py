@@ -85,6 +85,7 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
         items=train,
         caption_every=cfg.mix.caption_every,
         questions_per_conversation=cfg.mix.questions_per_conversation,
+        question_draws=cfg.mix.question_draws,
     )
     eval_ex = world_sft(wc, "heldout", size=size, pixels=ev_pix, items=heldout)
     s2 = train_sft(cfg, tokenizer=tokenizer, train_examples=train_ex, eval_examples=eval_ex, vision=s1.model.vision, log=log, progress=progress)

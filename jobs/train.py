@@ -75,6 +75,12 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
             f"image-caption pairs do not carry; expected 0 for `vlm train contrastive`, got {c.hard_negatives} / {c.cell_loss_weight} "
             "(the in-process trainer, `vlm demo` and benchmarks/learn.py, supports them)"
         )
+    if a.stage == "sft" and cfg.mix.question_draws > 1:
+        raise ConfigError(
+            "mix.question_draws: further questions are drawn from the generated world's scenes, which the "
+            f"conversations of `vlm train sft` do not carry; expected 1, got {cfg.mix.question_draws} "
+            "(the in-process trainer, `vlm demo` and benchmarks/learn.py, supports it)"
+        )
     return a.stage, cfg, job, a
 
 

@@ -119,6 +119,7 @@ class ProjectorConfig:
 
     hidden_size: int | None = None  # None: the decoder's hidden size
     pixel_shuffle: int = 1  # >1 merges s x s patches into one token (tokens / s^2)
+    grid_position: bool = False  # learned row + column embeddings added to the projected tokens (no HF LLaVA export)
 
 
 @dataclass
@@ -192,6 +193,18 @@ class ModelConfig:
             n += 1  # the CLS token
         return n
 
+    @property
+    def image_grid(self) -> int:
+        """The side of the decoder's image-token grid (patch grid / pixel shuffle), for
+        ``projector.grid_position``; an error where the tokens are not a grid (CLIP's CLS kept)."""
+        n = self.image_tokens
+        if self.llava.vision_feature_select == "full" and self.vision.kind == "clip":
+            raise ConfigError(
+                f"projector.grid_position: expected patch tokens on a grid, got {n} tokens with CLIP's CLS "
+                "(llava.vision_feature_select='full'); use 'patch'"
+            )
+        return self.vision.grid // self.projector.pixel_shuffle
+
 
 # ----------------------------------------------------------------------------- training
 
@@ -217,12 +230,17 @@ class MixConfig:
     caption_every: int = 1  # the captioning task for every k-th image (0: never)
     questions_per_conversation: int = 1  # >1: an image's questions as turns of one conversation
     group_by_length: bool = False  # batches of similar length (less padding), in random order
+    # k > 1: k draws of the world's questions per training image, each distinct question once
+    # (``scene_targets.drawn_questions``): more answers per image of the kinds that bind attributes
+    question_draws: int = 1
 
     def __post_init__(self) -> None:
         if self.caption_every < 0:
             raise ConfigError(f"mix.caption_every: expected an integer >= 0, got {self.caption_every}")
         if self.questions_per_conversation < 1:
             raise ConfigError(f"mix.questions_per_conversation: expected an integer >= 1, got {self.questions_per_conversation}")
+        if self.question_draws < 1:
+            raise ConfigError(f"mix.question_draws: expected an integer >= 1, got {self.question_draws}")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from vlm import world
 from vlm.chat import SampleError, collate, encode_chat
 from vlm.image import normalize, to_uint8
+from vlm.scene_targets import drawn_questions
 
 
 @dataclass
@@ -143,6 +144,7 @@ def world_sft(
     items: world.SplitItems | None = None,
     caption_every: int = 1,
     questions_per_conversation: int = 1,
+    question_draws: int = 1,
 ) -> list[SFTExample]:
     """Stage-2 examples of a split: every question of every image, the caption task, the
     two-image questions and the video questions (frames in order).
@@ -160,9 +162,14 @@ def world_sft(
             in a seeded random order, with the caption request (when chosen) as the last turn so
             that no answer can be read off the caption's text. One image then serves several
             answers (LLaVA's multi-turn instruction data).
+        question_draws: k > 1 adds, per image, the distinct questions of k - 1 further draws of
+            the world's questions on its scene (``scene_targets.drawn_questions``). Meant for the
+            training split: the demo evaluates the held-out split's own questions.
     """
     if questions_per_conversation < 1:
         raise ValueError(f"expected questions_per_conversation >= 1, got {questions_per_conversation}")
+    if question_draws < 1:
+        raise ValueError(f"expected question_draws >= 1, got {question_draws}")
     items = world.generate_split(cfg, split) if items is None else _items_of(items, split)
     samples = items.samples
     if pixels is None:
@@ -174,15 +181,19 @@ def world_sft(
     for s in samples:
         img = by_id[s.id]
         with_caption = bool(caption_every) and s.index % caption_every == 0
+        qas = s.qas
+        if question_draws > 1:
+            qas = drawn_questions(s.scene, s.qas, np.random.default_rng([cfg.seed, s.index, 13]), draws=question_draws)
         if questions_per_conversation == 1:
-            for qa in s.qas:
-                out.append(SFTExample(f"{s.id}/{qa.kind}", world.to_messages(s, qa), [img], qa.kind))
+            for j, qa in enumerate(qas):
+                key = qa.kind if j < len(s.qas) else f"{qa.kind}-{j}"  # drawn questions: their own ids
+                out.append(SFTExample(f"{s.id}/{key}", world.to_messages(s, qa), [img], qa.kind))
             if with_caption:
                 out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption"))
             continue
         rng = np.random.default_rng([cfg.seed, s.index, 7])
-        qas = [(qa.question, qa.answer) for qa in s.qas]
-        for start, messages in multi_turn(qas, s.caption if with_caption else None, questions_per_conversation, rng):
+        turns = [(qa.question, qa.answer) for qa in qas]
+        for start, messages in multi_turn(turns, s.caption if with_caption else None, questions_per_conversation, rng):
             out.append(SFTExample(f"{s.id}/turns{start}", messages, [img], "conversation"))
     for p in items.pairs:
         imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]

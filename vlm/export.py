@@ -69,6 +69,11 @@ def check_exportable(model: VisionLanguageModel) -> None:
             f"projector.pixel_shuffle={cfg.projector.pixel_shuffle}: transformers' LLaVA has no pixel "
             "shuffle (one decoder token per vision patch); expected pixel_shuffle=1"
         )
+    if cfg.projector.grid_position or getattr(model.projector, "grid", 0):
+        raise ValueError(
+            "projector.grid_position=true: transformers' LLaVA adds nothing to the projected image tokens, "
+            "so the learned row/column embeddings have no place in its format; expected grid_position=false"
+        )
     if model.projector.shuffle != 1:
         raise ValueError(f"expected a projector without pixel shuffle, got shuffle={model.projector.shuffle}")
     d_vision = int(model.vision.config.hidden_size)

@@ -57,6 +57,7 @@ class VisionLanguageModel(nn.Module):
             out_dim=d_model,
             hidden_dim=cfg.projector.hidden_size,
             shuffle=cfg.projector.pixel_shuffle,
+            grid=cfg.image_grid if cfg.projector.grid_position else 0,
         )
         self.apply_freeze()
 

@@ -1,4 +1,5 @@
-"""Stage-1 targets built from a scene's structure: hard negative captions and per-cell labels.
+"""Targets built from a scene's structure: hard negative captions and per-cell labels (stage 1),
+more questions per image (stage 2).
 
 Hard negatives (NegCLIP's idea).
 
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlm.world import COLOURS, SHAPES, Scene, caption_for
+from vlm.world import COLOURS, QA, SHAPES, Scene, caption_for, questions_for
 
 NEGATIVE_KINDS: tuple[str, ...] = ("shape", "swap", "position")
 
@@ -145,4 +146,25 @@ def cell_labels(scenes: Sequence[Scene]) -> np.ndarray:
                 raise ValueError(f"expected at most one shape per grid cell, got two in cell {cell} of {scene}")
             out[n, 0, cell] = 1 + SHAPES.index(s.kind)
             out[n, 1, cell] = 1 + COLOURS.index(s.colour)
+    return out
+
+
+# -------------------- More questions per image -------------------------------------------------
+
+
+def drawn_questions(scene: Scene, own: Sequence[QA], rng: np.random.Generator, *, draws: int) -> list[QA]:
+    """The image's own questions, then those of ``draws - 1`` further draws of
+    ``world.questions_for`` on its scene (other shapes asked about, other yes/no coins), each
+    distinct question once. One image then supervises several answers of the kinds that must bind
+    attributes across cells (which shape is the triangle's colour, is there a green circle, which
+    of two named shapes is on the left), while the count question, the same in every draw, stays
+    one. The templates are the world's, so held-out questions are never of a new form."""
+    if draws < 1:
+        raise ValueError(f"expected draws >= 1, got {draws}")
+    out, seen = list(own), {qa.question for qa in own}
+    for _ in range(draws - 1):
+        for qa in questions_for(scene, rng):
+            if qa.question not in seen:
+                seen.add(qa.question)
+                out.append(qa)
     return out

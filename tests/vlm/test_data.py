@@ -94,6 +94,21 @@ def test_world_sft_multi_turn_asks_every_question_once_and_captions_last():
         world_sft(WC, "train", size=32, questions_per_conversation=0)
 
 
+def test_world_sft_question_draws_add_questions_with_their_own_ids():
+    base = world_sft(WC, "train", size=32, caption_every=0)
+    drawn = world_sft(WC, "train", size=32, caption_every=0, question_draws=3)
+    assert len({ex.id for ex in drawn}) == len(drawn)
+    assert [ex.id for ex in base] == [ex.id for ex in drawn if ex.id in {b.id for b in base}]  # the own questions keep their ids
+    assert len(drawn) > len(base)
+    asked = {(ex.id.split("/")[0], prompt_of(ex)[-1]["content"][-1]["text"]) for ex in drawn}
+    assert len(asked) == len(drawn)  # no image is asked the same question twice
+    multi = world_sft(WC, "train", size=32, caption_every=0, question_draws=3, questions_per_conversation=8)
+    turns = sum(len(ex.messages) // 2 for ex in multi if ex.task == "conversation")
+    assert turns == sum(1 for ex in drawn if ex.task in world.QA_KINDS)
+    with pytest.raises(ValueError, match="question_draws"):
+        world_sft(WC, "train", size=32, question_draws=0)
+
+
 def test_collate_pairs_tokenises_hard_negatives_and_checks_their_count():
     tok = _tok()
     pix, caps, _ = world_pairs(WC, "heldout", size=32)

@@ -99,6 +99,7 @@ def test_refuses_what_llava_cannot_represent(tokenizer, tmp_path):
     cases = [
         (("model.projector.pixel_shuffle=2",), "pixel_shuffle"),
         (("model.projector.hidden_size=32",), "projector hidden size"),
+        (("model.projector.grid_position=true",), "grid_position"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):

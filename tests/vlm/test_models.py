@@ -16,6 +16,7 @@ from vlm.checkpoint import load_checkpoint, load_vision_from_stage1, save_checkp
 from vlm.config import load_config
 from vlm.contrastive import ContrastiveModel
 from vlm.llava import VisionLanguageModel
+from vlm.projector import pixel_shuffle
 from vlm.tokenizer import special_token_ids, train_bpe_tokenizer
 from vlm.optim import build_optimizer
 from vlm.towers import build_text_encoder, build_vision_tower, compile_blocks, pool_text
@@ -254,3 +255,29 @@ def test_cell_head_pools_patch_tokens_onto_the_3x3_grid_and_adds_its_loss(cfg, t
     assert plain.cell_head is None
     with pytest.raises(ValueError, match="cell_loss_weight > 0"):
         plain.cell_logits(hidden)
+
+
+def test_grid_position_adds_each_tokens_row_and_column_embedding(cfg, tok, tmp_path):
+    from vlm.config import ConfigError
+
+    c = load_config(preset="tiny", overrides=SMALL + ["model.projector.grid_position=true", "model.projector.pixel_shuffle=2"])
+    torch.manual_seed(0)
+    model = _vlm(c, tok)
+    proj = model.projector
+    assert proj.grid == 2 and c.model.image_tokens == 4  # 64 px / 16 px patches, shuffled 2x2 -> a 2x2 grid
+    feats = torch.randn(3, c.model.vision.num_patches, c.model.vision.hidden_size)  # (N, 16, D_v)
+    with torch.no_grad():
+        got = proj(feats)  # (3, 4, D)
+        plain = proj.linear_2(proj.act(proj.linear_1(pixel_shuffle(feats, 2))))
+        for t in range(4):  # raster order: token t sits in row t // 2, column t % 2
+            assert torch.allclose(got[:, t] - plain[:, t], (proj.row_embed[t // 2] + proj.col_embed[t % 2]).expand(3, -1), atol=1e-6)
+    out = model(**_chat_batch(c, tok))  # trains end to end, and survives a checkpoint
+    out.loss.backward()
+    assert proj.row_embed.grad is not None and float(proj.col_embed.grad.abs().sum()) > 0
+    save_checkpoint(model, tmp_path / "g", config=c, tokenizer=tok)
+    assert torch.equal(load_checkpoint(tmp_path / "g").model.projector.row_embed, proj.row_embed)
+    with pytest.raises(ValueError, match="4 image tokens"):
+        proj(torch.randn(1, 36, c.model.vision.hidden_size))
+    full = load_config(preset="tiny", overrides=SMALL + ["model.projector.grid_position=true", "model.llava.vision_feature_select=full"])
+    with pytest.raises(ConfigError, match="grid_position"):
+        _vlm(full, tok)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -96,3 +97,44 @@ def test_cell_labels_put_each_shape_in_its_raster_cell():
             assert world.SHAPES[lab[0, cell] - 1] == s.kind and world.COLOURS[lab[1, cell] - 1] == s.colour
     top_left = world.Scene("grey", (world.Shape("star", "red", "small", 0.1, 0.1),))
     assert cell_labels([top_left])[0].tolist() == [[1 + world.SHAPES.index("star")] + [0] * 8, [1 + world.COLOURS.index("red")] + [0] * 8]
+
+
+def _answer(scene: world.Scene, question: str) -> str:
+    """The answer read off the scene, independently of ``world.questions_for``."""
+    by_kind = {sh.kind: sh for sh in scene.shapes}
+    by_colour = {sh.colour: sh for sh in scene.shapes}
+    by_name = {sh.name: sh for sh in scene.shapes}
+    if m := re.fullmatch(r"what colour is the (\w+)\?", question):
+        assert [sh.kind for sh in scene.shapes].count(m[1]) == 1
+        return by_kind[m[1]].colour
+    if m := re.fullmatch(r"what shape is the (\w+) object\?", question):
+        assert [sh.colour for sh in scene.shapes].count(m[1]) == 1
+        return by_colour[m[1]].kind
+    if question == world.COUNT_QUESTION:
+        return str(scene.count)
+    if m := re.fullmatch(r"is the (\w+ \w+) to the left or right of the (\w+ \w+)\?", question):
+        a, b = by_name[m[1]], by_name[m[2]]
+        assert abs(a.x - b.x) >= 0.2
+        return "left" if a.x < b.x else "right"
+    m = re.fullmatch(r"is there an? (\w+ \w+)\?", question)
+    assert m, question
+    return "yes" if m[1] in by_name else "no"
+
+
+def test_drawn_questions_add_distinct_questions_of_the_binding_kinds():
+    from vlm.scene_targets import drawn_questions
+
+    samples = list(world.generate(WC, "train"))
+    per_kind: Counter = Counter()
+    for s in samples:
+        assert drawn_questions(s.scene, s.qas, np.random.default_rng(0), draws=1) == list(s.qas)
+        drawn = drawn_questions(s.scene, s.qas, np.random.default_rng(s.index), draws=4)
+        assert drawn[: len(s.qas)] == list(s.qas)  # the image's own questions first
+        assert len({qa.question for qa in drawn}) == len(drawn)  # each question once
+        assert [qa.kind for qa in drawn].count("count") == 1
+        for qa in drawn:  # every answer is the scene's
+            assert qa.answer == _answer(s.scene, qa.question), qa
+        per_kind.update(qa.kind for qa in drawn[len(s.qas) :])
+    assert per_kind["count"] == 0 and min(per_kind[k] for k in ("colour", "shape", "position", "presence")) > len(samples) // 4
+    with pytest.raises(ValueError, match="draws >= 1"):
+        drawn_questions(SCENES[0], [], np.random.default_rng(0), draws=0)
