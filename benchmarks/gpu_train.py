@@ -243,7 +243,9 @@ def profile(run_step, batches, steps: int, title: str, out: Path, sync, gpu: boo
         sync()
     wall = time.perf_counter() - t
     events = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in events) / 1e6  # us -> s
+    # kernels only: an operator's row repeats its kernels' time (as torch's own table total does)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6  # us -> s
     table = events.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=25, max_name_column_width=70)
     with out.open("a") as f:
         f.write(f"\n=== {title}: {steps} steps, wall {wall * 1000:.0f} ms, GPU busy {busy * 1000:.0f} ms ({100 * busy / wall:.0f}%)\n{table}\n")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             vocab = cfg.model.decoder.vocab_size or cfg.model.tokenizer.vocab_size + 8
             image_id = vocab - 1
         batches = synthetic_batches(stage, cfg, a, device, vocab, image_id)
-        tokens = int(sum(b["attention_mask"].sum() for b in batches[:1]))
+        tokens = int(batches[0]["attention_mask"].sum())  # per step
         runs = ([("plain", None)] if not a.no_plain else []) + [(f"zero{z}", int(z)) for z in a.zero_stages.split(",")]
         for name, zero in runs:
             if gpu:

@@ -414,16 +414,19 @@ class IncrementalText:
         self.text = ""
         self.prefix = 0  # first token of the decode window
         self.read = 0  # tokens already turned into ``text``
+        self._before: str | None = None  # the decode of ``prefix``..``read``, kept until they move
 
     def update(self, tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
         """``text`` after ``ids`` (the same list as before, grown at the end)."""
         if len(ids) <= self.read:
             return self.text
-        before = tokenizer.decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        if self._before is None:
+            self._before = tokenizer.decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        before = self._before
         after = tokenizer.decode(ids[self.prefix :], skip_special_tokens=True)
         if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
             self.text += after[len(before) :]
-            self.prefix, self.read = self.read, len(ids)
+            self.prefix, self.read, self._before = self.read, len(ids), None
         return self.text
 
 
