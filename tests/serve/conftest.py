@@ -79,7 +79,7 @@ SMALL_CPU = {"ray_actor_options": {"num_cpus": 0.25}}
 AUTOSCALE = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "metrics_interval_s": 0.5,
              "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 3.0}
 INGRESS = {"limits": TEST_LIMITS, "api_keys": [API_KEY], "request_timeout_s": 30,
-           "media": {"allow_loopback": True, "image_fetch_timeout_s": 1.0, "video_fetch_timeout_s": 5.0}}
+           "media": {"allow_loopback": True, "image_fetch_timeout_s": 2.0, "video_fetch_timeout_s": 5.0}}
 
 
 @pytest.fixture(scope="session")

@@ -89,9 +89,9 @@ def test_unreachable_and_slow_urls_fail_fast(main_app, media):
     t = time.perf_counter()
     expect(post(main_app, chat(img("http://127.0.0.1:1/x.png"))), 400, "cannot fetch")
     t_slow = time.perf_counter()
-    err = expect(post(main_app, chat(img(media.url("/slow.png")))), 400, "longer than 1s")
+    err = expect(post(main_app, chat(img(media.url("/slow.png")))), 400, "longer than 2s")
     assert err["code"] == "media_fetch_timeout"
-    assert time.perf_counter() - t_slow < 3.0  # the fetch timeout (1 s), not the server's 4 s sleep
+    assert time.perf_counter() - t_slow < 3.5  # the fetch timeout (2 s), not the server's 4 s sleep
     assert time.perf_counter() - t < 5.0
 
 

@@ -48,6 +48,7 @@ def test_load_200_requests_concurrency_16(main_app, media):
     alone, results = asyncio.run(run())
     codes = [code for _, code, _ in results]
     assert not [c for c in codes if c >= 500], f"5xx answers: {codes}"
-    assert codes.count(200) == 200
+    refused = [(i, code, text[:300]) for i, code, text in results if code != 200]
+    assert not refused, f"{len(refused)} of 200 not answered: {refused[:3]}"
     wrong = [(i, text, alone[i % len(bodies)]) for i, _, text in results if text != alone[i % len(bodies)]]
     assert not wrong, wrong[:3]
