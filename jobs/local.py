@@ -24,7 +24,7 @@ from vlm.evaluate import exact_match, retrieval_metrics, zero_shot_accuracy
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
 from vlm.llava import VisionLanguageModel
-from vlm.scene_targets import cell_labels, negative_captions
+from vlm.scene_targets import cell_labels, ground_token_ids, negative_captions
 from vlm.optim import build_optimizer, build_scheduler
 from vlm.tokenizer import special_token_ids
 from vlm.world import Scene
@@ -275,8 +275,14 @@ def train_sft(
     ``order`` as in ``train_contrastive``."""
     torch.manual_seed(cfg.seed)
     ids = special_token_ids(tokenizer)
+    ground = cfg.model.llava.ground_loss_weight > 0
+    if ground and all(ex.cell_labels is None for ex in train_examples):
+        raise ValueError("llava.ground_loss_weight > 0: expected training examples with cell_labels (vlm.data.world_sft writes them), got none")
     if model is None:
-        model = VisionLanguageModel(cfg.model, vocab_size=len(tokenizer), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, vision=vision)
+        model = VisionLanguageModel(
+            cfg.model, vocab_size=len(tokenizer), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, vision=vision,
+            ground_token_ids=ground_token_ids(tokenizer) if ground else None,
+        )  # fmt: skip
     opt_cfg = cfg.stage2
     optimizer = build_optimizer(model, opt_cfg)
     scheduler = build_scheduler(optimizer, opt_cfg)
@@ -326,11 +332,14 @@ def train_sft(
             "tokens": step_tokens,
             "samples": len(idx) - len(bad),
         }
+        if "loss_ground" in out:
+            rec["loss_lm"], rec["loss_ground"] = float(out["loss_lm"]), float(out["loss_ground"])
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
         if opt_cfg.log_every and (step + 1) % opt_cfg.log_every == 0:
-            log(f"stage2 step {step + 1}/{opt_cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tokens/s")
+            parts = f" (lm {rec['loss_lm']:.4f}, grounding {rec['loss_ground']:.4f})" if "loss_ground" in rec else ""
+            log(f"stage2 step {step + 1}/{opt_cfg.steps} loss {rec['loss']:.4f}{parts} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tokens/s")
     bar.close()
     seconds = time.perf_counter() - t0
     if skipped:

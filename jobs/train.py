@@ -81,6 +81,12 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
             f"conversations of `vlm train sft` do not carry; expected 1, got {cfg.mix.question_draws} "
             "(the in-process trainer, `vlm demo` and benchmarks/learn.py, supports it)"
         )
+    if a.stage == "sft" and cfg.model.llava.ground_loss_weight:
+        raise ConfigError(
+            "model.llava.ground_loss_weight: the grounding loss needs each image's per-cell shape and colour labels, "
+            f"which the conversations of `vlm train sft` do not carry; expected 0, got {cfg.model.llava.ground_loss_weight} "
+            "(the in-process trainer, `vlm demo` and benchmarks/learn.py, supports it)"
+        )
     return a.stage, cfg, job, a
 
 

@@ -151,8 +151,17 @@ class LlavaConfig:
     max_length: int = 512
     system_prompt: str | None = None
     loss_average: str = "token"  # token | turn (each answer turn weighs the same)
+    # > 0: a grounding loss on the projected image tokens (``vlm.scene_targets.ground_logits``):
+    # each token, pooled onto the world's 3x3 cells, is scored against the decoder's input
+    # embeddings of the shape and colour words (and a learned "empty" vector each), and the
+    # per-cell cross-entropy is added at this weight. The tokens then live where the question's
+    # words do, so a decoder trained from scratch can match "triangle" to the token holding one.
+    # Needs per-cell labels: the generated world only (``vlm train sft`` refuses it).
+    ground_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.ground_loss_weight < 0:
+            raise ConfigError(f"llava.ground_loss_weight: expected a number >= 0, got {self.ground_loss_weight}")
         if self.loss_average not in ("token", "turn"):
             raise ConfigError(f"llava.loss_average: expected 'token' or 'turn', got {self.loss_average!r}")
         if self.vision_feature_select not in ("patch", "full"):

@@ -17,7 +17,7 @@ import torch
 from vlm import world
 from vlm.chat import SampleError, collate, encode_chat
 from vlm.image import normalize, to_uint8
-from vlm.scene_targets import drawn_questions
+from vlm.scene_targets import cell_labels, drawn_questions
 
 
 @dataclass
@@ -28,6 +28,9 @@ class SFTExample:
     messages: list[dict]
     images: list[np.ndarray] = field(default_factory=list)  # each (S, S, 3) uint8
     task: str = ""
+    # (len(images), 2, 9) int64 per image: each world cell's kind and colour class
+    # (``scene_targets.cell_labels``), -100 where unknown; None for data without scenes.
+    cell_labels: np.ndarray | None = None
 
 
 def collate_pairs(
@@ -88,8 +91,11 @@ def collate_sft(
     A conversation that cannot be trained (its answer truncated away, images that do not
     match its image parts, ...) is left out and returned in ``skipped`` with the reason, never
     trained at loss 0. Returns ``(None, skipped)`` when nothing in the batch is usable.
+    Where any example carries ``cell_labels``, the batch has ``cell_labels`` (N, 2, 9) for its
+    images in the same order (-100 for images without), for the grounding loss.
     """
-    encoded, images, skipped = [], [], []
+    encoded, images, cells, skipped = [], [], [], []
+    with_cells = any(ex.cell_labels is not None for ex in examples)
     for ex in examples:
         try:
             enc = encode_chat(ex.messages, tokenizer, num_image_tokens=num_image_tokens, max_length=max_length, system_prompt=system_prompt)
@@ -106,6 +112,11 @@ def collate_sft(
             continue
         encoded.append(enc)
         images.extend(ex_images)
+        if with_cells:
+            ex_cells = ex.cell_labels if ex.cell_labels is not None else np.full((len(ex.images), 2, 9), -100, dtype=np.int64)
+            if len(ex_cells) != len(ex.images):
+                raise ValueError(f"{ex.id}: expected one cell-label row per image, got {len(ex_cells)} for {len(ex.images)} images")
+            cells.extend(ex_cells[: len(ex_images)])
     if not encoded:
         return None, skipped
     batch = collate(encoded, pad_id=tokenizer.pad_token_id, padding_side="right")
@@ -113,6 +124,8 @@ def collate_sft(
         batch["pixel_values"] = normalize(np.stack(images), kind=vision_kind)  # (N, 3, S, S)
     else:
         batch["pixel_values"] = torch.empty(0, 3, image_size, image_size)
+    if with_cells:
+        batch["cell_labels"] = torch.as_tensor(np.stack(cells) if cells else np.zeros((0, 2, 9)), dtype=torch.long)  # (N, 2, 9)
     return batch, skipped
 
 
@@ -180,6 +193,7 @@ def world_sft(
     out: list[SFTExample] = []
     for s in samples:
         img = by_id[s.id]
+        cells = cell_labels([s.scene])  # (1, 2, 9)
         with_caption = bool(caption_every) and s.index % caption_every == 0
         qas = s.qas
         if question_draws > 1:
@@ -187,21 +201,21 @@ def world_sft(
         if questions_per_conversation == 1:
             for j, qa in enumerate(qas):
                 key = qa.kind if j < len(s.qas) else f"{qa.kind}-{j}"  # drawn questions: their own ids
-                out.append(SFTExample(f"{s.id}/{key}", world.to_messages(s, qa), [img], qa.kind))
+                out.append(SFTExample(f"{s.id}/{key}", world.to_messages(s, qa), [img], qa.kind, cells))
             if with_caption:
-                out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption"))
+                out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption", cells))
             continue
         rng = np.random.default_rng([cfg.seed, s.index, 7])
         turns = [(qa.question, qa.answer) for qa in qas]
         for start, messages in multi_turn(turns, s.caption if with_caption else None, questions_per_conversation, rng):
-            out.append(SFTExample(f"{s.id}/turns{start}", messages, [img], "conversation"))
+            out.append(SFTExample(f"{s.id}/turns{start}", messages, [img], "conversation", cells))
     for p in items.pairs:
         imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]
         imgs = [im if im is not None else to_uint8([sm.image], size)[0] for im, sm in zip(imgs, (p.first, p.second))]
-        out.append(SFTExample(p.id, world.to_messages(p, p.qa), imgs, p.qa.kind))
+        out.append(SFTExample(p.id, world.to_messages(p, p.qa), imgs, p.qa.kind, cell_labels([p.first.scene, p.second.scene])))
     for v in items.videos:
         frames = list(to_uint8(v.frames, size))
-        out.append(SFTExample(v.id, world.to_messages(v, v.qa), frames, v.qa.kind))
+        out.append(SFTExample(v.id, world.to_messages(v, v.qa), frames, v.qa.kind))  # a moving shape: no cell labels
     return out
 
 

@@ -11,7 +11,10 @@ holds every image of the batch in reading order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -29,6 +32,9 @@ class VisionLanguageModel(nn.Module):
         vocab_size: the decoder tokenizer's length.
         pad_token_id, eos_token_id, image_token_id: ids from the decoder tokenizer.
         vision, decoder: prebuilt towers (e.g. the stage-1 vision tower); built from cfg if None.
+        ground_token_ids: with ``llava.ground_loss_weight`` > 0, the decoder tokenizer's ids of
+            the world's shape words then colour words (``scene_targets.ground_token_ids``); kept
+            in the state dict, so a loaded checkpoint needs none.
     """
 
     def __init__(
@@ -41,6 +47,7 @@ class VisionLanguageModel(nn.Module):
         image_token_id: int,
         vision: nn.Module | None = None,
         decoder: nn.Module | None = None,
+        ground_token_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -59,6 +66,15 @@ class VisionLanguageModel(nn.Module):
             shuffle=cfg.projector.pixel_shuffle,
             grid=cfg.image_grid if cfg.projector.grid_position else 0,
         )
+        if cfg.llava.ground_loss_weight > 0:
+            from vlm.scene_targets import NUM_CELL_KINDS, NUM_CELL_COLOURS
+
+            n_words = NUM_CELL_KINDS - 1 + NUM_CELL_COLOURS - 1
+            if ground_token_ids is not None and len(ground_token_ids) != n_words:
+                raise ValueError(f"expected {n_words} ground_token_ids (shape words, then colour words), got {len(ground_token_ids)}")
+            ids = torch.full((n_words,), -1, dtype=torch.long) if ground_token_ids is None else torch.tensor(list(ground_token_ids), dtype=torch.long)
+            self.register_buffer("ground_ids", ids)  # -1 until given or loaded
+            self.ground_empty = nn.Parameter(torch.randn(2, d_model) * 0.02)  # "no shape" / "no colour"
         self.apply_freeze()
 
     # ------------------------------------------------------------------ parts
@@ -81,6 +97,29 @@ class VisionLanguageModel(nn.Module):
         if self.cfg.llava.vision_feature_select == "patch" and self.cfg.vision.kind == "clip":
             h = h[:, 1:]  # drop CLS, (N, P, D_v)
         return self.projector(h)
+
+    def ground_logits(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T, D) projected image tokens -> per-cell kind logits (N, 9, K) and colour logits
+        (N, 9, C): the token grid average-pooled onto the world's 3x3 cells, scored by dot product
+        against the decoder's input embeddings of the shape / colour words (class 0: the learned
+        "empty" vector), the classes of ``scene_targets.cell_labels``."""
+        from vlm.scene_targets import CELL_GRID, NUM_CELL_KINDS
+
+        if not hasattr(self, "ground_ids"):
+            raise ValueError("expected a model built with llava.ground_loss_weight > 0, got no grounding words")
+        if int(self.ground_ids.min()) < 0:
+            raise ValueError("the grounding word ids were never set: build the model with ground_token_ids=scene_targets.ground_token_ids(tokenizer)")
+        n, t, d = image_features.shape
+        g = self.cfg.image_grid
+        if g * g != t:
+            raise ValueError(f"expected {g}x{g} = {g * g} image tokens per image, got {t}")
+        grid = image_features.transpose(1, 2).reshape(n, d, g, g)  # (N, D, G', G')
+        cells = F.adaptive_avg_pool2d(grid, CELL_GRID).flatten(2).transpose(1, 2)  # (N, 9, D), raster order
+        words = self.decoder.get_input_embeddings()(self.ground_ids)  # (K-1 + C-1, D)
+        k = NUM_CELL_KINDS - 1
+        kinds = torch.cat([self.ground_empty[:1], words[:k]]).to(cells.dtype)  # (K, D)
+        colours = torch.cat([self.ground_empty[1:], words[k:]]).to(cells.dtype)  # (C, D)
+        return cells @ kinds.T, cells @ colours.T
 
     def embed_inputs(
         self,
@@ -126,9 +165,15 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        cell_labels: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits, and with ``labels`` the next-token loss over ``labels != -100``, averaged per
-        token or per answer turn (``llava.loss_average``)."""
+        token or per answer turn (``llava.loss_average``). With ``cell_labels`` ((N, 2, 9) per
+        image: each world cell's kind and colour class, -100 where unknown) the grounding loss
+        (``llava.ground_loss_weight``) is added to it and returned as ``loss_ground``."""
+        ground = cell_labels is not None and self.cfg.llava.ground_loss_weight > 0
+        if ground and image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_features = self.image_features(pixel_values)  # once: for the decoder and the grounding loss
         embeds = self.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)
         kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
         out = self.decoder(
@@ -140,4 +185,13 @@ class VisionLanguageModel(nn.Module):
         )
         if labels is not None:
             out["loss"] = lm_loss(out.logits, labels, average=self.cfg.llava.loss_average)
+        if ground and image_features is not None and bool((cell_labels >= 0).any()):
+            assert cell_labels is not None
+            kind_logits, colour_logits = self.ground_logits(image_features)
+            loss_ground = (F.cross_entropy(kind_logits.flatten(0, 1).float(), cell_labels[:, 0].flatten(), ignore_index=-100)
+                           + F.cross_entropy(colour_logits.flatten(0, 1).float(), cell_labels[:, 1].flatten(), ignore_index=-100))  # fmt: skip
+            out["loss_ground"] = loss_ground
+            if out.get("loss") is not None:
+                out["loss_lm"] = out["loss"]
+                out["loss"] = out["loss"] + self.cfg.llava.ground_loss_weight * loss_ground
         return out

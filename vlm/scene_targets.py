@@ -149,6 +149,23 @@ def cell_labels(scenes: Sequence[Scene]) -> np.ndarray:
     return out
 
 
+def ground_token_ids(tokenizer) -> list[int]:
+    """The decoder tokenizer's ids of the shape words then the colour words, as they stand in a
+    question (after a space: "what colour is the triangle?"), for the stage-2 grounding loss
+    (``llava.ground_loss_weight``). Each word must be one token: a word split in pieces has no one
+    embedding to ground an image token to."""
+    ids = []
+    for word in (*SHAPES, *COLOURS):
+        pieces = tokenizer.tokenize(" " + word)
+        if len(pieces) != 1:
+            raise ValueError(
+                f"llava.ground_loss_weight: the tokenizer splits {' ' + word!r} into {len(pieces)} tokens {pieces}; "
+                "expected one token per shape and colour word (train the tokenizer on the world's corpus)"
+            )
+        ids.append(int(tokenizer.convert_tokens_to_ids(pieces[0])))
+    return ids
+
+
 # -------------------- More questions per image -------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -64,3 +65,27 @@ def test_cli_help_and_errors(capsys):
     assert "expected an integer, got 'x'" in capsys.readouterr().err
     assert main(["presets"]) == 0
     assert "llava-7b" in capsys.readouterr().out
+
+
+def test_in_process_stage2_with_the_grounding_loss(capsys):
+    from jobs.demo import corpus
+    from jobs.local import train_sft
+    from vlm import world
+    from vlm.config import load_config
+    from vlm.data import world_sft
+    from vlm.scene_targets import ground_token_ids
+    from vlm.tokenizer import train_bpe_tokenizer
+
+    cfg = load_config(preset="tiny", overrides=[*SMALL, "model.tokenizer.vocab_size=512", "model.llava.ground_loss_weight=1.0",
+                                                "stage2.steps=6", "stage2.log_every=1", "mix.questions_per_conversation=4"])
+    items = world.generate_split(cfg.data, "train")
+    tok = train_bpe_tokenizer(corpus(items), vocab_size=512)
+    examples = world_sft(cfg.data, "train", size=cfg.model.vision.image_size, items=items, questions_per_conversation=4)
+    run = train_sft(cfg, tokenizer=tok, train_examples=examples, progress=False)
+    assert run.model.ground_ids.tolist() == ground_token_ids(tok)
+    assert len(run.history) == 6 and all(r["loss"] == pytest.approx(r["loss_lm"] + r["loss_ground"], rel=1e-4) for r in run.history)
+    assert "grounding" in capsys.readouterr().out
+    # a conversation without cell labels cannot feed it: refused before training
+    bare = [dataclasses.replace(e, cell_labels=None) for e in examples[:4]]
+    with pytest.raises(ValueError, match="cell_labels"):
+        train_sft(cfg, tokenizer=tok, train_examples=bare, progress=False)

@@ -66,10 +66,14 @@ def test_ray_stage1_refuses_scene_targets_that_pairs_do_not_carry(world, tmp_pat
 
     with pytest.raises(ConfigError, match="expected 0 for `vlm train contrastive`, got 1 / 1.0"):
         resolve(["contrastive", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn"])
-    assert resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn", "mix.question_draws=1"])[0] == "sft"
+    assert resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "--preset", "learn", "mix.question_draws=1",
+                    "model.llava.ground_loss_weight=0"])[0] == "sft"
     # further questions are drawn from scenes too, which sft.jsonl does not carry
     with pytest.raises(ConfigError, match="mix.question_draws: .* expected 1, got 2"):
         resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "mix.question_draws=2"])
+    # and so are the per-cell labels of the grounding loss
+    with pytest.raises(ConfigError, match="model.llava.ground_loss_weight: .* expected 0, got 0.5"):
+        resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "model.llava.ground_loss_weight=0.5"])
 
 
 def test_decode_world_rows_including_video(world):

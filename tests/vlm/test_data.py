@@ -116,3 +116,32 @@ def test_collate_pairs_tokenises_hard_negatives_and_checks_their_count():
     assert b["negative_input_ids"].shape[0] == 4 and b["negative_attention_mask"].shape == b["negative_input_ids"].shape
     with pytest.raises(ValueError, match="K >= 1 negatives per caption, got 3 negatives for 4 captions"):
         collate_pairs(pix, caps, tok, vision_kind="clip", max_length=96, negatives=caps[:3])
+
+
+def test_collate_sft_carries_cell_labels_per_image_in_reading_order():
+    from vlm.scene_targets import cell_labels
+
+    tok = _tok()
+    q = lambda n, ans: [{"role": "user", "content": [*([{"type": "image"}] * n), {"type": "text", "text": "how many shapes are there?"}]}, {"role": "assistant", "content": ans}]  # noqa: E731
+    lab = lambda v: np.full((1, 2, 9), v, np.int64)  # noqa: E731
+    exs = [
+        SFTExample("a", q(1, "1"), [_img(10)], "count", lab(1)),
+        SFTExample("no-labels", q(2, "2"), [_img(20), _img(30)], "count"),
+        SFTExample("wrong-count", q(2, "2"), [_img(40)], "count", lab(4)),
+        SFTExample("b", q(1, "1"), [_img(50)], "count", lab(5)),
+    ]
+    batch, skipped = collate_sft(exs, tok, num_image_tokens=4, max_length=64, vision_kind="clip", image_size=32)
+    assert [i for i, _ in skipped] == ["wrong-count"]
+    got = batch["cell_labels"]
+    assert got.shape == (4, 2, 9) and batch["pixel_values"].shape[0] == 4
+    assert got[:, 0, 0].tolist() == [1, -100, -100, 5]  # the skipped sample's labels left with it
+    without, _ = collate_sft(exs[1:2], tok, num_image_tokens=4, max_length=64, vision_kind="clip", image_size=32)
+    assert "cell_labels" not in without
+    # the world's examples carry their scenes' labels; a video's frames none
+    items = world.generate_split(WC, "train")
+    exs = world_sft(WC, "train", size=32, items=items, questions_per_conversation=4)
+    first = next(e for e in exs if e.id.startswith(items.samples[0].id + "/"))
+    assert np.array_equal(first.cell_labels, cell_labels([items.samples[0].scene]))
+    pair = next(e for e in exs if e.id == items.pairs[0].id)
+    assert np.array_equal(pair.cell_labels, cell_labels([items.pairs[0].first.scene, items.pairs[0].second.scene]))
+    assert next(e for e in exs if e.id == items.videos[0].id).cell_labels is None

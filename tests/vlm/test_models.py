@@ -281,3 +281,59 @@ def test_grid_position_adds_each_tokens_row_and_column_embedding(cfg, tok, tmp_p
     full = load_config(preset="tiny", overrides=SMALL + ["model.projector.grid_position=true", "model.llava.vision_feature_select=full"])
     with pytest.raises(ConfigError, match="grid_position"):
         _vlm(full, tok)
+
+
+def test_grounding_loss_scores_each_cell_against_the_word_embeddings(tok, tmp_path):
+    from vlm.scene_targets import NUM_CELL_COLOURS, NUM_CELL_KINDS
+
+    # 48 px / 16 px patches: a 3x3 token grid, one token per world cell (no pooling)
+    c = load_config(preset="tiny", overrides=SMALL + ["model.vision.image_size=48", "model.llava.ground_loss_weight=0.5"])
+    n_words = NUM_CELL_KINDS - 1 + NUM_CELL_COLOURS - 1
+    words = list(range(10, 10 + n_words))
+    torch.manual_seed(0)
+    model = _vlm(c, tok, ground_token_ids=words)
+    b = _chat_batch(c, tok)
+    b["pixel_values"] = torch.randn(3, 3, 48, 48)
+    labels = torch.randint(0, NUM_CELL_KINDS, (3, 2, 9))
+    labels[:, 1] = torch.randint(0, NUM_CELL_COLOURS, (3, 9))
+    labels[2] = -100  # the third image has no labels: it adds nothing
+    out = model(**b, cell_labels=labels)
+    assert torch.allclose(out.loss, out.loss_lm + 0.5 * out.loss_ground)
+    with torch.no_grad():
+        feats = model.image_features(b["pixel_values"])  # (3, 9, D)
+        emb = model.decoder.get_input_embeddings().weight
+        k = NUM_CELL_KINDS - 1
+        kinds = torch.cat([model.ground_empty[:1], emb[words[:k]]])
+        colours = torch.cat([model.ground_empty[1:], emb[words[k:]]])
+        want = (torch.nn.functional.cross_entropy((feats[:2] @ kinds.T).flatten(0, 1), labels[:2, 0].flatten())
+                + torch.nn.functional.cross_entropy((feats[:2] @ colours.T).flatten(0, 1), labels[:2, 1].flatten()))  # fmt: skip
+    assert torch.allclose(out.loss_ground, want, atol=1e-5)
+    # its gradient reaches the projector, the words' embeddings and the empty vectors, no other embedding row
+    model.zero_grad()
+    out.loss_ground.backward()
+    g = model.decoder.get_input_embeddings().weight.grad
+    assert float(g[words].abs().sum()) > 0 and float(g[: words[0]].abs().sum()) == 0 and float(g[words[-1] + 1 :].abs().sum()) == 0
+    assert float(model.ground_empty.grad.abs().sum()) > 0 and model.projector.linear_1.weight.grad is not None
+    # without labels (evaluation, generation) nothing is added
+    plain = model(**b)
+    assert "loss_ground" not in plain and torch.allclose(plain.loss, out.loss_lm)
+    # the word ids travel with the checkpoint
+    save_checkpoint(model, tmp_path / "g", config=c, tokenizer=tok)
+    assert load_checkpoint(tmp_path / "g").model.ground_ids.tolist() == words
+    with pytest.raises(ValueError, match="never set"):
+        _vlm(c, tok).ground_logits(feats)
+    with pytest.raises(ValueError, match="expected 13 ground_token_ids"):
+        _vlm(c, tok, ground_token_ids=words[:3])
+
+
+def test_ground_token_ids_are_the_question_words_or_a_precise_error():
+    from vlm import world
+    from vlm.scene_targets import ground_token_ids
+
+    texts = [f"what colour is the {k}? is there a {c} {k}?" for k in world.SHAPES for c in world.COLOURS] * 5
+    ids = ground_token_ids(train_bpe_tokenizer(texts, vocab_size=400))
+    assert len(ids) == len(world.SHAPES) + len(world.COLOURS) and len(set(ids)) == len(ids)
+    tok = train_bpe_tokenizer(texts, vocab_size=400)
+    assert [tok.decode([i]).strip() for i in ids] == [*world.SHAPES, *world.COLOURS]
+    with pytest.raises(ValueError, match="splits ' circle' into 7 tokens"):
+        ground_token_ids(train_bpe_tokenizer(["what colour is it? red"] * 5, vocab_size=280))
