@@ -1,6 +1,6 @@
 """Does the model learn? Train the `learn` preset in-process on CPU and report held-out figures.
 
-    python benchmarks/learn.py [--preset learn] [key.sub=value ...]
+    python benchmarks/learn.py [--preset learn] [--output DIR] [--stage1 DIR] [key.sub=value ...]
 
 The `learn` preset is the `tiny` model at 96 px with a pixel-shuffle projector and a multi-turn
 stage-2 mixture (see ``vlm/presets/learn.yaml``); `--preset tiny` runs the test-size setup.
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="learn")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--output", default=None, help="keep checkpoints and the report here (default: a temporary directory)")
+    p.add_argument("--stage1", default=None, metavar="DIR", help="stage 2 only, from this stage-1 checkpoint (an earlier --output's stage1/): "
+                   "stage-2 experiments on one stage-1 model; the stage-1 figures printed are the checkpoint's")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -59,14 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.output) if a.output else Path(tmp)
-        report = run_demo(cfg, output=out, write_world=False, progress=False, log=lambda s: print(s, flush=True))
+        report = run_demo(cfg, output=out, write_world=False, progress=False, log=lambda s: print(s, flush=True),
+                          stage1=Path(a.stage1) if a.stage1 else None)
     s1, s2 = report["stage1"], report["stage2"]
     pool = int(s1["pool"])
     blind = blind_baseline(cfg)
     print("\n== learn benchmark:", cfg.name, "==")
     print(f"stage 1  t2i R@1 {s1['t2i_r1']:.3f} on a {pool}-image pool (chance {1 / pool:.4f}, x{s1['t2i_r1'] * pool:.0f}); "
           f"i2t R@1 {s1['i2t_r1']:.3f}; t2i R@5 {s1['t2i_r5']:.3f}; zero-shot shape acc {s1.get('zero_shot_shape_acc', float('nan')):.3f} "
-          f"(chance {1 / len(world.SHAPES):.2f}); {s1['train_seconds']:.0f}s training")
+          f"(chance {1 / len(world.SHAPES):.2f}); {s1['train_seconds']:.0f}s training"
+          + (f" (the checkpoint's figures: stage 1 reused from {a.stage1}, not trained in this run)" if a.stage1 else ""))
     print(f"stage 2  exact match, single-image questions {s2['em_single_image']:.3f} (blind text-only baseline "
           f"{blind['em_single_image']:.3f}, ratio {s2['em_single_image'] / max(blind['em_single_image'], 1e-9):.2f}); "
           f"{s2['train_seconds']:.0f}s training")

@@ -11,12 +11,13 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from jobs.local import evaluate_sft, save_history_plot, train_contrastive, train_sft, zero_shot
+from jobs.local import RunResult, evaluate_sft, save_history_plot, train_contrastive, train_sft, zero_shot
 from vlm import world
-from vlm.checkpoint import save_checkpoint
+from vlm.checkpoint import load_checkpoint, save_checkpoint
 from vlm.config import Config, load_config, save_config
 from vlm.data import answer_of, world_pairs, world_sft
 from vlm.evaluate import normalize_answer
@@ -36,8 +37,12 @@ def corpus(train: world.SplitItems) -> list[str]:
     return texts
 
 
-def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: bool = True, log=print) -> dict:
-    """Run every step and return the report (also written to ``output/report.json``)."""
+def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: bool = True, log=print, stage1: Path | None = None) -> dict:
+    """Run every step and return the report (also written to ``output/report.json``).
+
+    ``stage1``: a stage-1 checkpoint of an earlier run (its ``stage1`` directory) to start stage 2
+    from instead of training stage 1: its tokenizer, its vision tower and its recorded metrics
+    (stage-2 experiments on one stage-1 model). Its model config must match ``cfg``'s."""
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     save_config(cfg, output / "config.yaml")
@@ -59,20 +64,25 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
     train, heldout = world.generate_split(wc, "train"), world.generate_split(wc, "heldout")
     tr_pix, tr_cap, tr_samples = world_pairs(wc, "train", size=size, items=train)
     ev_pix, ev_cap, ev_samples = world_pairs(wc, "heldout", size=size, items=heldout)
-    tokenizer = train_bpe_tokenizer(corpus(train), vocab_size=cfg.model.tokenizer.vocab_size)
+    if stage1 is not None:
+        s1, tokenizer = _reuse_stage1(Path(stage1), cfg, log)
+        report["stage1_from"] = str(stage1)
+    else:
+        tokenizer = train_bpe_tokenizer(corpus(train), vocab_size=cfg.model.tokenizer.vocab_size)
     log(f"[data] {len(tr_cap)} train / {len(ev_cap)} held-out images; tokenizer of {len(tokenizer)} tokens")
 
-    log(f"[stage 1] contrastive, {cfg.stage1.steps} steps of {cfg.stage1.batch_size}")
-    s1 = train_contrastive(
-        cfg, tokenizer=tokenizer, train_pixels=tr_pix, train_captions=tr_cap, eval_pixels=ev_pix, eval_captions=ev_cap, log=log, progress=progress,
-        train_scenes=[s.scene for s in tr_samples],
-    )  # fmt: skip
-    single = [i for i, s in enumerate(ev_samples) if s.scene.count == 1]
-    if single:
-        zs = world.zero_shot_prompts("shape")
-        labels = [zs.classnames.index(ev_samples[i].scene.shapes[0].kind) for i in single]
-        s1.metrics["zero_shot_shape_acc"] = zero_shot(s1.model, ev_pix[single], labels, zs.classnames, zs.templates, tokenizer)
-    log(f"[stage 1] held-out retrieval on {len(ev_cap)} images: " + ", ".join(f"{k} {v:.3f}" for k, v in s1.metrics.items() if k != "pool"))
+    if stage1 is None:
+        log(f"[stage 1] contrastive, {cfg.stage1.steps} steps of {cfg.stage1.batch_size}")
+        s1 = train_contrastive(
+            cfg, tokenizer=tokenizer, train_pixels=tr_pix, train_captions=tr_cap, eval_pixels=ev_pix, eval_captions=ev_cap, log=log, progress=progress,
+            train_scenes=[s.scene for s in tr_samples],
+        )  # fmt: skip
+        single = [i for i, s in enumerate(ev_samples) if s.scene.count == 1]
+        if single:
+            zs = world.zero_shot_prompts("shape")
+            labels = [zs.classnames.index(ev_samples[i].scene.shapes[0].kind) for i in single]
+            s1.metrics["zero_shot_shape_acc"] = zero_shot(s1.model, ev_pix[single], labels, zs.classnames, zs.templates, tokenizer)
+        log(f"[stage 1] held-out retrieval on {len(ev_cap)} images: " + ", ".join(f"{k} {v:.3f}" for k, v in s1.metrics.items() if k != "pool"))
     save_checkpoint(s1.model, output / "stage1", config=cfg, tokenizer=tokenizer, meta={"metrics": s1.metrics, "steps": cfg.stage1.steps})
     report["stage1"] = s1.metrics
 
@@ -119,6 +129,20 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
     return report
 
 
+def _reuse_stage1(path: Path, cfg: Config, log) -> tuple[RunResult, Any]:
+    """An earlier run's stage 1 (model, tokenizer, metrics), checked against ``cfg``'s model."""
+    loaded = load_checkpoint(path)
+    if loaded.stage != "contrastive":
+        raise ValueError(f"--stage1 {path}: expected a stage-1 (contrastive) checkpoint, got stage {loaded.stage!r}")
+    for part in ("vision", "text", "contrastive"):
+        mine, theirs = getattr(cfg.model, part), getattr(loaded.config.model, part)
+        if mine != theirs:
+            raise ValueError(f"--stage1 {path}: its model.{part} is {theirs}, expected this run's {mine}")
+    metrics = dict(loaded.meta.get("metrics", {}))
+    log(f"[stage 1] reused {path}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "pool"))
+    return RunResult(model=loaded.model, metrics=metrics), loaded.tokenizer
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="vlm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="model/data preset (default: tiny; see `vlm presets`)")
@@ -126,6 +150,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--no-world-files", action="store_true", help="do not write the generated world to disk")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stage1", default=None, metavar="DIR", help="start stage 2 from this stage-1 checkpoint (an earlier run's stage1/) instead of training stage 1")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="typed config overrides, e.g. stage1.steps=100")
     return p
 
@@ -133,5 +158,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(preset=args.preset if not args.config else None, path=args.config, overrides=args.overrides)
-    run_demo(cfg, output=Path(args.output), write_world=not args.no_world_files, progress=not args.no_progress)
+    run_demo(cfg, output=Path(args.output), write_world=not args.no_world_files, progress=not args.no_progress,
+             stage1=Path(args.stage1) if args.stage1 else None)
     return 0

@@ -173,7 +173,8 @@ class VisionLanguageModel(nn.Module):
         (``llava.ground_loss_weight``) is added to it and returned as ``loss_ground``."""
         ground = cell_labels is not None and self.cfg.llava.ground_loss_weight > 0
         if ground and image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            image_features = self.image_features(pixel_values)  # once: for the decoder and the grounding loss
+            dtype = self.decoder.get_input_embeddings().weight.dtype
+            image_features = self.image_features(pixel_values.to(dtype))  # once: for the decoder and the grounding loss
         embeds = self.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)
         kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
         out = self.decoder(

@@ -54,6 +54,17 @@ def test_demo_writes_world_checkpoints_export_report_and_curves(tmp_path, capsys
     assert hf.config.image_seq_length == s2.config.model.image_tokens
     printed = capsys.readouterr().out
     assert "[stage 1] held-out retrieval" in printed and "[stage 2] held-out exact match" in printed
+    # stage 2 again from that run's stage 1: no stage-1 training, the same tokenizer and figures
+    again = tmp_path / "again"
+    assert main(["demo", "--preset", "tiny", "--output", str(again), "--no-progress", "--no-world-files", "--stage1", str(out / "stage1"), *SMALL]) == 0
+    second = json.loads((again / "report.json").read_text())
+    assert second["stage1_from"] == str(out / "stage1") and second["stage1"] == report["stage1"]
+    printed = capsys.readouterr().out
+    assert "[stage 1] reused" in printed and "[stage 1] contrastive" not in printed
+    assert load_checkpoint(again / "stage2").tokenizer.get_vocab() == s2.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="model.vision"):
+        main(["demo", "--preset", "tiny", "--output", str(tmp_path / "bad"), "--no-progress", "--no-world-files", "--stage1", str(out / "stage1"),
+              *SMALL, "model.vision.num_layers=1"])
 
 
 def test_cli_help_and_errors(capsys):
