@@ -151,7 +151,7 @@ class LlavaConfig:
     max_length: int = 512
     system_prompt: str | None = None
     loss_average: str = "token"  # token | turn (each answer turn weighs the same)
-    # > 0: a grounding loss on the projected image tokens (``vlm.scene_targets.ground_logits``):
+    # > 0: a grounding loss on the projected image tokens (``VisionLanguageModel.ground_logits``):
     # each token, pooled onto the world's 3x3 cells, is scored against the decoder's input
     # embeddings of the shape and colour words (and a learned "empty" vector each), and the
     # per-cell cross-entropy is added at this weight. The tokens then live where the question's
