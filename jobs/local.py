@@ -333,7 +333,7 @@ def train_sft(
             "samples": len(idx) - len(bad),
         }
         if "loss_ground" in out:
-            rec["loss_lm"], rec["loss_ground"] = float(out["loss_lm"]), float(out["loss_ground"])
+            rec["loss_lm"], rec["loss_ground"] = out["loss_lm"].item(), out["loss_ground"].item()
         history.append(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
