@@ -224,7 +224,7 @@ def answer_questions(
     tokenizer: Any,
     *,
     batch_size: int = 32,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,
 ) -> list[str]:
     """Greedy answers to each example's final question (its reference answer is not shown)."""
     model.eval()
@@ -244,7 +244,8 @@ def answer_questions(
 
 
 def evaluate_sft(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, exclude_tasks: Sequence[str] = ("caption",)) -> dict[str, float]:
-    """Exact match per task and overall (single-image tasks), greedy decoding."""
+    """Exact match per task and overall (single-image tasks), greedy decoding (up to 32 new tokens:
+    a stated answer, ``world.stated_answer``, takes up to ~12)."""
     chosen = [ex for ex in examples if ex.task not in exclude_tasks]
     preds = answer_questions(model, chosen, tokenizer)
     refs = [answer_of(ex) for ex in chosen]

@@ -197,7 +197,7 @@ def world_sft(
         with_caption = bool(caption_every) and s.index % caption_every == 0
         qas = s.qas
         if question_draws > 1:
-            qas = drawn_questions(s.scene, s.qas, np.random.default_rng([cfg.seed, s.index, 13]), draws=question_draws)
+            qas = drawn_questions(s.scene, s.qas, np.random.default_rng([cfg.seed, s.index, 13]), draws=question_draws, answer_style=cfg.answer_style)
         if questions_per_conversation == 1:
             for j, qa in enumerate(qas):
                 key = qa.kind if j < len(s.qas) else f"{qa.kind}-{j}"  # drawn questions: their own ids

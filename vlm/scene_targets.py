@@ -169,18 +169,19 @@ def ground_token_ids(tokenizer) -> list[int]:
 # -------------------- More questions per image -------------------------------------------------
 
 
-def drawn_questions(scene: Scene, own: Sequence[QA], rng: np.random.Generator, *, draws: int) -> list[QA]:
+def drawn_questions(scene: Scene, own: Sequence[QA], rng: np.random.Generator, *, draws: int, answer_style: str = "short") -> list[QA]:
     """The image's own questions, then those of ``draws - 1`` further draws of
     ``world.questions_for`` on its scene (other shapes asked about, other yes/no coins), each
     distinct question once. One image then supervises several answers of the kinds that must bind
     attributes across cells (which shape is the triangle's colour, is there a green circle, which
     of two named shapes is on the left), while the count question, the same in every draw, stays
-    one. The templates are the world's, so held-out questions are never of a new form."""
+    one. The templates are the world's, so held-out questions are never of a new form; answers
+    take ``answer_style`` (``world.questions_for``), the world's own."""
     if draws < 1:
         raise ValueError(f"expected draws >= 1, got {draws}")
     out, seen = list(own), {qa.question for qa in own}
     for _ in range(draws - 1):
-        for qa in questions_for(scene, rng):
+        for qa in questions_for(scene, rng, answer_style=answer_style):
             if qa.question not in seen:
                 seen.add(qa.question)
                 out.append(qa)

@@ -33,6 +33,7 @@ BACKGROUNDS: tuple[str, ...] = ("grey", "white", "black", "brown", "navy")
 SIZES: tuple[str, ...] = ("small", "large")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 QA_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position", "presence")
+ANSWER_STYLES: tuple[str, ...] = ("short", "stated")  # single-image answers: one word, or stated_answer
 # Every task a conversation can carry: the single-image QA kinds plus these.
 TASKS: tuple[str, ...] = QA_KINDS + ("caption", "multi_image", "video", "video_caption")
 
@@ -226,13 +227,25 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
-def questions_for(scene: Scene, rng: np.random.Generator) -> list[QA]:
+def questions_for(scene: Scene, rng: np.random.Generator, *, answer_style: str = "short") -> list[QA]:
     """One question per applicable kind, in ``QA_KINDS`` order; every answer is unambiguous.
 
     Args:
         scene: the scene the questions are about.
         rng: picks which shape each question is about and the yes/no coin (state advances).
+        answer_style: ``short`` (one word, the VQA convention) or ``stated`` (the answer names
+            its subject first: ``stated_answer``). The questions, and the random draws, are the
+            same in both.
     """
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"expected answer_style to be one of {ANSWER_STYLES}, got {answer_style!r}")
+    qas = _short_questions(scene, rng)
+    if answer_style == "stated":
+        qas = [QA(qa.question, stated_answer(qa), qa.kind) for qa in qas]
+    return qas
+
+
+def _short_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     qas: list[QA] = []
     shapes = scene.shapes
     kinds = [s.kind for s in shapes]
@@ -268,6 +281,33 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[QA]:
         colour, kind = _pick(rng, hard if hard and rng.random() < 0.5 else absent)
         qas.append(QA(f"is there {with_article(f'{colour} {kind}')}?", "no", "presence"))
     return qas
+
+
+def stated_answer(qa: QA) -> str:
+    """The ``stated`` form of a single-image answer: its subject's words, then the answer.
+
+    - colour ``what colour is the triangle?`` -> ``triangle: white``
+    - shape ``what shape is the yellow object?`` -> ``yellow: star``
+    - position ``is the red circle to the left or right of the blue square?`` -> ``red circle: left``
+    - presence ``is there a green circle?`` -> ``green circle: yes``
+    - count: the number, as in ``short``.
+
+    A model that writes the subject right before the answer can look the image up with the words
+    it has just written: one step, where a one-word answer needs two (carry the subject from the
+    question to the answer position, then look it up). Exact match scores the whole statement.
+    """
+    words = qa.question.rstrip("?").split()
+    if qa.kind == "count":
+        return qa.answer
+    if qa.kind in ("colour", "shape"):
+        subject = words[4]  # what colour is the <kind> / what shape is the <colour> object
+    elif qa.kind == "position":
+        subject = " ".join(words[2:4])  # is the <colour kind> to the left or right of ...
+    elif qa.kind == "presence":
+        subject = " ".join(words[-2:])  # is there a(n) <colour kind>
+    else:
+        raise ValueError(f"expected a single-image question kind {QA_KINDS}, got {qa.kind!r}")
+    return f"{subject}: {qa.answer}"
 
 
 def two_image_qa(scene_a: Scene, scene_b: Scene, rng: np.random.Generator) -> QA:
@@ -473,6 +513,7 @@ class WorldConfig:
     max_shapes: int = 4
     texture: bool = True
     dedup_heldout: bool = True  # regenerate a held-out scene that equals a train scene
+    answer_style: str = "short"  # short | stated: single-image answers (questions_for)
 
     def __post_init__(self) -> None:
         counts = ("num_train", "num_heldout", "num_pairs", "num_heldout_pairs", "num_videos", "num_heldout_videos")
@@ -487,6 +528,8 @@ class WorldConfig:
                 f"expected 1 <= min_shapes <= max_shapes <= {_GRID * _GRID}, "
                 f"got min_shapes={self.min_shapes}, max_shapes={self.max_shapes}"
             )
+        if self.answer_style not in ANSWER_STYLES:
+            raise ValueError(f"expected WorldConfig.answer_style to be one of {ANSWER_STYLES}, got {self.answer_style!r}")
         if self.video_frames < 2:
             raise ValueError(f"expected WorldConfig.video_frames >= 2, got {self.video_frames}")
 
@@ -545,7 +588,7 @@ def sample_at(
             break
         attempt += 1
     texture_seed = int(rng.integers(2**63))
-    qas = tuple(questions_for(scene, rng))
+    qas = tuple(questions_for(scene, rng, answer_style=config.answer_style))
     return Sample(
         id=f"{split}-{index:06d}",
         split=split,

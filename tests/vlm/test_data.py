@@ -109,6 +109,20 @@ def test_world_sft_question_draws_add_questions_with_their_own_ids():
         world_sft(WC, "train", size=32, question_draws=0)
 
 
+def test_world_sft_drawn_questions_follow_the_answer_style():
+    import dataclasses
+
+    stated_wc = dataclasses.replace(WC, answer_style="stated")
+    items = world.generate_split(stated_wc, "train")
+    drawn = [ex for ex in world_sft(stated_wc, "train", size=32, caption_every=0, question_draws=3) if ex.task in world.QA_KINDS]
+    assert len(drawn) > len(items.samples) * 5  # the drawn questions are there
+    for ex in drawn:
+        question, answer = ex.messages[0]["content"][-1]["text"], answer_of(ex)
+        verdict = answer.rsplit(" ", 1)[-1]  # the short answer closes every stated one
+        assert answer == world.stated_answer(world.QA(question, verdict, ex.task))
+        assert (answer == verdict) == (ex.task == "count"), answer
+
+
 def test_collate_pairs_tokenises_hard_negatives_and_checks_their_count():
     tok = _tok()
     pix, caps, _ = world_pairs(WC, "heldout", size=32)

@@ -138,3 +138,14 @@ def test_drawn_questions_add_distinct_questions_of_the_binding_kinds():
     assert per_kind["count"] == 0 and min(per_kind[k] for k in ("colour", "shape", "position", "presence")) > len(samples) // 4
     with pytest.raises(ValueError, match="draws >= 1"):
         drawn_questions(SCENES[0], [], np.random.default_rng(0), draws=0)
+
+
+def test_drawn_questions_take_the_worlds_answer_style():
+    from vlm.scene_targets import drawn_questions
+
+    s = next(iter(world.generate(WC, "train")))
+    short = drawn_questions(s.scene, s.qas, np.random.default_rng(5), draws=4)
+    stated = drawn_questions(s.scene, s.qas, np.random.default_rng(5), draws=4, answer_style="stated")
+    extra = len(s.qas)
+    assert [qa.question for qa in stated] == [qa.question for qa in short] and len(short) > extra
+    assert [qa.answer for qa in stated[extra:]] == [world.stated_answer(qa) for qa in short[extra:]]

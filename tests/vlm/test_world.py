@@ -18,6 +18,7 @@ from vlm.world import (
     DIRECTIONS,
     MIN_COLOUR_DISTANCE,
     NUMBER_WORDS,
+    ANSWER_STYLES,
     QA_KINDS,
     SHAPES,
     SIZE_RADIUS,
@@ -31,6 +32,7 @@ from vlm.world import (
     generate_pairs,
     generate_videos,
     questions_for,
+    stated_answer,
     render_scene,
     sample_at,
     sample_scene,
@@ -178,6 +180,47 @@ def test_questions_are_answerable_and_unambiguous():
             _check_qa(scene, qa)
         seen.update(kinds)
     assert seen == set(QA_KINDS)
+
+
+def test_stated_answers_name_the_subject_then_the_short_answer():
+    """Same questions and draws as the short style; each stated answer checked against the question."""
+    assert ANSWER_STYLES == ("short", "stated")
+    patterns = {
+        "colour": r"what colour is the (\w+)\?",
+        "shape": r"what shape is the (\w+) object\?",
+        "position": r"is the (\w+ \w+) to the left or right of the \w+ \w+\?",
+        "presence": r"is there an? (\w+ \w+)\?",
+    }
+    kinds_seen = set()
+    for scene in _scenes(300, seed=11):
+        short = questions_for(scene, np.random.default_rng(3))
+        stated = questions_for(scene, np.random.default_rng(3), answer_style="stated")
+        assert [(q.question, q.kind) for q in stated] == [(q.question, q.kind) for q in short]
+        for s_qa, qa in zip(short, stated):
+            kinds_seen.add(qa.kind)
+            assert qa.answer == stated_answer(s_qa)
+            if qa.kind == "count":
+                assert qa.answer == s_qa.answer
+            else:
+                subject = re.fullmatch(patterns[qa.kind], qa.question).group(1)
+                assert qa.answer == f"{subject}: {s_qa.answer}"
+    assert kinds_seen == set(QA_KINDS)
+    with pytest.raises(ValueError, match="single-image question kind"):
+        stated_answer(QA("which image has more shapes?", "first", "multi_image"))
+
+
+def test_answer_style_reaches_samples_and_is_checked():
+    cfg = WorldConfig(num_train=6, num_heldout=2, answer_style="stated")
+    plain = WorldConfig(num_train=6, num_heldout=2)
+    for split in ("train", "heldout"):
+        for i in range(2):
+            a, b = sample_at(cfg, split, i), sample_at(plain, split, i)
+            assert a.scene == b.scene and [q.question for q in a.qas] == [q.question for q in b.qas]
+            assert [stated_answer(q) for q in b.qas] == [q.answer for q in a.qas]
+    with pytest.raises(ValueError, match="answer_style"):
+        WorldConfig(answer_style="long")
+    with pytest.raises(ValueError, match="answer_style"):
+        questions_for(a.scene, np.random.default_rng(0), answer_style="long")
 
 
 def test_presence_answers_are_balanced():
