@@ -56,6 +56,8 @@ def ray_local():
     """One local Ray per test module: 4 logical CPUs (2 workers + data tasks), no dashboard."""
     import ray
 
+    if ray.is_initialized():  # a Ray an earlier module's in-process run left behind
+        ray.shutdown()
     ray.init(
         num_cpus=4,
         include_dashboard=False,

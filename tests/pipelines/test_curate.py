@@ -53,6 +53,8 @@ OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def ray_ctx():
+    if ray.is_initialized():  # a Ray an earlier module's in-process run left behind
+        ray.shutdown()
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ctx
     ray.shutdown()

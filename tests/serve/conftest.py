@@ -51,6 +51,8 @@ def serve_port():
     from ray import serve
 
     repo = str(Path(__file__).resolve().parents[2])
+    if ray.is_initialized():  # a Ray an earlier module's in-process run left behind
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT,
              _system_config={"metrics_report_interval_ms": 500},
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": repo}})
