@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlm.config import ModelConfig
 from vlm.losses import lm_loss
 from vlm.projector import Projector
+from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
 from vlm.towers import build_decoder, build_vision_tower, set_trainable, vision_width
 
 
@@ -67,8 +68,6 @@ class VisionLanguageModel(nn.Module):
             grid=cfg.image_grid if cfg.projector.grid_position else 0,
         )
         if cfg.llava.ground_loss_weight > 0:
-            from vlm.scene_targets import NUM_CELL_KINDS, NUM_CELL_COLOURS
-
             n_words = NUM_CELL_KINDS - 1 + NUM_CELL_COLOURS - 1
             if ground_token_ids is not None and len(ground_token_ids) != n_words:
                 raise ValueError(f"expected {n_words} ground_token_ids (shape words, then colour words), got {len(ground_token_ids)}")
@@ -103,8 +102,6 @@ class VisionLanguageModel(nn.Module):
         (N, 9, C): the token grid average-pooled onto the world's 3x3 cells, scored by dot product
         against the decoder's input embeddings of the shape / colour words (class 0: the learned
         "empty" vector), the classes of ``scene_targets.cell_labels``."""
-        from vlm.scene_targets import CELL_GRID, NUM_CELL_KINDS
-
         if not hasattr(self, "ground_ids"):
             raise ValueError("expected a model built with llava.ground_loss_weight > 0, got no grounding words")
         if int(self.ground_ids.min()) < 0:
