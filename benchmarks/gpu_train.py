@@ -133,10 +133,9 @@ def zero_formula_bytes(zero: int, trained: int, frozen: int, frozen_bytes: int, 
     return zero_memory_formula(trained, zero, n) + frozen_bytes * frozen / (n if zero == 3 else 1)
 
 
-def step_loss(stage: str, model, batch: dict, dtype, gather):
-    """One forward and the stage's loss, as ``jobs.loop.train_loop`` computes it."""
-    from jobs.loop import token_loss
-
+def step_loss(stage: str, model, batch: dict, dtype, gather, full_logits: bool = False):
+    """One forward and the stage's loss, as ``jobs.loop.train_loop`` computes it (``full_logits``:
+    through all the logits, as before the output projection ran on the supervised rows only)."""
     if stage == "contrastive":
         b = dict(batch, pixel_values=batch["pixel_values"].to(dtype))
         return model(**b, rank=0, world_size=1, gather=gather)["loss"]
@@ -144,7 +143,7 @@ def step_loss(stage: str, model, batch: dict, dtype, gather):
     labels = b.pop("labels")
     b["pixel_values"] = b["pixel_values"].to(dtype)
     n_lab = max(float((labels[:, 1:] != -100).sum()), 1.0)
-    return token_loss(model(**b).logits, labels, n_lab)[0]
+    return model(**b, labels=labels, loss_normaliser=n_lab, return_logits=full_logits)["loss"]
 
 
 def timed_steps(run_step, batches, steps: int, sync) -> tuple[list[float], list[float]]:
@@ -174,7 +173,7 @@ def run_plain(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, syn
 
     def step(batch):
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = step_loss(stage, model, batch, torch.float32, no_gather)
+            loss = step_loss(stage, model, batch, torch.float32, no_gather, a.full_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip, foreach=True)
         opt.step()
@@ -192,7 +191,7 @@ def run_ours(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, sync
     import torch
 
     from jobs.job_config import JobConfig, clips_in_loop, deepspeed_config
-    from jobs.loop import _engine_step
+    from jobs.loop import _engine_step, skip_lone_allreduce
     from vlm.losses import torch_distributed_gather
     from vlm.optim import build_scheduler
 
@@ -209,12 +208,13 @@ def run_ours(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, sync
     opt = optimizer(model, optim, device, zero)
     sched = build_scheduler(opt, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
+    skip_lone_allreduce(engine, world_size=1, zero_stage=zero)
     engine.train()
     own_clip = optim.grad_clip if clips_in_loop(job) else 0.0
     gather = torch_distributed_gather(with_grad=True)
 
     def step(batch):
-        loss = step_loss(stage, engine, batch, dtype, gather)
+        loss = step_loss(stage, engine, batch, dtype, gather, a.full_logits)
         engine.backward(loss)
         _engine_step(engine, own_clip)
         return loss.detach()
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-mode", default="autocast", help="our runs' job.bf16_mode: autocast | weights")
     p.add_argument("--profile-steps", type=int, default=0, help="after the timed steps, profile this many and write the top kernels to --profile-out")
     p.add_argument("--profile-out", default="gpu_train_profile.txt")
+    p.add_argument("--full-logits", action="store_true", help="stage 2: make the logits of every position (the loss still only on the labelled half)")
     p.add_argument("--tag", default="", help="a label for this invocation's rows")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the project's MFU peak (default jobs.metrics.GPU_PEAK_TFLOPS)")
     p.add_argument("--json", default=None, help="write every figure to this file")
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "contrastive":
                 f = contrastive_flops(model, caption_tokens=a.caption_tokens)
             else:
-                f = sft_flops(model, seq_tokens=a.seq, images_per_sample=1.0)
+                sup = float((batches[0]["labels"][:, 1:] != -100).sum()) / batch
+                f = sft_flops(model, seq_tokens=a.seq, images_per_sample=1.0, supervised_tokens=None if a.full_logits else sup)
             s = summarise(r, a.warmup, batch, tokens, f, peaks)
             trained, frozen = params(model)
             s.update(flops_per_sample=f, trained_params=trained, frozen_params=frozen, wall_s=time.perf_counter() - t0,

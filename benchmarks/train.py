@@ -95,7 +95,8 @@ def plain_run(stage: str, cfg, tok, data: Path, trace: Path) -> dict[str, list[f
     res = local.train_sft(cfg, tokenizer=tok, train_examples=examples, progress=False, log=lambda *_: None, order=order)
     hist = res.history
     return {"time": [h["elapsed_s"] for h in hist], "samples": [h["samples"] for h in hist], "tokens": [h["tokens"] for h in hist],
-            "model": res.model, "images_per_sample": float(np.mean([len(examples[i].images) for idx in order for i in idx]))}
+            "model": res.model, "images_per_sample": float(np.mean([len(examples[i].images) for idx in order for i in idx])),
+            "supervised_per_sample": sum(h["supervised_tokens"] for h in hist) / max(sum(h["samples"] for h in hist), 1)}
 
 
 def ours_run(stage: str, cfg, job) -> dict[str, list[float]]:
@@ -205,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "contrastive":
             flops = lambda tps: contrastive_flops(model, caption_tokens=tps)  # noqa: E731
         else:
-            flops = lambda tps: sft_flops(model, seq_tokens=tps, images_per_sample=plain["images_per_sample"])  # noqa: E731
+            flops = lambda tps: sft_flops(  # noqa: E731
+                model, seq_tokens=tps, images_per_sample=plain["images_per_sample"], supervised_tokens=plain["supervised_per_sample"]
+            )
         rows = {"plain": summarise(plain, a.warmup, flops)}
         print(f"{stage:<12} plain loop (1 process, {a.threads} threads)        {rows['plain'][unit]:9.1f} {label}  "
               f"MFU {100 * rows['plain']['flop_per_s'] / (peak * 1e12):.2f}%  median step {1000 * rows['plain']['median_step_s']:.0f} ms", flush=True)

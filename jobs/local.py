@@ -313,7 +313,7 @@ def train_sft(
             skipped[err.reason] = skipped.get(err.reason, 0) + 1
         if batch is None:
             continue
-        out = model(**batch)
+        out = model(**batch, return_logits=False)  # the loss's logits only at the answer positions
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], opt_cfg.grad_clip) if opt_cfg.grad_clip > 0 else torch.tensor(_grad_norm(model))
@@ -331,6 +331,7 @@ def train_sft(
             "samples_per_s": (step + 1) * opt_cfg.batch_size / elapsed,
             "elapsed_s": elapsed,
             "tokens": step_tokens,
+            "supervised_tokens": int((batch["labels"][:, 1:] != -100).sum()),
             "samples": len(idx) - len(bad),
         }
         if "loss_ground" in out:

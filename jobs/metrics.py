@@ -6,10 +6,14 @@ trained tower costs ``6 N T``; attention scores and values add ``12 L d T^2`` pe
 (6 of them forward + backward over ``2 L d T^2``). A frozen tower that nothing upstream
 needs gradients through costs ``2 N T`` (forward only); a frozen decoder in LLaVA's
 alignment phase still back-propagates into the projector: ``4 N T``. Embedding tables are
-excluded from N (lookups, not matmuls); the decoder's output head is included.
+excluded from N (lookups, not matmuls); the decoder's output head is a matmul and counts, also
+when it shares its weight with the input embedding table (tied, as in Qwen2-0.5B, where it is
+136M of the 494M parameters). Training projects only the supervised positions onto the
+vocabulary (``vlm.losses.supervised_loss``), so the head counts over those tokens alone.
 
     stage 1:  F = Fv(T_img = patches + 1) + Ft(T_txt = mean caption tokens)
     stage 2:  F = images * Fv(T = patches + 1) + Fproj + Fdec(T_seq = mean tokens)
+                + Fhead(T_sup = mean supervised tokens)
     MFU = F * samples/s / (workers * peak FLOP/s)
 """
 
@@ -34,11 +38,14 @@ def numel(p: torch.Tensor) -> int:
 
 
 def matmul_params(module: nn.Module, cache: dict[int, tuple[int, int]] | None = None) -> tuple[int, int]:
-    """(all, trainable) parameters excluding embedding tables; ``cache`` keeps counts per module
-    (a training loop counts once, not every step: freeze flags do not change mid-run)."""
+    """(all, trainable) parameters of matrix products: embedding tables excluded (a look-up is
+    not a product), except one tied to an output projection (``nn.Linear``), which is a product;
+    ``cache`` keeps counts per module (a training loop counts once, not every step: freeze flags
+    do not change mid-run)."""
     if cache is not None and id(module) in cache:
         return cache[id(module)]
-    emb = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    linear = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    emb = {id(p) for m in module.modules() if isinstance(m, nn.Embedding) for p in m.parameters()} - linear
     total = sum(numel(p) for p in module.parameters() if id(p) not in emb)
     train = sum(numel(p) for p in module.parameters() if id(p) not in emb and p.requires_grad)
     if cache is not None:
@@ -87,8 +94,22 @@ def contrastive_flops(model: nn.Module, *, caption_tokens: float, cache: dict | 
     return fv + ft
 
 
-def sft_flops(model: nn.Module, *, seq_tokens: float, images_per_sample: float, cache: dict | None = None) -> float:
-    """FLOPs per stage-2 sample (its images and its token sequence), fwd + bwd."""
+def output_projection_params(decoder: nn.Module) -> int:
+    """Parameters of a causal LM's output projection (vocabulary x width), 0 where it has none."""
+    get = getattr(decoder, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return sum(numel(p) for p in head.parameters()) if isinstance(head, nn.Linear) else 0
+
+
+def sft_flops(
+    model: nn.Module, *, seq_tokens: float, images_per_sample: float, supervised_tokens: float | None = None,
+    cache: dict | None = None,
+) -> float:
+    """FLOPs per stage-2 sample (its images and its token sequence), fwd + bwd.
+
+    The decoder's output projection counts over ``supervised_tokens`` (the positions with a
+    label: ``VisionLanguageModel.forward`` projects only those when training), over every
+    token when None (a forward that makes all the logits)."""
     cfg = model.cfg
     n_vis = cfg.vision.num_patches + 1
     proj_needs = any(p.requires_grad for p in model.projector.parameters())
@@ -98,11 +119,13 @@ def sft_flops(model: nn.Module, *, seq_tokens: float, images_per_sample: float, 
         mode=_mode(model.vision, upstream_needs_grad=False),
     )
     fp = (6 if proj_needs else 4) * matmul_params(model.projector, cache)[0] * cfg.image_tokens
+    head = output_projection_params(model.decoder)
     fd = tower_flops(
-        matmul_params(model.decoder, cache)[0], seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
+        matmul_params(model.decoder, cache)[0] - head, seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
         width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
     )
-    return images_per_sample * (fv + fp) + fd
+    fh = tower_flops(head, seq_tokens if supervised_tokens is None else supervised_tokens, layers=0, width=0, mode=dec_mode)
+    return images_per_sample * (fv + fp) + fd + fh
 
 
 def peak_flops(device: torch.device, peak_tflops: float) -> float:

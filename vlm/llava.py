@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
-from vlm.losses import lm_loss
+from vlm.losses import lm_loss, lm_loss_sum, supervised_loss
 from vlm.projector import Projector
 from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
 from vlm.towers import build_decoder, build_vision_tower, set_trainable, vision_width
@@ -84,6 +84,18 @@ class VisionLanguageModel(nn.Module):
         set_trainable(self.vision, not f.freeze_vision)
         set_trainable(self.projector, not f.freeze_projector)
         set_trainable(self.decoder, not f.freeze_decoder)
+
+    def _decoder_parts(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """(body, output projection) of the decoder when it is a plain causal LM whose logits are
+        ``head(body(...).last_hidden_state)``; (None, None) for one that post-processes its logits
+        (e.g. soft-capping), which then always goes through its own forward."""
+        dec = self.decoder
+        body, head = getattr(dec, "base_model", None), dec.get_output_embeddings()
+        if body is None or body is dec or not isinstance(head, nn.Linear) or getattr(head, "bias", None) is not None:
+            return None, None
+        if getattr(dec.config, "final_logit_softcapping", None) or getattr(dec.config, "logit_scale", None) not in (None, 1, 1.0):
+            return None, None
+        return body, head
 
     @property
     def tokens_per_image(self) -> int:
@@ -159,30 +171,52 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        loss_normaliser: float | None = None,
+        return_logits: bool = True,
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
         cell_labels: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits, and with ``labels`` the next-token loss over ``labels != -100``, averaged per
-        token or per answer turn (``llava.loss_average``). With ``cell_labels`` ((N, 2, 9) per
+        token or per answer turn (``llava.loss_average``), or with ``loss_normaliser`` their sum
+        over it (a training job's mean labelled-token count per rank, so that the gradient mean
+        over ranks is that of the global token mean). With ``cell_labels`` ((N, 2, 9) per
         image: each world cell's kind and colour class, -100 where unknown) the grounding loss
-        (``llava.ground_loss_weight``) is added to it and returned as ``loss_ground``."""
+        (``llava.ground_loss_weight``) is added to it and returned as ``loss_ground``.
+
+        With ``labels`` and ``return_logits=False`` (what training wants), the output projection
+        runs only on the supervised positions (an answer is a small part of a sequence of image
+        and prompt tokens: the (B, L, V) logits are never made; ``vlm.losses.supervised_loss``)
+        and ``logits`` is None."""
         ground = cell_labels is not None and self.cfg.llava.ground_loss_weight > 0
         if ground and image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             dtype = self.decoder.get_input_embeddings().weight.dtype
             image_features = self.image_features(pixel_values.to(dtype))  # once: for the decoder and the grounding loss
         embeds = self.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)
         kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
-        out = self.decoder(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        if labels is not None:
-            out["loss"] = lm_loss(out.logits, labels, average=self.cfg.llava.loss_average)
+        body, head = self._decoder_parts()
+        if labels is not None and not return_logits and body is not None:
+            hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+            out = CausalLMOutputWithPast(logits=None)
+            out["loss"] = supervised_loss(
+                hidden, labels, head, average=self.cfg.llava.loss_average, normaliser=loss_normaliser,
+                chunked=self.cfg.llava.chunked_loss,
+            )
+        else:
+            out = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            if labels is not None:
+                out["loss"] = (
+                    lm_loss(out.logits, labels, average=self.cfg.llava.loss_average)
+                    if loss_normaliser is None
+                    else lm_loss_sum(out.logits, labels) / loss_normaliser
+                )
         if ground and image_features is not None and bool((cell_labels >= 0).any()):
             assert cell_labels is not None
             kind_logits, colour_logits = self.ground_logits(image_features)

@@ -4,7 +4,8 @@
   From Natural Language Supervision", eq. in Fig. 3).
 - ``siglip_loss``: pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
   Pre-Training", Algorithm 1).
-- ``lm_loss``: the stage-2 next-token loss, averaged over supervised tokens or over answer turns.
+- ``lm_loss``: the stage-2 next-token loss, averaged over supervised tokens or over answer turns;
+  ``supervised_loss`` the same from hidden states, projecting only the supervised positions.
 
 Distributed context is passed in, never read from the environment: ``rank``, ``world_size`` and
 a ``gather`` function that maps a local (B, D) tensor to the list of every rank's (B, D) tensor.
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]
 
@@ -162,20 +164,135 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token
             ``turn``: each answer turn (a run of supervised positions) weighs the same whatever
             its length, so a one-word answer counts as much as a caption.
     """
+    mask = labels[:, 1:] != -100  # (B, L-1)
+    weights = _row_weights(mask, average)  # (N_supervised,)
+    ce = F.cross_entropy(logits[:, :-1][mask].float(), labels[:, 1:][mask], reduction="none")  # (N_supervised,)
+    return (ce * weights).sum()
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum (not the mean) of next-token cross-entropy over the supervised positions."""
+    shift = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(L-1), V)
+    return F.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def supervised_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module,
+    *,
+    average: str = "token",
+    normaliser: float | None = None,
+    chunked: bool = False,
+) -> torch.Tensor:
+    """``lm_loss`` from the decoder's last hidden states, projecting only the supervised positions.
+
+    Equals ``lm_loss(head(hidden), labels, average=...)`` but never makes the (B, L, V) logits:
+    in instruction tuning most positions are image and prompt tokens without loss, and the
+    output projection over a large vocabulary (and its fp32 log-softmax) is then mostly waste.
+    With ``chunked``, a bias-free ``nn.Linear`` head goes through ``linear_cross_entropy`` (no
+    logits kept for the backward pass: less memory, some throughput); otherwise, or for another
+    head (or one whose weight ZeRO-3 partitions, which only its own forward gathers), through
+    ``head(h)`` and ``F.cross_entropy``.
+
+    Args:
+        hidden: (B, L, D) the decoder's final hidden states (after its last norm).
+        labels: (B, L) target ids, -100 where there is no loss.
+        head: the output projection, (N, D) -> (N, V).
+        average: as in ``lm_loss``; ignored when ``normaliser`` is given.
+        chunked: score the rows with ``linear_cross_entropy`` where the head allows.
+        normaliser: when given, return the sum over supervised tokens divided by it (a data-
+            parallel job's mean count per rank); a batch without supervised tokens then gives 0
+            (with a graph, so every rank's backward still runs), not an error.
+    """
+    mask = labels[:, 1:] != -100  # (B, L-1)
+    if normaliser is not None:
+        if not bool(mask.any()):
+            return hidden.sum() * 0.0
+        weights = torch.full((int(mask.sum()),), 1.0 / normaliser, device=hidden.device)
+    else:
+        weights = _row_weights(mask, average)
+    h = hidden[:, :-1][mask]  # (N_supervised, D)
+    target = labels[:, 1:][mask]  # (N_supervised,)
+    weight = getattr(head, "weight", None)
+    if chunked and isinstance(head, nn.Linear) and head.bias is None and weight is not None and not hasattr(weight, "ds_id"):
+        return linear_cross_entropy(h, weight, target, weights)
+    return (F.cross_entropy(head(h).float(), target, reduction="none") * weights).sum()
+
+
+def _row_weights(mask: torch.Tensor, average: str) -> torch.Tensor:
+    """(N_supervised,) weights of the supervised positions (``mask``'s True ones, row-major) whose
+    weighted sum of per-token losses is their token mean or their turn mean."""
     if average not in ("token", "turn"):
         raise ValueError(f"expected average to be 'token' or 'turn', got {average!r}")
-    target = labels[:, 1:]  # (B, L-1)
-    mask = target != -100  # (B, L-1)
-    ce = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="none"
-    ).view_as(target)  # (B, L-1), 0 where masked
     if not bool(mask.any()):
         raise ValueError("expected at least one supervised label (labels != -100), got none")
+    n = int(mask.sum())
     if average == "token":
-        return ce[mask].mean()
+        return torch.full((n,), 1.0 / n, device=mask.device)
     start = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)  # (B, L-1) first position of each turn
-    turn = torch.cumsum(start.reshape(-1).long(), 0).view_as(target) - 1  # (B, L-1) turn index
+    turn = torch.cumsum(start.reshape(-1).long(), 0).view_as(mask) - 1  # (B, L-1) turn index
     ids = turn[mask]  # (N_supervised,)
     n_turns = int(start.sum())
     sizes = torch.bincount(ids, minlength=n_turns)  # (N_turns,)
-    return (ce[mask] / sizes[ids]).sum() / n_turns
+    return 1.0 / (sizes[ids].float() * n_turns)
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, *, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """``sum_i row_weights[i] * CE(h[i] @ weight.T, target[i])`` without keeping the logits.
+
+    The rows are scored in chunks of ``chunk_rows`` (default: about 2^27 logits a chunk); each
+    chunk's fp32 logits give its loss and, at once, the gradients of ``h`` and ``weight``
+    (softmax minus one-hot), so neither the (N, V) logits nor their log-softmax live until the
+    backward pass, which only scales the stored gradients. The products run in the autocast
+    dtype when autocast is on (as ``nn.Linear`` would), the softmax and the weight gradient's
+    sum over chunks in fp32.
+
+    Args:
+        h: (N, D) hidden states.
+        weight: (V, D) the output projection.
+        target: (N,) class ids.
+        row_weights: (N,) weights of the rows' losses (no gradient).
+    """
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    rows = chunk_rows or max(1, (1 << 27) // weight.shape[0])
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h.to(dtype), weight.to(dtype), target, row_weights.float(), rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, target, row_weights, rows):  # type: ignore[override]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, h.shape[0], rows):
+            x, t, rw = h[s : s + rows], target[s : s + rows], row_weights[s : s + rows]
+            logits = (x @ weight.T).float()  # (r, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (r,)
+            loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * rw).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (r, V)
+                g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
+                g = g.mul_(rw[:, None]).to(h.dtype)
+                if grad_h is not None:
+                    grad_h[s : s + rows] = g @ weight
+                if grad_w is not None:
+                    grad_w += (g.T @ x).float()
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
+            None,
+            None,
+            None,
+        )

@@ -190,3 +190,44 @@ def test_two_rank_loss_with_hard_negatives_equals_single_process():
     mean.backward()
     for h, leaf in zip(halves, leaves):
         assert torch.allclose(torch.cat([p.grad for p in h]), leaf.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_linear_cross_entropy_equals_projecting_then_cross_entropy_in_loss_and_gradients(chunk_rows):
+    from vlm.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(40, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (10,), generator=g)
+    rw = torch.rand(10, generator=g)
+    ref = (F.cross_entropy(h @ w.T, t, reduction="none") * rw).sum()
+    gh_ref, gw_ref = torch.autograd.grad(2.5 * ref, (h, w))
+    got = linear_cross_entropy(h, w, t, rw, chunk_rows=chunk_rows)
+    gh, gw = torch.autograd.grad(2.5 * got, (h, w))  # an upstream factor reaches both gradients
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(gh, gh_ref, atol=1e-5) and torch.allclose(gw, gw_ref, atol=1e-5)
+    # only the weight needs a gradient (a frozen input): still right, no h gradient made
+    got_w = linear_cross_entropy(h.detach(), w, t, rw, chunk_rows=chunk_rows)
+    assert torch.allclose(torch.autograd.grad(2.5 * got_w, w)[0], gw_ref, atol=1e-5)
+
+
+def test_linear_cross_entropy_under_autocast_runs_its_products_in_bf16():
+    from vlm.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(16, 32, generator=g, requires_grad=True)
+    w = torch.randn(64, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 64, (16,), generator=g)
+    rw = torch.full((16,), 1 / 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = (F.cross_entropy((h @ w.T).float(), t, reduction="none") * rw).sum()
+        got = linear_cross_entropy(h, w, t, rw, chunk_rows=5)
+    gh_ref, gw_ref = torch.autograd.grad(ref, (h, w))
+    gh, gw = torch.autograd.grad(got, (h, w))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32  # back to the leaves' dtype
+    assert torch.allclose(got, ref, rtol=1e-2)
+    assert torch.allclose(gh, gh_ref, atol=2e-2) and torch.allclose(gw, gw_ref, atol=2e-2)
+    # and bf16 matters: the exact fp32 loss differs from both by bf16 rounding, not more
+    exact = (F.cross_entropy(h @ w.T, t, reduction="none") * rw).sum()
+    assert abs(float(got) - float(exact)) < 0.05 * float(exact)

@@ -146,6 +146,68 @@ def test_vlm_forward_places_images_and_masks_loss(cfg, tok):
         model(**{**batch, "pixel_values": torch.randn(2, 3, 64, 64)})
 
 
+@pytest.mark.parametrize("average,chunked", [("token", False), ("turn", False), ("token", True), ("turn", True)])
+def test_training_forward_projects_only_supervised_positions_and_keeps_loss_and_gradients(cfg, tok, average, chunked):
+    torch.manual_seed(0)
+    llava = dataclasses.replace(cfg.model.llava, loss_average=average, chunked_loss=chunked)
+    model = _vlm(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llava=llava)), tok).train()
+    batch = _chat_batch(cfg, tok)
+    n_sup = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < n_sup < batch["labels"][:, 1:].numel() / 2  # answers are the minority of positions
+
+    def loss_and_grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, **kw)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, g_full = loss_and_grads()
+    sup, g_sup = loss_and_grads(return_logits=False)
+    assert sup.logits is None and full.logits is not None
+    assert torch.allclose(sup.loss, full.loss, atol=1e-5)
+    assert len(g_sup) == len(g_full) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_sup, g_full))
+    # a head other than a bias-free Linear goes through its own forward: on the supervised rows only
+    from vlm.losses import supervised_loss
+
+    hidden = torch.randn(*batch["labels"].shape, model.decoder.config.hidden_size)
+    head = torch.nn.Sequential(model.decoder.get_output_embeddings())
+    seen = []
+    handle = head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    via_module = supervised_loss(hidden, batch["labels"], head, average=average)
+    handle.remove()
+    assert seen == [n_sup]
+    assert torch.allclose(via_module, supervised_loss(hidden, batch["labels"], head[0], average=average, chunked=True), atol=1e-5)
+    # a job's normalised sum: the token sum over the given count, on both paths
+    s_sup = model(**batch, loss_normaliser=4.0, return_logits=False).loss
+    s_full = model(**batch, loss_normaliser=4.0).loss
+    assert torch.allclose(s_sup, s_full, atol=1e-5)
+    if average == "token":
+        assert torch.allclose(s_sup * 4.0 / n_sup, full.loss, atol=1e-5)
+    # no supervised token: an error for the mean, 0 with a graph for a job's normalised sum
+    empty = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    with pytest.raises(ValueError, match="supervised"):
+        model(**empty, return_logits=False)
+    zero = model(**empty, loss_normaliser=4.0, return_logits=False).loss
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_flops_count_a_tied_output_projection_over_supervised_tokens(tok):
+    from jobs.metrics import matmul_params, output_projection_params, sft_flops, tower_flops
+
+    model = _vlm(load_config(preset="tiny", overrides=["model.decoder.tie_embeddings=true"]), tok)
+    dec = model.decoder
+    head = output_projection_params(dec)
+    assert head == dec.config.vocab_size * dec.config.hidden_size
+    assert dec.get_output_embeddings().weight is dec.get_input_embeddings().weight  # tied
+    emb_free = sum(p.numel() for p in dec.parameters()) - dec.get_input_embeddings().weight.numel()
+    assert matmul_params(dec)[0] == emb_free + head  # the tied table counts once, as the head
+    layers, width = dec.config.num_hidden_layers, dec.config.hidden_size
+    body = tower_flops(emb_free, 100, layers=layers, width=width, mode="train")
+    base = sft_flops(model, seq_tokens=100, images_per_sample=0.0)
+    assert base == body + 6 * head * 100
+    assert sft_flops(model, seq_tokens=100, images_per_sample=0.0, supervised_tokens=10) == body + 6 * head * 10
+
+
 def test_compile_blocks_compiles_each_layer_stack_and_keeps_the_outputs(cfg, tok):
     torch.manual_seed(0)
     model = _vlm(cfg, tok).eval()
