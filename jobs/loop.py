@@ -370,7 +370,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
             own_norm = _engine_step(engine, own_clip)
         # one collective per step: the global loss (a mean over ranks; stage 2's per-rank losses are
-        # already token-weighted), samples, tokens and images
+        # already token-weighted), samples, tokens, images and supervised tokens
         loss_tot, g_samples, g_tokens, g_images, g_sup = _all_reduce_sums([loss_sum, samples, tokens, images, supervised], device)
         loss_val = loss_tot / (world * job.grad_accum)
         t_now = time.perf_counter()
