@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
-from vlm.losses import lm_loss, lm_loss_sum, supervised_loss
+from vlm.losses import lm_loss, supervised_loss
 from vlm.projector import Projector
 from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
 from vlm.towers import build_decoder, build_vision_tower, set_trainable, vision_width
@@ -194,7 +194,6 @@ class VisionLanguageModel(nn.Module):
             dtype = self.decoder.get_input_embeddings().weight.dtype
             image_features = self.image_features(pixel_values.to(dtype))  # once: for the decoder and the grounding loss
         embeds = self.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)
-        kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
         body, head = self._decoder_parts()
         if labels is not None and not return_logits and body is not None:
             hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -204,6 +203,7 @@ class VisionLanguageModel(nn.Module):
                 chunked=self.cfg.llava.chunked_loss,
             )
         else:
+            kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
             out = self.decoder(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -212,11 +212,7 @@ class VisionLanguageModel(nn.Module):
                 **kwargs,
             )
             if labels is not None:
-                out["loss"] = (
-                    lm_loss(out.logits, labels, average=self.cfg.llava.loss_average)
-                    if loss_normaliser is None
-                    else lm_loss_sum(out.logits, labels) / loss_normaliser
-                )
+                out["loss"] = lm_loss(out.logits, labels, average=self.cfg.llava.loss_average, normaliser=loss_normaliser)
         if ground and image_features is not None and bool((cell_labels >= 0).any()):
             assert cell_labels is not None
             kind_logits, colour_logits = self.ground_logits(image_features)

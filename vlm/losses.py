@@ -154,7 +154,7 @@ def siglip_loss(
     return {"loss": loss}
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token") -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token", normaliser: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the positions whose label is not -100.
 
     Args:
@@ -163,17 +163,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token
         average: ``token`` (the mean over supervised tokens, as transformers' causal LMs) or
             ``turn``: each answer turn (a run of supervised positions) weighs the same whatever
             its length, so a one-word answer counts as much as a caption.
+        normaliser: as in ``supervised_loss`` (the sum over supervised tokens divided by it).
     """
-    mask = labels[:, 1:] != -100  # (B, L-1)
-    weights = _row_weights(mask, average)  # (N_supervised,)
-    ce = F.cross_entropy(logits[:, :-1][mask].float(), labels[:, 1:][mask], reduction="none")  # (N_supervised,)
-    return (ce * weights).sum()
-
-
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The sum (not the mean) of next-token cross-entropy over the supervised positions."""
-    shift = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(L-1), V)
-    return F.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    return supervised_loss(logits, labels, nn.Identity(), average=average, normaliser=normaliser)
 
 
 def supervised_loss(
