@@ -71,6 +71,10 @@ class ImageConfig:
     encode_format: str = "jpg"
     encode_quality: int = 95  # jpg/webp quality; png compression level is (100 - quality) // 10
     max_image_pixels: int = 89_478_485  # the decompression-bomb guard (Pillow's default limit)
+    # JPEGs decode at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled decoding) while
+    # that still gives at least this multiple of the output size; None: always the full image.
+    # Lower is faster and loses fine detail (text, textures): docs/curation.md, step 5.
+    decode_floor: float | None = 4.0
     border_color: tuple[int, int, int] = (255, 255, 255)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ class ImageConfig:
             raise ConfigError(f"image.encode_quality: expected 1-100, got {self.encode_quality}")
         if self.image_size < 1:
             raise ConfigError(f"image.image_size: expected >= 1, got {self.image_size}")
+        if self.decode_floor is not None and not 0.5 <= self.decode_floor:
+            raise ConfigError(f"image.decode_floor: expected a number >= 0.5 (a multiple of the output size) or null, got {self.decode_floor}")
 
 
 @dataclass

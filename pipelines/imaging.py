@@ -91,13 +91,11 @@ def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = Non
     """Bytes -> an RGB image with EXIF orientation applied, or ``Rejected``.
 
     The decompression-bomb guard reads the header size before any pixel is decoded. With
-    ``resize_for`` (and its default ``area`` downscale filter), a JPEG at least 8x larger than
-    the size it will be resized to is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
-    (libjpeg's scaled decoding, Pillow's ``draft``), never below 4x that size, and ``resize``
-    then averages down from there: 1/4 to 1/64 of the pixels to decode for an output within
-    ~0.5 dB PSNR of the full decode's (drafting to only 2x the size saves more but strays up
-    to 1.7 dB on fine detail: libjpeg's scaled IDCT is a cruder low-pass than an area average).
-    ``original_width``/``original_height`` stay the size in the file (after EXIF orientation).
+    ``resize_for`` (and its default ``area`` downscale filter), a JPEG is decoded at 1/2, 1/4 or
+    1/8 scale in the DCT domain (libjpeg's scaled decoding, Pillow's ``draft``) while that
+    still gives ``resize_for.decode_floor`` times the size it will be resized to
+    (``dct_factor``), and ``resize`` goes on from there. ``original_width``/``original_height``
+    stay the size in the file (after EXIF orientation).
 
     Args:
         data: the downloaded body.
@@ -106,12 +104,12 @@ def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = Non
     """
     head = open_checked(data, max_pixels=max_pixels)
     img, fmt, orientation, original = head.image, head.format, head.orientation, head.size
-    swaps = orientation in (5, 6, 7, 8)
     if fmt == "jpg" and resize_for is not None and resize_for.downscale_filter == "area" and img.mode in ("RGB", "L"):
         target = target_size(*original, config=resize_for)
-        if target is not None and target[0] * 8 <= original[0] and target[1] * 8 <= original[1]:
-            want = (4 * target[1], 4 * target[0]) if swaps else (4 * target[0], 4 * target[1])
-            img.draft(img.mode, want)  # picks the largest 1/2^k scale that keeps >= want
+        factor = dct_factor(original, target, resize_for.decode_floor) if target is not None else 1
+        if factor > 1:
+            stored = img.size  # before EXIF orientation
+            img.draft(img.mode, (stored[0] // factor, stored[1] // factor))  # Pillow then picks exactly 1/factor
     try:
         img.load()
     except Exception:
@@ -135,6 +133,28 @@ def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = Non
 
 def _scaled(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def dct_factor(original: tuple[int, int], target: tuple[int, int], floor: float | None) -> int:
+    """The JPEG scale to decode at: the largest of 1, 2, 4 and 8 whose decoded image (libjpeg
+    rounds each side up) is still at least ``floor`` times ``target`` on both sides; 1 when
+    ``floor`` is None or ``target`` is not smaller than ``original``.
+
+    Both sizes are (width, height) in the same orientation. libjpeg's reduced-scale IDCT drops
+    each 8x8 block's upper frequencies without an antialiasing filter across blocks, so the
+    lower the floor, the more fine detail strays from a resize of the full image
+    (docs/curation.md, step 5, has the measurements): the default 4 keeps the output as close
+    as the full decode's; under 2 small text loses several dB of PSNR.
+    """
+    if floor is None:
+        return 1
+    factor = 1
+    while factor < 8:
+        nxt = 2 * factor
+        if -(-original[0] // nxt) < floor * target[0] or -(-original[1] // nxt) < floor * target[1]:
+            break
+        factor = nxt
+    return factor
 
 
 def target_size(width: int, height: int, *, config: ImageConfig) -> tuple[int, int] | None:
@@ -185,17 +205,11 @@ def _cv2():
 
 
 def area_downscale(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Downscale an RGB image to ``size`` with an antialiasing average.
-
-    Below 4x, in two cheap steps instead of one general area resample (OpenCV's ``INTER_AREA``
-    at a non-integer factor costs ~1.6 ms for 640x480 -> 341x256, Pillow's ``BOX`` ~1.3 ms,
-    this ~0.7 ms): bilinear to exactly twice the target (at most 2x down, so every source
-    pixel still weighs in), then an exact 2x2 box average. Against a Lanczos reference it is as
-    close as ``INTER_AREA`` (within +-0.7 dB PSNR from 1.9x to 4.7x, on fine detail) and ~5 dB
-    closer than Pillow's ``BOX`` on the benchmark's images. From 4x on, ``INTER_AREA`` itself.
+    """Downscale an RGB image to ``size`` with an antialiasing average (``area_downscale_array``).
 
     Args:
-        img: an RGB image at least as large as ``size``.
+        img: an RGB image, at least ~0.5x ``size`` (larger, or a little smaller when it was
+            decoded at a reduced JPEG scale: see ``dct_factor``).
         size: (width, height).
     """
     import numpy as np
@@ -203,12 +217,32 @@ def area_downscale(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(area_downscale_array(np.asarray(img), size))
 
 
+# Below this source/target ratio the bicubic resample is the closest to the Lanczos reference.
+_BICUBIC_BELOW = 1.2
+
+
 def area_downscale_array(a, size: tuple[int, int]):
-    """``area_downscale`` on an (H, W, C) uint8 array; returns an (h, w, C) array."""
+    """The ``area`` downscale filter on an (H, W, C) uint8 array; returns an (h, w, C) array.
+
+    By how much the source is larger than ``size`` (the smaller of the two sides' ratios):
+    - under 1.2x, or smaller than ``size`` (a JPEG decoded at a reduced scale just under it,
+      ``ImageConfig.decode_floor`` < 1): OpenCV's bicubic, the closest of OpenCV's filters to a
+      Lanczos reference there (at 1.05x: 44.1 dB against 36.0 for the two steps below and 37.8
+      for ``INTER_AREA`` on a fine-detail pattern, 33.7 / 23.2 / 25.8 dB on small text);
+    - 1.2x to 4x: bilinear to exactly twice the target (at most 2x down, so every source
+      pixel still weighs in), then an exact 2x2 box average. OpenCV's ``INTER_AREA`` at a
+      non-integer factor costs ~1.6 ms for 640x480 -> 341x256, Pillow's ``BOX`` ~1.3 ms, this
+      ~0.7 ms; it is as close to a Lanczos reference as ``INTER_AREA`` (within +-0.7 dB from
+      1.9x to 4.7x, on fine detail) and ~5 dB closer than Pillow's ``BOX``;
+    - from 4x on, ``INTER_AREA`` itself.
+    """
     cv2 = _cv2()
     w, h = size
-    if a.shape[1] >= 4 * w and a.shape[0] >= 4 * h:
+    ratio = min(a.shape[1] / w, a.shape[0] / h)
+    if ratio >= 4:
         return cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA)
+    if ratio < _BICUBIC_BELOW:
+        return cv2.resize(a, (w, h), interpolation=cv2.INTER_CUBIC)
     a = cv2.resize(a, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)  # (2h, 2w, C)
     return cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA)  # (h, w, C): an exact 2x2 mean
 
@@ -239,8 +273,8 @@ def resize(img: Image.Image, *, config: ImageConfig, source_size: tuple[int, int
     target = target_size(w, h, config=config)
     if target is not None:
         down = target[0] < w
-        if down and config.downscale_filter == "area" and target[0] <= img.size[0] and target[1] <= img.size[1]:
-            img = area_downscale(img, target)
+        if down and config.downscale_filter == "area" and 2 * img.size[0] >= target[0] and 2 * img.size[1] >= target[1]:
+            img = area_downscale(img, target)  # from the full image, or one decoded at a reduced scale
         else:
             img = img.resize(target, _FILTERS[config.downscale_filter if down else config.upscale_filter])
     if mode == "center_crop":

@@ -1,8 +1,8 @@
 """The fast path of the image stage: JPEG in, JPEG out, on OpenCV arrays.
 
 Most of a crawl is JPEGs resized to a smaller JPEG. For those, ``transcode_jpeg`` decodes with
-libjpeg straight into a numpy array (scaled in the DCT domain when the target is >= 8x
-smaller), downscales with ``imaging.area_downscale_array`` and encodes with libjpeg, without
+libjpeg straight into a numpy array (scaled in the DCT domain as far as
+``ImageConfig.decode_floor`` allows), downscales with ``imaging.area_downscale_array`` and encodes with libjpeg, without
 the copies between Pillow images and arrays that a mixed pipeline pays (~0.3-0.7 ms a sample
 at 640x480, as much as the resize itself). Validation stays Pillow's: the header, the bomb
 guard and EXIF orientation come from ``imaging.open_checked`` (run first, by the caller), and a file whose entropy-coded
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.config import ImageConfig
-from pipelines.imaging import Header, _cv2, area_downscale_array, colour_signature_bgr, target_size
+from pipelines.imaging import Header, _cv2, area_downscale_array, colour_signature_bgr, dct_factor, target_size
 
 # EXIF orientation -> how to turn the stored pixels upright (what PIL.ImageOps.exif_transpose does)
 _ORIENT = {
@@ -69,9 +69,7 @@ def transcode_jpeg(data: bytes, *, head: Header, config: ImageConfig) -> Transco
     if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return None  # no EOI marker: truncated (or trailing bytes): Pillow decides
     cv2 = _cv2()
-    factor = 1
-    while factor < 8 and target[0] * 4 * factor * 2 <= ow and target[1] * 4 * factor * 2 <= oh:
-        factor *= 2  # libjpeg's DCT-domain scaling, never below 4x the target (as imaging.decode)
+    factor = dct_factor((ow, oh), target, config.decode_floor)  # libjpeg's DCT-domain scaling, as imaging.decode
     a = cv2.imdecode(np.frombuffer(data, np.uint8), _reduced_flag(cv2, factor) | cv2.IMREAD_IGNORE_ORIENTATION)
     if a is None:
         return None  # let Pillow name the problem

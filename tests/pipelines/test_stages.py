@@ -17,7 +17,7 @@ from pipelines.config import DownloadConfig, FilterConfig, ImageConfig, load_cur
 from pipelines.dedup import DedupIndex, hamming
 from pipelines.download import Downloader, retry_after_seconds, robots_opt_out
 from pipelines.imaging import (
-    Rejected, check_caption, check_image, colour_distance, colour_signature, decode, encode, phash, resize,
+    Rejected, check_caption, check_image, colour_distance, colour_signature, dct_factor, decode, encode, phash, resize,
 )  # fmt: skip
 from pipelines.local_server import bomb_png
 from vlm.config import ConfigError
@@ -135,6 +135,24 @@ def test_area_downscale_is_as_close_to_lanczos_as_an_area_resample():
     area_big = Image.fromarray(cv2.resize(np.asarray(big), (171, 128), interpolation=cv2.INTER_AREA))
     ref_big = big.resize((171, 128), Image.Resampling.LANCZOS)
     assert ours_big.size == (171, 128) and _psnr(ours_big, ref_big) > _psnr(area_big, ref_big) - 0.5
+    # just above the target size the bicubic band: closer than INTER_AREA, which blurs there
+    near = _detailed(270, 270)
+    ours_near = resize(near, config=ImageConfig(image_size=256, resize_mode="keep_ratio"))
+    area_near = Image.fromarray(cv2.resize(np.asarray(near), (256, 256), interpolation=cv2.INTER_AREA))
+    ref_near = near.resize((256, 256), Image.Resampling.LANCZOS)
+    assert ours_near.size == (256, 256) and _psnr(ours_near, ref_near) > _psnr(area_near, ref_near) + 3
+
+
+def test_dct_factor_keeps_the_decoded_size_above_the_floor():
+    assert dct_factor((1600, 1200), (171, 128), 4.0) == 2  # 800x600 >= 4x; 400x300 is not
+    assert dct_factor((1600, 1200), (171, 128), 2.0) == 4
+    assert dct_factor((1600, 1200), (171, 128), 0.9) == 8  # 200x150
+    assert dct_factor((640, 480), (341, 256), 4.0) == 1
+    assert dct_factor((640, 480), (341, 256), 0.9) == 2  # 320x240 is 0.94x the target
+    assert dct_factor((640, 480), (341, 256), 1.0) == 1
+    assert dct_factor((641, 481), (80, 60), 4.0) == 2  # libjpeg rounds up: 321x241
+    assert dct_factor((9000, 6000), (30, 20), 1.0) == 8  # never past 1/8
+    assert dct_factor((1600, 1200), (171, 128), None) == 1
 
 
 @pytest.mark.parametrize("orientation", [None, 6])
@@ -150,16 +168,36 @@ def test_decode_drafts_a_large_jpeg_and_resize_gives_the_same_image(orientation)
     want = (1200, 1600) if orientation == 6 else (1600, 1200)
     assert (full.original_width, full.original_height) == (drafted.original_width, drafted.original_height) == want
     assert full.image.size == want
-    assert drafted.image.size == (want[0] // 2, want[1] // 2)  # DCT-domain 1/2: still >= 4x the target
+    assert drafted.image.size == (want[0] // 2, want[1] // 2)  # DCT-domain 1/2: still >= 4x the target (decode_floor)
     a = resize(full.image, config=cfg)
     b = resize(drafted.image, config=cfg, source_size=(drafted.original_width, drafted.original_height))
     assert a.size == b.size == ((128, 171) if orientation == 6 else (171, 128))
     ref = full.image.resize(a.size, Image.Resampling.LANCZOS)
     assert _psnr(b, ref) > _psnr(a, ref) - 0.5  # as close to the full decode's reference
-    # no draft when the target is less than 8x smaller, nor for a filter other than area
+    # no draft when the target is less than 8x smaller, nor for a filter other than area, nor without a floor
     assert decode(buf.getvalue(), max_pixels=10**8, resize_for=ImageConfig(image_size=200)).image.size == want
     lanczos = ImageConfig(image_size=128, downscale_filter="lanczos")
     assert decode(buf.getvalue(), max_pixels=10**8, resize_for=lanczos).image.size == want
+    assert decode(buf.getvalue(), max_pixels=10**8, resize_for=ImageConfig(image_size=128, decode_floor=None)).image.size == want
+    # a floor under 1 decodes at 1/8 (200x150, a little over the 171x128 target) and resizes from there
+    low = ImageConfig(image_size=128, resize_mode="keep_ratio", decode_floor=0.9)
+    fast = decode(buf.getvalue(), max_pixels=10**8, resize_for=low)
+    assert fast.image.size == (want[0] // 8, want[1] // 8)
+    c = resize(fast.image, config=low, source_size=(fast.original_width, fast.original_height))
+    assert c.size == a.size
+    assert _psnr(c, ref) > 20  # the same picture, with less of its fine detail (docs/curation.md)
+
+
+def test_a_floor_under_one_decodes_below_the_target_and_resamples_up():
+    buf = io.BytesIO()
+    _detailed(640, 480).save(buf, format="JPEG", quality=95)
+    cfg = ImageConfig(image_size=256, resize_mode="keep_ratio", decode_floor=0.9)
+    d = decode(buf.getvalue(), max_pixels=10**8, resize_for=cfg)
+    assert d.image.size == (320, 240) and (d.original_width, d.original_height) == (640, 480)
+    out = resize(d.image, config=cfg, source_size=(640, 480))
+    full = decode(buf.getvalue(), max_pixels=10**8).image
+    assert out.size == (341, 256)
+    assert _psnr(out, full.resize((341, 256), Image.Resampling.LANCZOS)) > 25
 
 
 @pytest.mark.parametrize("fmt, pil", [("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
@@ -338,7 +376,9 @@ def test_tokenize_stage(tmp_path):
 def test_config_is_strict(tmp_path):
     cfg = load_curate_config(overrides=["image.image_size=128", "filter.max_aspect_ratio=3"])
     assert cfg.image.image_size == 128 and cfg.filter.max_aspect_ratio == 3.0
-    for bad, match in (("image.resize_mode=squash", "resize_mode"), ("image.size=3", "unknown key"),
+    assert load_curate_config(overrides=["image.decode_floor=null"]).image.decode_floor is None
+    assert load_curate_config(overrides=["image.decode_floor=0.9"]).image.decode_floor == 0.9
+    for bad, match in (("image.resize_mode=squash", "resize_mode"), ("image.size=3", "unknown key"), ("image.decode_floor=0.2", "decode_floor"),
                        ("download.timeout=soon", "download.timeout"), ("clip.threshold=0.3", "clip.checkpoint")):
         with pytest.raises(ConfigError, match=match):
             load_curate_config(overrides=[bad])

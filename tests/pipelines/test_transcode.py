@@ -75,6 +75,19 @@ def test_fast_path_matches_the_pillow_path_in_every_resize_mode(mode, source):
     assert colour_distance(fast.colour_sig, colour_signature(_pillow_resized(data, cfg))) <= 3
 
 
+@pytest.mark.parametrize("floor", [None, 0.9])
+def test_fast_path_follows_the_decode_floor_as_the_pillow_path_does(floor):
+    data = _jpeg(_scene(640, 480))
+    cfg = ImageConfig(image_size=256, resize_mode="keep_ratio", decode_floor=floor)
+    fast = transcode_jpeg(data, head=open_checked(data, max_pixels=10**8), config=cfg)
+    slow = _pillow_path(data, cfg)
+    got = Image.open(io.BytesIO(fast.data)).convert("RGB")
+    assert got.size == slow.size == (341, 256)
+    assert _psnr(got, slow) > 35
+    full = transcode_jpeg(data, head=open_checked(data, max_pixels=10**8), config=ImageConfig(image_size=256, decode_floor=None))
+    assert (_psnr(got, Image.open(io.BytesIO(full.data)).convert("RGB")) > 60) == (floor is None)  # 0.9 decoded at 1/2
+
+
 def test_fast_path_declines_what_it_does_not_do():
     jpeg = _jpeg(_scene(320, 200))
     head = open_checked(jpeg, max_pixels=10**8)
