@@ -108,11 +108,14 @@ class Scene:
 
 @dataclass(frozen=True)
 class QA:
-    """One question with a short lowercase answer; ``kind`` is one of ``TASKS``."""
+    """One question with a short lowercase answer; ``kind`` is one of ``TASKS``. ``subject``:
+    the words a single-image question names its subject by ("triangle", "red circle"), for
+    ``stated_answer``; empty for the count question and the two-image and video questions."""
 
     question: str
     answer: str
     kind: str
+    subject: str = ""
 
 
 def sample_scene(
@@ -241,7 +244,7 @@ def questions_for(scene: Scene, rng: np.random.Generator, *, answer_style: str =
         raise ValueError(f"expected answer_style to be one of {ANSWER_STYLES}, got {answer_style!r}")
     qas = _short_questions(scene, rng)
     if answer_style == "stated":
-        qas = [QA(qa.question, stated_answer(qa), qa.kind) for qa in qas]
+        qas = [QA(qa.question, stated_answer(qa), qa.kind, qa.subject) for qa in qas]
     return qas
 
 
@@ -254,12 +257,12 @@ def _short_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     unique_kind = [s for s in shapes if kinds.count(s.kind) == 1]
     if unique_kind:
         s = _pick(rng, unique_kind)
-        qas.append(QA(f"what colour is the {s.kind}?", s.colour, "colour"))
+        qas.append(QA(f"what colour is the {s.kind}?", s.colour, "colour", s.kind))
 
     unique_colour = [s for s in shapes if colours.count(s.colour) == 1]
     if unique_colour:
         s = _pick(rng, unique_colour)
-        qas.append(QA(f"what shape is the {s.colour} object?", s.kind, "shape"))
+        qas.append(QA(f"what shape is the {s.colour} object?", s.kind, "shape", s.colour))
 
     qas.append(QA(COUNT_QUESTION, str(scene.count), "count"))
 
@@ -268,18 +271,18 @@ def _short_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     ]
     if apart:
         a, b = _pick(rng, apart)
-        qas.append(QA(f"is the {a.name} to the left or right of the {b.name}?", "left" if a.x < b.x else "right", "position"))
+        qas.append(QA(f"is the {a.name} to the left or right of the {b.name}?", "left" if a.x < b.x else "right", "position", a.name))
 
     if shapes and rng.random() < 0.5:
         s = _pick(rng, shapes)
-        qas.append(QA(f"is there {with_article(s.name)}?", "yes", "presence"))
+        qas.append(QA(f"is there {with_article(s.name)}?", "yes", "presence", s.name))
     else:
         present = {(s.colour, s.kind) for s in shapes}
         absent = [(c, k) for c in ALLOWED_COLOURS[scene.background] for k in SHAPES if (c, k) not in present]
         # Half the time a hard negative: shares a colour or a kind with a shape that is there.
         hard = [(c, k) for c, k in absent if c in colours or k in kinds]
         colour, kind = _pick(rng, hard if hard and rng.random() < 0.5 else absent)
-        qas.append(QA(f"is there {with_article(f'{colour} {kind}')}?", "no", "presence"))
+        qas.append(QA(f"is there {with_article(f'{colour} {kind}')}?", "no", "presence", f"{colour} {kind}"))
     return qas
 
 
@@ -296,18 +299,13 @@ def stated_answer(qa: QA) -> str:
     it has just written: one step, where a one-word answer needs two (carry the subject from the
     question to the answer position, then look it up). Exact match scores the whole statement.
     """
-    words = qa.question.rstrip("?").split()
     if qa.kind == "count":
         return qa.answer
-    if qa.kind in ("colour", "shape"):
-        subject = words[4]  # what colour is the <kind> / what shape is the <colour> object
-    elif qa.kind == "position":
-        subject = " ".join(words[2:4])  # is the <colour kind> to the left or right of ...
-    elif qa.kind == "presence":
-        subject = " ".join(words[-2:])  # is there a(n) <colour kind>
-    else:
+    if qa.kind not in QA_KINDS:
         raise ValueError(f"expected a single-image question kind {QA_KINDS}, got {qa.kind!r}")
-    return f"{subject}: {qa.answer}"
+    if not qa.subject:
+        raise ValueError(f"expected a QA with its subject (as questions_for makes them), got none for {qa.question!r}")
+    return f"{qa.subject}: {qa.answer}"
 
 
 def two_image_qa(scene_a: Scene, scene_b: Scene, rng: np.random.Generator) -> QA:

@@ -207,6 +207,8 @@ def test_stated_answers_name_the_subject_then_the_short_answer():
     assert kinds_seen == set(QA_KINDS)
     with pytest.raises(ValueError, match="single-image question kind"):
         stated_answer(QA("which image has more shapes?", "first", "multi_image"))
+    with pytest.raises(ValueError, match="subject"):
+        stated_answer(QA("is there a red circle?", "yes", "presence"))
 
 
 def test_answer_style_reaches_samples_and_is_checked():
