@@ -308,6 +308,7 @@ def train_sft(
             vision_kind=cfg.model.vision.kind,
             image_size=cfg.model.vision.image_size,
             system_prompt=cfg.model.llava.system_prompt,
+            pack=cfg.model.llava.pack_sequences,
         )
         for _, err in bad:
             skipped[err.reason] = skipped.get(err.reason, 0) + 1

@@ -346,6 +346,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 batch, bad = collate_sft(
                     examples, tokenizer, num_image_tokens=cfg.model.image_tokens, max_length=cfg.model.llava.max_length,
                     vision_kind=cfg.model.vision.kind, image_size=cfg.model.vision.image_size, system_prompt=cfg.model.llava.system_prompt,
+                    pack=cfg.model.llava.pack_sequences,
                 )
                 for _, err in bad:
                     skipped[err.reason] = skipped.get(err.reason, 0) + 1

@@ -490,6 +490,71 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group sequences into rows of at most ``max_length`` tokens: first-fit in order of
+    decreasing length (ties by index), each row's members in index order. Deterministic.
+
+    Args:
+        lengths: each sequence's token count (each <= ``max_length``).
+        max_length: a row's capacity.
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:
+        raise ValueError(f"expected sequences of at most max_length={max_length} tokens, got {lengths[too_long[0]]} (index {too_long[0]})")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def collate_packed(encoded: Sequence[EncodedChat], *, pad_id: int, max_length: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Pack encoded chats end to end into rows of at most ``max_length`` tokens (``pack_rows``).
+
+    Returns the batch and the order of the chats in it (row by row; images and any per-chat
+    data must follow this order). The batch holds ``input_ids``, ``attention_mask`` (1 on every
+    chat token, 0 on the padding at each row's end), ``labels`` and ``position_ids``, which
+    restart at 0 with each chat: transformers' decoders then attend only within each chat
+    when no attention mask is passed (``VisionLanguageModel.forward`` does so). Each chat's
+    tokens, labels and positions are exactly those of an unpacked batch, so the loss (token or
+    turn average) is the same; the padding is what a row cannot fit, not up to the longest chat.
+
+    Args:
+        encoded: at least one sample.
+        pad_id: the tokenizer's pad id.
+        max_length: a row's capacity (the longest chat if that is longer).
+    """
+    if not encoded:
+        raise ValueError("expected at least one encoded sample, got an empty sequence")
+    lengths = [len(e.input_ids) for e in encoded]
+    rows = pack_rows(lengths, max(max_length, max(lengths)))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, L)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, L)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
+    order: list[int] = []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, at : at + n] = torch.tensor(encoded[i].input_ids, dtype=torch.long)
+            labels[r, at : at + n] = torch.tensor(encoded[i].labels, dtype=torch.long)
+            attention_mask[r, at : at + n] = 1
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+            order.append(i)
+        position_ids[r, at:] = torch.arange(width - at)  # the padding: a sequence of its own, after every real token
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids}, order
+
+
 # ----------------------------------------------------------------------------- internals
 
 

@@ -155,6 +155,11 @@ class LlavaConfig:
     # chunks, their logits never kept for the backward pass. Saves memory (26 GB of 69 GB at 32 x
     # 1,024 tokens on the base preset) for throughput (-9% there): on when memory is what binds.
     chunked_loss: bool = False
+    # Training batches with their conversations end to end in rows of up to ``max_length``
+    # tokens (``vlm.data.collate_sft(pack=True)``; position ids restart per conversation and the
+    # decoder attends within each), instead of one per row padded to the longest: the same loss
+    # and gradients, fewer padded tokens to compute.
+    pack_sequences: bool = False
     # > 0: a grounding loss on the projected image tokens (``VisionLanguageModel.ground_logits``):
     # each token, pooled onto the world's 3x3 cells, is scored against the decoder's input
     # embeddings of the shape and colour words (and a learned "empty" vector each), and the

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from vlm import world
-from vlm.chat import SampleError, collate, encode_chat
+from vlm.chat import SampleError, collate, collate_packed, encode_chat
 from vlm.image import normalize, to_uint8
 from vlm.scene_targets import cell_labels, drawn_questions
 
@@ -85,6 +85,7 @@ def collate_sft(
     vision_kind: str,
     image_size: int,
     system_prompt: str | None = None,
+    pack: bool = False,
 ) -> tuple[dict[str, torch.Tensor] | None, list[tuple[str, SampleError]]]:
     """Stage-2 batch: token ids, assistant-only labels, and every image in reading order.
 
@@ -93,8 +94,11 @@ def collate_sft(
     trained at loss 0. Returns ``(None, skipped)`` when nothing in the batch is usable.
     Where any example carries ``cell_labels``, the batch has ``cell_labels`` (N, 2, 9) for its
     images in the same order (-100 for images without), for the grounding loss.
+    With ``pack``, the conversations go end to end in rows of up to ``max_length`` tokens
+    (``chat.collate_packed``: the batch then has ``position_ids`` that restart with each one)
+    instead of one per row padded to the longest: the same loss, less padding.
     """
-    encoded, images, cells, skipped = [], [], [], []
+    encoded, ex_images_all, ex_cells_all, skipped = [], [], [], []
     with_cells = any(ex.cell_labels is not None for ex in examples)
     for ex in examples:
         try:
@@ -111,15 +115,20 @@ def collate_sft(
             skipped.append((ex.id, e))
             continue
         encoded.append(enc)
-        images.extend(ex_images)
+        ex_images_all.append(ex_images)
         if with_cells:
             ex_cells = ex.cell_labels if ex.cell_labels is not None else np.full((len(ex.images), 2, 9), -100, dtype=np.int64)
             if len(ex_cells) != len(ex.images):
                 raise ValueError(f"{ex.id}: expected one cell-label row per image, got {len(ex_cells)} for {len(ex.images)} images")
-            cells.extend(ex_cells[: len(ex_images)])
+            ex_cells_all.append(ex_cells[: len(ex_images)])
     if not encoded:
         return None, skipped
-    batch = collate(encoded, pad_id=tokenizer.pad_token_id, padding_side="right")
+    if pack:
+        batch, order = collate_packed(encoded, pad_id=tokenizer.pad_token_id, max_length=max_length)
+    else:
+        batch, order = collate(encoded, pad_id=tokenizer.pad_token_id, padding_side="right"), list(range(len(encoded)))
+    images = [im for i in order for im in ex_images_all[i]]  # reading order of the batch's rows
+    cells = [c for i in order for c in ex_cells_all[i]] if with_cells else []
     if images:
         batch["pixel_values"] = normalize(np.stack(images), kind=vision_kind)  # (N, 3, S, S)
     else:

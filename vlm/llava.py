@@ -188,7 +188,14 @@ class VisionLanguageModel(nn.Module):
         With ``labels`` and ``return_logits=False`` (what training wants), the output projection
         runs only on the supervised positions (an answer is a small part of a sequence of image
         and prompt tokens: the (B, L, V) logits are never made; ``vlm.losses.supervised_loss``)
-        and ``logits`` is None."""
+        and ``logits`` is None.
+
+        ``position_ids`` that restart at 0 inside a row mark packed conversations
+        (``vlm.data.collate_sft(pack=True)``): in training (``labels`` given, no cache) the
+        attention mask is then not passed on, and transformers' decoder attends within each
+        conversation only, from the position ids; a packed row is padded at its end only."""
+        if position_ids is not None and labels is not None and past_key_values is None and not use_cache:
+            attention_mask = None  # packed rows: the decoder's block-causal mask comes from position_ids
         ground = cell_labels is not None and self.cfg.llava.ground_loss_weight > 0
         if ground and image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             dtype = self.decoder.get_input_embeddings().weight.dtype

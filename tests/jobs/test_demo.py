@@ -96,6 +96,12 @@ def test_in_process_stage2_with_the_grounding_loss(capsys):
     assert run.model.ground_ids.tolist() == ground_token_ids(tok)
     assert len(run.history) == 6 and all(r["loss"] == pytest.approx(r["loss_lm"] + r["loss_ground"], rel=1e-4) for r in run.history)
     assert "grounding" in capsys.readouterr().out
+    # packed conversations (cell labels and images in the packed order): the same trajectory, fewer tokens padded
+    packed = train_sft(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llava=dataclasses.replace(cfg.model.llava, pack_sequences=True))),
+                       tokenizer=tok, train_examples=examples, progress=False, log=lambda *_: None)
+    for a, b in zip(run.history, packed.history, strict=True):
+        assert b["loss_lm"] == pytest.approx(a["loss_lm"], rel=2e-3) and b["loss_ground"] == pytest.approx(a["loss_ground"], rel=2e-3, abs=1e-5)
+        assert b["tokens"] == a["tokens"]
     # a conversation without cell labels cannot feed it: refused before training
     bare = [dataclasses.replace(e, cell_labels=None) for e in examples[:4]]
     with pytest.raises(ValueError, match="cell_labels"):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,6 +190,57 @@ def test_training_forward_projects_only_supervised_positions_and_keeps_loss_and_
         model(**empty, return_logits=False)
     zero = model(**empty, loss_normaliser=4.0, return_logits=False).loss
     assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+@pytest.mark.parametrize("average", ["token", "turn"])
+def test_packed_conversations_give_the_loss_gradients_and_logits_of_unpacked_ones(cfg, tok, average):
+    from vlm.data import SFTExample, collate_sft
+
+    torch.manual_seed(0)
+    llava = dataclasses.replace(cfg.model.llava, loss_average=average)
+    model = _vlm(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llava=llava)), tok).train()
+    rng = np.random.default_rng(0)
+    img = lambda: rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)  # noqa: E731
+    ask = lambda n, q, a: [{"role": "user", "content": [*([{"type": "image"}] * n), {"type": "text", "text": q}]}, {"role": "assistant", "content": a}]  # noqa: E731
+    two_turns = ask(1, "what shape is the red object?", "circle") + [{"role": "user", "content": "how many shapes are there?"}, {"role": "assistant", "content": "2"}]
+    exs = [
+        SFTExample("a", ask(1, "what colour is the circle?", "red"), [img()]),
+        SFTExample("b", ask(2, "how many shapes are there?", "a large red circle on a grey background"), [img(), img()]),
+        SFTExample("c", two_turns, [img()]),
+        SFTExample("d", ask(0, "how many shapes are there?", "2"), []),
+        SFTExample("e", ask(1, "what colour is the square?", "blue"), [img()]),
+    ]
+    kw = dict(num_image_tokens=cfg.model.image_tokens, max_length=160, vision_kind="clip", image_size=64)
+    plain, _ = collate_sft(exs, tok, **kw)
+    packed, _ = collate_sft(exs, tok, pack=True, **kw)
+    assert "position_ids" in packed and "position_ids" not in plain
+    assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]  # several conversations share a row
+    assert int(packed["attention_mask"].sum()) == int(plain["attention_mask"].sum())
+    assert packed["attention_mask"].numel() < plain["attention_mask"].numel()  # less padding
+    assert packed["pixel_values"].shape == plain["pixel_values"].shape
+
+    def run(batch, **kw):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, **kw)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for kwargs in ({"return_logits": False}, {"return_logits": False, "loss_normaliser": 3.0}, {}):
+        (a, ga), (b, gb) = run(plain, **kwargs), run(packed, **kwargs)
+        assert torch.allclose(a.loss, b.loss, atol=1e-5), kwargs
+        assert len(ga) == len(gb) and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb)), kwargs
+    # each conversation's logits, wherever it sits in a packed row, are its unpacked logits
+    full, pk = model(**plain).logits, model(**packed).logits
+    starts = (packed["position_ids"] == 0) & (packed["attention_mask"] == 1)
+    placed = [(r, int(c)) for r in range(starts.shape[0]) for c in torch.nonzero(starts[r]).flatten()]
+    assert len(placed) == len(exs)
+    lengths = plain["attention_mask"].sum(1).tolist()
+    found = 0
+    for r, c in placed:
+        n = next(i for i in range(len(exs)) if torch.equal(packed["input_ids"][r, c : c + lengths[i]], plain["input_ids"][i, : lengths[i]]))
+        assert torch.allclose(pk[r, c : c + lengths[n]], full[n, : lengths[n]], atol=1e-4)
+        found += 1
+    assert found == len(exs)
 
 
 def test_flops_count_a_tied_output_projection_over_supervised_tokens(tok):
