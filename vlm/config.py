@@ -155,8 +155,8 @@ class LlavaConfig:
     # chunks, their logits never kept for the backward pass. Saves memory (26 GB of 69 GB at 32 x
     # 1,024 tokens on the base preset) for throughput (-9% there): on when memory is what binds.
     chunked_loss: bool = False
-    # Training batches with their conversations end to end in rows of up to ``max_length``
-    # tokens (``vlm.data.collate_sft(pack=True)``; position ids restart per conversation and the
+    # Training batches whose short conversations share rows, end to end, in rows no longer than
+    # the longest (``vlm.chat.collate_packed``; position ids restart per conversation and the
     # decoder attends within each), instead of one per row padded to the longest: the same loss
     # and gradients, fewer padded tokens to compute.
     pack_sequences: bool = False

@@ -94,8 +94,8 @@ def collate_sft(
     trained at loss 0. Returns ``(None, skipped)`` when nothing in the batch is usable.
     Where any example carries ``cell_labels``, the batch has ``cell_labels`` (N, 2, 9) for its
     images in the same order (-100 for images without), for the grounding loss.
-    With ``pack``, the conversations go end to end in rows of up to ``max_length`` tokens
-    (``chat.collate_packed``: the batch then has ``position_ids`` that restart with each one)
+    With ``pack``, short conversations share rows (``chat.collate_packed``: rows no longer than
+    the longest conversation; the batch then has ``position_ids`` that restart with each one)
     instead of one per row padded to the longest: the same loss, less padding.
     """
     encoded, ex_images_all, ex_cells_all, skipped = [], [], [], []
@@ -124,7 +124,7 @@ def collate_sft(
     if not encoded:
         return None, skipped
     if pack:
-        batch, order = collate_packed(encoded, pad_id=tokenizer.pad_token_id, max_length=max_length)
+        batch, order = collate_packed(encoded, pad_id=tokenizer.pad_token_id)
     else:
         batch, order = collate(encoded, pad_id=tokenizer.pad_token_id, padding_side="right"), list(range(len(encoded)))
     images = [im for i in order for im in ex_images_all[i]]  # reading order of the batch's rows
