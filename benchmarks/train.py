@@ -10,6 +10,9 @@ batch size, step count and data (the generated world written to disk; the plain 
 decoded in memory, ours streams it through Ray Data, decoding on Ray Data CPU workers). The
 plain loop replays the very batches our first run trained (its ``trace_samples``), so stage 2's
 mix of captions, questions, videos and lengths is the same step for step.
+With ``--repeats R`` each side runs R times per stage, alternating which goes first (ours,
+plain | plain, ours | ...), and the median runs are compared (for an even R the lower middle
+one): a 2-core machine's speed drifts during a run by more than the target.
 Rates are taken between the end of step ``--warmup`` and the last step (start-up, the first
 data blocks and the final export excluded); both runs use the same number of torch threads
 (printed: the worker's own count comes back in its metrics).
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both runs (CPU)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="peak per worker for MFU (default: see above)")
     p.add_argument("--stages", default="contrastive,sft")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each side per stage, alternating (ours then plain, then plain then ours, ...); the medians are compared")
     p.add_argument("overrides", nargs="*", help="config overrides for both runs")
     a = p.parse_args(argv)
 
@@ -187,40 +192,64 @@ def main(argv: list[str] | None = None) -> int:
         tok = resolve_tokenizer(stage, cfg, job, log=lambda *_: None)
         unit = "samples_per_s" if stage == "contrastive" else "tokens_per_s"
         label = "samples/s" if stage == "contrastive" else "tokens/s"
-        ours, traces = {}, []
-        for z in [int(x) for x in a.zero_stages.split(",")]:
-            out = tmp / f"{stage}-zero{z}"
-            job_over = [f"job.data={data}", f"job.output={out}", "job.num_workers=1", f"job.zero_stage={z}",
-                        f"job.precision={a.precision}", f"job.gpu={'true' if a.gpu else 'false'}", "job.checkpoint_every=0",
-                        "job.progress=false", "job.tensorboard=false", "job.eval_samples=0", "job.max_failures=0",
-                        f"job.peak_tflops={peak}", f"job.cpus_per_worker={1 if a.gpu else a.threads}", "job.trace_samples=true",
-                        f"model.tokenizer.path={tmp / 'tok' / 'tokenizer'}"]
-            cfg_z, job_z = load_job(preset=a.preset, overrides=common + job_over + list(a.overrides))
-            ours[z] = ours_run(stage, cfg_z, job_z)
-            traces.append((out / "samples" / "rank0.jsonl").read_text())
-        if len(set(traces)) != 1:
-            print(f"note: the {stage} runs did not stream the same batches; the plain loop replays the first run's")
-        first = tmp / f"{stage}-zero{a.zero_stages.split(',')[0].strip()}" / "samples" / "rank0.jsonl"
-        plain = plain_run(stage, cfg, tok, data, first)
-        model = plain["model"]
+        if a.repeats < 1:
+            raise SystemExit("--repeats: expected >= 1")
+        zs = [int(x) for x in a.zero_stages.split(",")]
+        ours: dict[int, list[dict]] = {z: [] for z in zs}
+        plains: list[dict] = []
+        first: Path | None = None
+
+        def run_ours(rep: int) -> None:
+            nonlocal first
+            traces = []
+            for z in zs:
+                out = tmp / f"{stage}-zero{z}-run{rep}"
+                job_over = [f"job.data={data}", f"job.output={out}", "job.num_workers=1", f"job.zero_stage={z}",
+                            f"job.precision={a.precision}", f"job.gpu={'true' if a.gpu else 'false'}", "job.checkpoint_every=0",
+                            "job.progress=false", "job.tensorboard=false", "job.eval_samples=0", "job.max_failures=0",
+                            f"job.peak_tflops={peak}", f"job.cpus_per_worker={1 if a.gpu else a.threads}", "job.trace_samples=true",
+                            f"model.tokenizer.path={tmp / 'tok' / 'tokenizer'}"]
+                cfg_z, job_z = load_job(preset=a.preset, overrides=common + job_over + list(a.overrides))
+                ours[z].append(ours_run(stage, cfg_z, job_z))
+                traces.append((out / "samples" / "rank0.jsonl").read_text())
+                first = first or out / "samples" / "rank0.jsonl"
+            if len(set(traces)) != 1:
+                print(f"note: the {stage} runs did not stream the same batches; the plain loop replays the first run's")
+
+        for rep in range(a.repeats):  # ours, plain | plain, ours | ours, plain ...: drift in the machine falls on both
+            if rep % 2 == 0:
+                run_ours(rep)
+                plains.append(plain_run(stage, cfg, tok, data, first))
+            else:
+                plains.append(plain_run(stage, cfg, tok, data, first))
+                run_ours(rep)
+        model = plains[0]["model"]
         if stage == "contrastive":
             flops = lambda tps: contrastive_flops(model, caption_tokens=tps)  # noqa: E731
         else:
             flops = lambda tps: sft_flops(  # noqa: E731
-                model, seq_tokens=tps, images_per_sample=plain["images_per_sample"], supervised_tokens=plain["supervised_per_sample"]
+                model, seq_tokens=tps, images_per_sample=plains[0]["images_per_sample"], supervised_tokens=plains[0]["supervised_per_sample"]
             )
-        rows = {"plain": summarise(plain, a.warmup, flops)}
-        print(f"{stage:<12} plain loop (1 process, {a.threads} threads)        {rows['plain'][unit]:9.1f} {label}  "
+
+        def median_run(runs: list[dict]) -> dict:
+            summaries = [summarise(r, a.warmup, flops) for r in runs]
+            out = dict(sorted(summaries, key=lambda x: x[unit])[(len(summaries) - 1) // 2])  # the median run (lower middle)
+            out["runs"] = [x[unit] for x in summaries]
+            return out
+
+        rows = {"plain": median_run(plains)}
+        each = lambda r: "" if a.repeats == 1 else " (runs " + ", ".join(f"{v:.1f}" for v in r["runs"]) + ")"  # noqa: E731
+        print(f"{stage:<12} plain loop (1 process, {a.threads} threads)        {rows['plain'][unit]:9.1f} {label}{each(rows['plain'])}  "
               f"MFU {100 * rows['plain']['flop_per_s'] / (peak * 1e12):.2f}%  median step {1000 * rows['plain']['median_step_s']:.0f} ms", flush=True)
-        for z, raw in ours.items():
-            r = summarise(raw, a.warmup, flops)
+        for z, raws in ours.items():
+            r = median_run(raws)
             r["overhead"] = 1 - r[unit] / rows["plain"][unit]
             rows[f"ours_zero{z}"] = r
-            print(f"{stage:<12} ours (Ray Train + DeepSpeed ZeRO-{z}, 1 worker) {r[unit]:9.1f} {label}  "
+            print(f"{stage:<12} ours (Ray Train + DeepSpeed ZeRO-{z}, 1 worker) {r[unit]:9.1f} {label}{each(r)}  "
                   f"MFU {100 * r['flop_per_s'] / (peak * 1e12):.2f}%  overhead {100 * r['overhead']:+.1f}%  "
                   f"data wait {100 * r['data_wait_share']:.1f}% of step time  worker threads {r['torch_threads']:.0f}  "
                   f"peak RSS {r['peak_mem_mb']:.0f} MB  median step {1000 * r['median_step_s']:.0f} ms  "
-                  f"shard cached {'yes' if raw['shard_cached'] else 'no'}", flush=True)
+                  f"shard cached {'yes' if any(x['shard_cached'] for x in raws) else 'no'}", flush=True)
         report[stage] = rows
     print(json.dumps(report, indent=2, default=float))
     ray.shutdown()

@@ -193,7 +193,9 @@ class VisionLanguageModel(nn.Module):
         ``position_ids`` that restart at 0 inside a row mark packed conversations
         (``vlm.data.collate_sft(pack=True)``): in training (``labels`` given, no cache) the
         attention mask is then not passed on, and transformers' decoder attends within each
-        conversation only, from the position ids; a packed row is padded at its end only."""
+        conversation only, from the position ids; a packed row is padded at its end only. That
+        needs a decoder whose masks come from transformers' ``masking_utils`` (Llama, Qwen2 and
+        most current causal LMs; a test checks Llama and Qwen2)."""
         if position_ids is not None and labels is not None and past_key_values is None and not use_cache:
             attention_mask = None  # packed rows: the decoder's block-causal mask comes from position_ids
         ground = cell_labels is not None and self.cfg.llava.ground_loss_weight > 0

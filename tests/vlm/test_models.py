@@ -192,13 +192,15 @@ def test_training_forward_projects_only_supervised_positions_and_keeps_loss_and_
     assert float(zero.detach()) == 0.0 and zero.requires_grad
 
 
-@pytest.mark.parametrize("average", ["token", "turn"])
-def test_packed_conversations_give_the_loss_gradients_and_logits_of_unpacked_ones(cfg, tok, average):
+@pytest.mark.parametrize("average,decoder", [("token", "llama"), ("turn", "llama"), ("token", "qwen2")])
+def test_packed_conversations_give_the_loss_gradients_and_logits_of_unpacked_ones(cfg, tok, average, decoder):
     from vlm.data import SFTExample, collate_sft
 
     torch.manual_seed(0)
     llava = dataclasses.replace(cfg.model.llava, loss_average=average)
-    model = _vlm(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llava=llava)), tok).train()
+    dec = dataclasses.replace(cfg.model.decoder, kind=decoder)
+    model = _vlm(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llava=llava, decoder=dec)), tok).train()
+    assert model.decoder.config.model_type == decoder
     rng = np.random.default_rng(0)
     img = lambda: rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)  # noqa: E731
     ask = lambda n, q, a: [{"role": "user", "content": [*([{"type": "image"}] * n), {"type": "text", "text": q}]}, {"role": "assistant", "content": a}]  # noqa: E731
