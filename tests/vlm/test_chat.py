@@ -18,9 +18,11 @@ from vlm.chat import (  # noqa: E402
     EncodedChat,
     SampleError,
     collate,
+    collate_packed,
     encode_batch,
     encode_chat,
     from_llava,
+    pack_rows,
     render_text,
 )
 from vlm.tokenizer import (  # noqa: E402
@@ -489,3 +491,33 @@ def test_collate_pads_right_and_left(tok, sp):
         collate([short], pad_id=sp.pad, padding_side="middle")
     with pytest.raises(ValueError, match="at least one"):
         collate([], pad_id=sp.pad)
+
+
+def test_pack_rows_first_fit_decreasing_within_the_capacity():
+    assert pack_rows([5, 3, 2, 4], 7) == [[0, 2], [1, 3]]  # 5+2, then 4+3
+    assert pack_rows([5, 3, 2, 4], 5) == [[0], [3], [1, 2]]
+    assert pack_rows([4, 4, 4], 100) == [[0, 1, 2]]
+    assert pack_rows([], 10) == []
+    with pytest.raises(ValueError, match="at most max_length=3"):
+        pack_rows([2, 4], 3)
+
+
+def test_collate_packed_restarts_positions_and_keeps_each_chat_whole(tok, sp):
+    hi = encode_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}], tok, num_image_tokens=N)
+    img = encode_chat(_image_chat(), tok, num_image_tokens=N)
+    chats = [hi, img, hi]
+    batch, order = collate_packed(chats, pad_id=sp.pad)  # rows as long as the longest chat
+    n, m = len(hi), len(img)
+    assert 2 * n <= m  # so the two short chats share a row
+    assert batch["input_ids"].shape == batch["position_ids"].shape == (2, m)
+    assert order == [1, 0, 2]
+    assert batch["input_ids"][0].tolist() == img.input_ids and batch["position_ids"][0].tolist() == list(range(m))
+    assert batch["input_ids"][1, : 2 * n].tolist() == hi.input_ids * 2
+    assert batch["labels"][1, : 2 * n].tolist() == hi.labels * 2
+    assert batch["position_ids"][1].tolist() == [*range(n), *range(n), *range(m - 2 * n)]  # the padding restarts too
+    assert batch["attention_mask"][1].tolist() == [1] * (2 * n) + [0] * (m - 2 * n)
+    assert batch["labels"][1, 2 * n :].eq(IGNORE_INDEX).all() and batch["input_ids"][1, 2 * n :].eq(sp.pad).all()
+    wide, _ = collate_packed(chats, pad_id=sp.pad, capacity=m + 2 * n)  # a wider capacity: one row
+    assert wide["input_ids"].shape == (1, m + 2 * n)
+    with pytest.raises(ValueError, match="at least one"):
+        collate_packed([], pad_id=sp.pad)
