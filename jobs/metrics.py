@@ -108,8 +108,9 @@ def sft_flops(
     """FLOPs per stage-2 sample (its images and its token sequence), fwd + bwd.
 
     The decoder's output projection counts over ``supervised_tokens`` (the positions with a
-    label: ``VisionLanguageModel.forward`` projects only those when training), over every
-    token when None (a forward that makes all the logits)."""
+    label: ``VisionLanguageModel.forward`` projects only those when training, for a decoder
+    that ``decoder_parts`` splits), over every token when None or when the decoder makes all
+    its logits itself."""
     cfg = model.cfg
     n_vis = cfg.vision.num_patches + 1
     proj_needs = any(p.requires_grad for p in model.projector.parameters())
@@ -124,7 +125,9 @@ def sft_flops(
         matmul_params(model.decoder, cache)[0] - head, seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
         width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
     )
-    fh = tower_flops(head, seq_tokens if supervised_tokens is None else supervised_tokens, layers=0, width=0, mode=dec_mode)
+    split = getattr(model, "decoder_parts", None)
+    supervised_only = supervised_tokens is not None and callable(split) and split()[1] is not None
+    fh = tower_flops(head, supervised_tokens if supervised_only else seq_tokens, layers=0, width=0, mode=dec_mode)
     return images_per_sample * (fv + fp) + fd + fh
 
 

@@ -85,10 +85,12 @@ class VisionLanguageModel(nn.Module):
         set_trainable(self.projector, not f.freeze_projector)
         set_trainable(self.decoder, not f.freeze_decoder)
 
-    def _decoder_parts(self) -> tuple[nn.Module | None, nn.Module | None]:
+    def decoder_parts(self) -> tuple[nn.Module | None, nn.Module | None]:
         """(body, output projection) of the decoder when it is a plain causal LM whose logits are
         ``head(body(...).last_hidden_state)``; (None, None) for one that post-processes its logits
-        (e.g. soft-capping), which then always goes through its own forward."""
+        (e.g. soft-capping), which then always goes through its own forward. Training projects
+        only the supervised positions exactly when this gives a head (``forward``); the FLOP
+        count (``jobs.metrics.sft_flops``) asks the same question here."""
         dec = self.decoder
         body, head = getattr(dec, "base_model", None), dec.get_output_embeddings()
         if body is None or body is dec or not isinstance(head, nn.Linear) or getattr(head, "bias", None) is not None:
@@ -203,7 +205,7 @@ class VisionLanguageModel(nn.Module):
             dtype = self.decoder.get_input_embeddings().weight.dtype
             image_features = self.image_features(pixel_values.to(dtype))  # once: for the decoder and the grounding loss
         embeds = self.embed_inputs(input_ids, pixel_values=pixel_values, image_features=image_features)
-        body, head = self._decoder_parts()
+        body, head = self.decoder_parts()
         if labels is not None and not return_logits and body is not None:
             hidden = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
             out = CausalLMOutputWithPast(logits=None)
