@@ -1,7 +1,7 @@
 """Drawing the generated world's scenes (``vlm.world``): a textured background, flat shapes.
 
 The colour tables and shape geometry live here; what a scene holds (``Shape``, ``Scene``) and how
-scenes are sampled, captioned and questioned live in ``vlm.world``. Rendering is a pure function of
+scenes are sampled live in ``vlm.scene``, how they are captioned and questioned in ``vlm.captions``. Rendering is a pure function of
 the scene and a random generator for the background texture. Drawing and resampling are Pillow's;
 the shape outlines and the texture are hand-written because they define the data.
 """
@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
-    from vlm.world import Scene, Shape
+    from vlm.scene import Scene, Shape
 
-# The kinds of shape this module can draw (``vlm.world.SHAPES`` lists the same names).
+# The kinds of shape this module can draw (``vlm.scene.SHAPES`` lists the same names).
 SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230), "yellow": (240, 220, 40),
