@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{blind['em_single_image']:.3f}, ratio {s2['em_single_image'] / max(blind['em_single_image'], 1e-9):.2f}); "
           f"{s2['train_seconds']:.0f}s training")
     print("         per task: " + ", ".join(f"{k[3:]} {v:.3f}" for k, v in sorted(s2.items()) if k.startswith("em_")))
+    if "caption_recall" in s2:
+        print(f"         held-out captions, each asked alone: exact match {s2['em_caption']:.3f}, "
+              f"phrase recall {s2['caption_recall']:.3f} (the share of a caption's facts stated word for word)")
     ok1, ok2 = s1["t2i_r1"] >= 0.8, s2["em_single_image"] >= 0.8
     print(f"targets: stage 1 R@1 >= 0.8 {'met' if ok1 else 'NOT met'}; stage 2 EM >= 0.8 {'met' if ok2 else 'NOT met'}; "
           f"total {time.perf_counter() - t0:.0f}s")

@@ -166,10 +166,12 @@ def pairs_dataset(data: str, *, size: int, split: str = "train"):
     return ds.map_batches(DecodePairs(None, size), batch_size=64)
 
 
-def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: int) -> list[str]:
+def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: int, caption_alone_every: int = 0) -> list[str]:
     """One-question JSON lines -> multi-turn lines: an image's questions as turns of one
     conversation (up to ``questions_per_conversation`` each, in a seeded order, the caption
-    request last), as ``vlm.data.world_sft`` builds them in-process (``mix.questions_per_conversation``).
+    request last), as ``vlm.data.world_sft`` builds them in-process (``mix.questions_per_conversation``);
+    every ``caption_alone_every``-th captioned image (``mix.caption_alone_every`` > 0) keeps its
+    caption line as a conversation of its own instead.
 
     Records of one image with a single-image question or the caption task are grouped by their
     image path; every other record (two images, video, another task) passes unchanged. Grouped
@@ -192,14 +194,21 @@ def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: 
             q, a = (_text_of(m["content"]) for m in msgs)
             g = groups.setdefault(images[0], {"qas": [], "caption": None})
             if task == "caption":
-                g["caption"] = a
+                g["caption"], g["caption_line"] = a, line
             else:
                 g["qas"].append((q, a))
         else:
             out.append(line)
+    captioned = 0
     for image, g in groups.items():
         rng = np.random.default_rng([seed, zlib.crc32(image.encode())])
-        for start, messages in multi_turn(g["qas"], g["caption"], questions_per_conversation, rng):
+        caption = g["caption"]
+        if caption is not None:
+            if caption_alone_every and captioned % caption_alone_every == 0:
+                out.append(g["caption_line"])
+                caption = None
+            captioned += 1
+        for start, messages in multi_turn(g["qas"], caption, questions_per_conversation, rng):
             out.append(json.dumps({"id": f"{image}/turns{start}", "images": [image], "video": None, "messages": messages, "task": "conversation"}))
     return out
 
@@ -218,9 +227,11 @@ def sft_dataset(
     tasks: tuple[str, ...] | None = None,
     questions_per_conversation: int = 1,
     seed: int = 0,
+    caption_alone_every: int = 0,
 ):
     """Stage-2 ``ray.data.Dataset`` of decoded conversations (``tasks`` keeps only those tasks;
-    ``questions_per_conversation`` > 1 regroups an image's questions as turns, see ``group_turns``)."""
+    ``questions_per_conversation`` > 1 regroups an image's questions as turns and
+    ``caption_alone_every`` keeps some captions alone, see ``group_turns``)."""
     import ray.data
 
     name = "sft.jsonl" if split == "train" else "sft_heldout.jsonl"
@@ -231,7 +242,7 @@ def sft_dataset(
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
         if tasks is not None:
             lines = [ln for ln in lines if json.loads(ln).get("task") in tasks]
-        ds = ray.data.from_items([{"text": ln} for ln in group_turns(lines, questions_per_conversation=questions_per_conversation, seed=seed)])
+        ds = ray.data.from_items([{"text": ln} for ln in group_turns(lines, questions_per_conversation=questions_per_conversation, seed=seed, caption_alone_every=caption_alone_every)])
     else:
         ds = ray.data.read_text(str(path))
         if tasks is not None:

@@ -95,6 +95,7 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
         items=train,
         caption_every=cfg.mix.caption_every,
         questions_per_conversation=cfg.mix.questions_per_conversation,
+        caption_alone_every=cfg.mix.caption_alone_every,
         question_draws=cfg.mix.question_draws,
     )
     eval_ex = world_sft(wc, "heldout", size=size, pixels=ev_pix, items=heldout)

@@ -20,7 +20,7 @@ from vlm.chat import encode_chat
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of
-from vlm.evaluate import exact_match, retrieval_metrics, zero_shot_accuracy
+from vlm.evaluate import caption_recall, exact_match, retrieval_metrics, zero_shot_accuracy
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
 from vlm.llava import VisionLanguageModel
@@ -260,6 +260,17 @@ def evaluate_sft(model: VisionLanguageModel, examples: Sequence[SFTExample], tok
     return metrics
 
 
+def evaluate_captions(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, max_new_tokens: int = 96) -> dict[str, float]:
+    """Greedy captions of the ``caption`` examples (each asked alone, as a user asks), scored by
+    exact match and by phrase recall (``vlm.evaluate.caption_recall``); {} without any."""
+    chosen = [ex for ex in examples if ex.task == "caption"]
+    if not chosen:
+        return {}
+    preds = answer_questions(model, chosen, tokenizer, max_new_tokens=max_new_tokens)
+    refs = [answer_of(ex) for ex in chosen]
+    return {"em_caption": exact_match(preds, refs), "caption_recall": caption_recall(preds, refs)}
+
+
 def train_sft(
     cfg: Config,
     *,
@@ -350,6 +361,7 @@ def train_sft(
     metrics: dict[str, float] = {"train_seconds": seconds}
     if eval_examples:
         metrics.update(evaluate_sft(model, eval_examples, tokenizer))
+        metrics.update(evaluate_captions(model, eval_examples, tokenizer))
     return RunResult(model=model, history=history, metrics=metrics, skipped=skipped, seconds=seconds)
 
 

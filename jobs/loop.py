@@ -200,7 +200,8 @@ def _gathered(params: list[torch.nn.Parameter], zero_stage: int):
 
 
 def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, tokenizer: Any, evals: dict[str, Any], log) -> dict[str, float]:
-    """Held-out metrics on rank 0: retrieval R@1/R@5 both ways (stage 1); exact match + samples (stage 2)."""
+    """Held-out metrics on rank 0: retrieval R@1/R@5 both ways (stage 1); exact match, caption
+    phrase recall and sample generations (stage 2)."""
     from jobs import local
 
     was_training = model.training
@@ -220,6 +221,7 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
             examples = evals.get("examples") or []
             if examples:
                 out.update({f"eval_{k}": v for k, v in local.evaluate_sft(model, examples, tokenizer).items()})
+                out.update({f"eval_{k}": v for k, v in local.evaluate_captions(model, examples, tokenizer).items()})
                 shown = [ex for ex in examples if ex.task != "caption"][: job.sample_generations]
                 for ex, pred in zip(shown, local.answer_questions(model, shown, tokenizer)):
                     log(f"  sample {ex.id}: {pred!r} (reference {local.answer_of(ex)!r})")

@@ -151,6 +151,7 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
         ds = sft_dataset(
             job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None,
             questions_per_conversation=cfg.mix.questions_per_conversation, seed=cfg.seed,
+            caption_alone_every=cfg.mix.caption_alone_every,
         )  # fmt: skip
     resources = {"CPU": job.cpus_per_worker}
     if job.gpu:

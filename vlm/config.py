@@ -247,6 +247,10 @@ class MixConfig:
 
     caption_every: int = 1  # the captioning task for every k-th image (0: never)
     questions_per_conversation: int = 1  # >1: an image's questions as turns of one conversation
+    # With questions_per_conversation > 1 the caption request is the last turn of an image's
+    # conversation; every k-th captioned image (k > 0) is asked for its caption in a conversation
+    # of its own instead, the first and only turn, as a user asks for one (0: never).
+    caption_alone_every: int = 0
     group_by_length: bool = False  # batches of similar length (less padding), in random order
     # k > 1: k draws of the world's questions per training image, each distinct question once
     # (``scene_targets.drawn_questions``): more answers per image of the kinds that bind attributes
@@ -257,6 +261,8 @@ class MixConfig:
             raise ConfigError(f"mix.caption_every: expected an integer >= 0, got {self.caption_every}")
         if self.questions_per_conversation < 1:
             raise ConfigError(f"mix.questions_per_conversation: expected an integer >= 1, got {self.questions_per_conversation}")
+        if self.caption_alone_every < 0:
+            raise ConfigError(f"mix.caption_alone_every: expected an integer >= 0, got {self.caption_alone_every}")
         if self.question_draws < 1:
             raise ConfigError(f"mix.question_draws: expected an integer >= 1, got {self.question_draws}")
 

@@ -167,6 +167,7 @@ def world_sft(
     caption_every: int = 1,
     questions_per_conversation: int = 1,
     question_draws: int = 1,
+    caption_alone_every: int = 0,
 ) -> list[SFTExample]:
     """Stage-2 examples of a split: every question of every image, the caption task, the
     two-image questions and the video questions (frames in order).
@@ -184,6 +185,11 @@ def world_sft(
             in a seeded random order, with the caption request (when chosen) as the last turn so
             that no answer can be read off the caption's text. One image then serves several
             answers (LLaVA's multi-turn instruction data).
+        caption_alone_every: with ``questions_per_conversation`` > 1, every k-th captioned
+            image (k > 0) asks for its caption in a conversation of its own (the first and only
+            turn, as at serving time) instead of as its conversation's last turn. A model that
+            only ever saw the caption request after a run of questions does not caption an
+            image it is shown alone.
         question_draws: k > 1 adds, per image, the distinct questions of k - 1 further draws of
             the world's questions on its scene (``scene_targets.drawn_questions``). Meant for the
             training split: the demo evaluates the held-out split's own questions.
@@ -200,6 +206,7 @@ def world_sft(
         raise ValueError(f"expected one image per sample, got {len(pixels)} images for {len(samples)} samples")
     by_id = {s.id: pixels[i] for i, s in enumerate(samples)}
     out: list[SFTExample] = []
+    captioned = 0  # captioned images so far (caption_alone_every counts these)
     for s in samples:
         img = by_id[s.id]
         cells = cell_labels([s.scene])  # (1, 2, 9)
@@ -216,7 +223,11 @@ def world_sft(
             continue
         rng = np.random.default_rng([cfg.seed, s.index, 7])
         turns = [(qa.question, qa.answer) for qa in qas]
-        for start, messages in multi_turn(turns, s.caption if with_caption else None, questions_per_conversation, rng):
+        alone = with_caption and bool(caption_alone_every) and captioned % caption_alone_every == 0
+        captioned += with_caption
+        if alone:
+            out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption", cells))
+        for start, messages in multi_turn(turns, s.caption if with_caption and not alone else None, questions_per_conversation, rng):
             out.append(SFTExample(f"{s.id}/turns{start}", messages, [img], "conversation", cells))
     for p in items.pairs:
         imgs = [by_id.get(p.first.id), by_id.get(p.second.id)]

@@ -58,3 +58,30 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
         return 0.0
     hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
     return hits / len(references)
+
+
+def caption_phrases(caption: str) -> list[str]:
+    """A caption of the generated world's grammar split into the facts it states: the head
+    (``two shapes on a grey background``) and one phrase per shape (``a large red circle on the
+    left``). A caption of another grammar is one phrase."""
+    head, sep, tail = caption.partition(": ")
+    if not sep:
+        return [caption.strip()]
+    return [head.strip()] + [p.strip() for p in re.split(r", | and ", tail) if p.strip()]
+
+
+def caption_recall(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean share of each reference caption's phrases (``caption_phrases``) that the predicted
+    caption states as one of its own phrases (compared after ``normalize_answer``): partial
+    credit for a caption that gets some shapes right, where exact match is all or nothing over
+    a ~30-word caption. A phrase counts once however often the prediction repeats it."""
+    if len(predictions) != len(references):
+        raise ValueError(f"expected as many predictions as references, got {len(predictions)} and {len(references)}")
+    if not references:
+        return 0.0
+    total = 0.0
+    for pred, ref in zip(predictions, references):
+        said = {normalize_answer(p) for p in caption_phrases(pred.lower())}
+        phrases = [normalize_answer(p) for p in caption_phrases(ref.lower())]
+        total += sum(p in said for p in phrases) / len(phrases)
+    return total / len(references)

@@ -41,6 +41,7 @@ def test_demo_writes_world_checkpoints_export_report_and_curves(tmp_path, capsys
     assert {"t2i_r1", "i2t_r1", "t2i_r5", "zero_shot_shape_acc"} <= set(report["stage1"])
     assert report["stage1"]["pool"] == 12
     assert "em_single_image" in report["stage2"] and "em_video" in report["stage2"] and "em_multi_image" in report["stage2"]
+    assert "em_caption" in report["stage2"] and 0.0 <= report["stage2"]["caption_recall"] <= 1.0  # captions asked alone
     assert report["examples"] and all({"question", "answer", "reference"} <= set(e) for e in report["examples"])
     for f in ("world/urls.parquet", "world/sft.jsonl", "world/sft_heldout.jsonl", "world/manifest.json", "loss.png", "config.yaml"):
         assert (out / f).is_file(), f

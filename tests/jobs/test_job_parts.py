@@ -164,3 +164,10 @@ def test_group_turns_asks_each_image_all_its_questions_caption_last(world):
     assert len(group_turns(lines, questions_per_conversation=1, seed=0)) == len(others) + len(single)  # caption joins the last
     with pytest.raises(ValueError, match="questions_per_conversation >= 1"):
         group_turns(lines, questions_per_conversation=0, seed=0)
+    # every 2nd captioned image keeps its caption line alone: the same turns in all, none twice
+    alone = [json.loads(ln) for ln in group_turns(lines, questions_per_conversation=3, seed=0, caption_alone_every=2)]
+    captions = [r for r in records if r["task"] == "caption"]
+    assert [r for r in alone if r["task"] == "caption"] == captions[::2]
+    def turns(rs):
+        return sorted((r["images"][0], m["content"][-1]["text"]) for r in rs if r["task"] in ("conversation", "caption") for m in r["messages"][0::2])
+    assert turns(alone) == turns(grouped)

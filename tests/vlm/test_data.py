@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlm import world
+from vlm.config import load_config
 from vlm.chat import encode_chat
 from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of, world_pairs, world_sft
 from vlm.tokenizer import special_token_ids, train_bpe_tokenizer
@@ -92,6 +93,29 @@ def test_world_sft_multi_turn_asks_every_question_once_and_captions_last():
     assert [ex.id for ex in multi if ex.task != "conversation"] == [ex.id for ex in single if "/" not in ex.id]
     with pytest.raises(ValueError, match="questions_per_conversation"):
         world_sft(WC, "train", size=32, questions_per_conversation=0)
+
+
+def test_world_sft_caption_alone_every_asks_some_captions_in_a_conversation_of_their_own():
+    """Every k-th captioned image is asked for its caption as the first and only turn (as a user
+    asks), not after its questions; no caption is lost or asked twice, no question moves."""
+    k = 3
+    kept = world_sft(WC, "train", size=32, caption_every=1, questions_per_conversation=8)
+    alone = world_sft(WC, "train", size=32, caption_every=1, questions_per_conversation=8, caption_alone_every=k)
+    solo = [ex for ex in alone if ex.task == "caption"]
+    samples = list(world.generate(WC, "train"))
+    assert [ex.id for ex in solo] == [f"{s.id}/caption" for s in samples[::k]]
+    for ex in solo:
+        assert ex.messages == world.to_messages(samples[int(ex.id.split("/")[0].split("-")[1])]) and len(ex.images) == 1
+    def asked(exs):  # (image, question, answer) of every turn, the captions included
+        return sorted((ex.id.split("/")[0], m["content"][-1]["text"], a["content"][0]["text"])
+                      for ex in exs if ex.task in ("conversation", "caption") for m, a in zip(ex.messages[0::2], ex.messages[1::2]))
+    assert asked(alone) == asked(kept)
+    for ex in (e for e in alone if e.task == "conversation"):
+        questions = [m["content"][-1]["text"] for m in ex.messages[0::2]]
+        has_solo = f"{ex.id.split('/')[0]}/caption" in {e.id for e in solo}
+        assert (world.CAPTION_PROMPT in questions) != has_solo
+    with pytest.raises(ValueError, match="caption_alone_every"):
+        load_config(preset="tiny", overrides=["mix.caption_alone_every=-1"])
 
 
 def test_world_sft_question_draws_add_questions_with_their_own_ids():
