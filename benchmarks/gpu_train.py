@@ -136,13 +136,15 @@ def zero_formula_bytes(zero: int, trained: int, frozen: int, frozen_bytes: int, 
 def step_loss(stage: str, model, batch: dict, dtype, gather, full_logits: bool = False):
     """One forward and the stage's loss, as ``jobs.loop.train_loop`` computes it (``full_logits``:
     through all the logits, as before the output projection ran on the supervised rows only)."""
+    from vlm.losses import supervised_tokens
+
     if stage == "contrastive":
         b = dict(batch, pixel_values=batch["pixel_values"].to(dtype))
         return model(**b, rank=0, world_size=1, gather=gather)["loss"]
     b = dict(batch)
     labels = b.pop("labels")
     b["pixel_values"] = b["pixel_values"].to(dtype)
-    n_lab = max(float((labels[:, 1:] != -100).sum()), 1.0)
+    n_lab = max(float(supervised_tokens(labels)), 1.0)
     return model(**b, labels=labels, loss_normaliser=n_lab, return_logits=full_logits)["loss"]
 
 
@@ -188,7 +190,6 @@ def run_plain(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, syn
 def run_ours(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, sync, zero: int):
     """Our step: the DeepSpeed engine as ``jobs.loop.train_loop`` builds and drives it."""
     import deepspeed
-    import torch
 
     from jobs.job_config import JobConfig, clips_in_loop, deepspeed_config
     from jobs.loop import _engine_step, skip_lone_allreduce
@@ -303,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from jobs.metrics import GPU_PEAK_TFLOPS, contrastive_flops, sft_flops
+    from vlm.losses import supervised_tokens
     from vlm.config import apply_overrides, load_config
 
     device = torch.device(a.device)
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "contrastive":
                 f = contrastive_flops(model, caption_tokens=a.caption_tokens)
             else:
-                sup = float((batches[0]["labels"][:, 1:] != -100).sum()) / batch
+                sup = supervised_tokens(batches[0]["labels"]) / batch
                 f = sft_flops(model, seq_tokens=a.seq, images_per_sample=1.0, supervised_tokens=None if a.full_logits else sup)
             s = summarise(r, a.warmup, batch, tokens, f, peaks)
             trained, frozen = params(model)
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     report["rows"] = [{"stage": st, "run": n, **s} for st, n, s in rows]
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2, default=float))
-    print(f"\n| stage | run | rate | MFU (790) | MFU (measured peak) | median step | peak mem | held between steps (ZeRO formula, N=1) | vs plain |")
+    print("\n| stage | run | rate | MFU (790) | MFU (measured peak) | median step | peak mem | held between steps (ZeRO formula, N=1) | vs plain |")
     plain = {st: s for st, n, s in rows if n == f"{a.tag}plain" and "error" not in s}
     for st, n, s in rows:
         if "error" in s:

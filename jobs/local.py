@@ -24,6 +24,7 @@ from vlm.evaluate import caption_recall, exact_match, retrieval_metrics, zero_sh
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
 from vlm.llava import VisionLanguageModel
+from vlm.losses import supervised_tokens
 from vlm.scene_targets import cell_labels, ground_token_ids, negative_captions
 from vlm.optim import build_optimizer, build_scheduler
 from vlm.tokenizer import special_token_ids
@@ -343,7 +344,7 @@ def train_sft(
             "samples_per_s": (step + 1) * opt_cfg.batch_size / elapsed,
             "elapsed_s": elapsed,
             "tokens": step_tokens,
-            "supervised_tokens": int((batch["labels"][:, 1:] != -100).sum()),
+            "supervised_tokens": supervised_tokens(batch["labels"]),
             "samples": len(idx) - len(bad),
         }
         if "loss_ground" in out:

@@ -38,7 +38,7 @@ from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import collate_pairs, collate_sft
 from vlm.llava import VisionLanguageModel
-from vlm.losses import torch_distributed_gather
+from vlm.losses import supervised_tokens, torch_distributed_gather
 from vlm.optim import build_optimizer, build_scheduler
 from vlm.tokenizer import special_token_ids
 
@@ -359,7 +359,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     engine.backward(dummy)
                     own_norm = _engine_step(engine, own_clip)
                     continue
-                n_lab = int((batch["labels"][:, 1:] != -100).sum())  # host copies: no device sync
+                n_lab = supervised_tokens(batch["labels"])  # host copies: no device sync
                 tokens += int(batch["attention_mask"].sum())
                 images += int(batch["pixel_values"].shape[0])
                 supervised += n_lab

@@ -154,6 +154,13 @@ def siglip_loss(
     return {"loss": loss}
 
 
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """How many positions of a (B, L) label batch carry loss: each position's target is the next
+    label, so the first column never does (``lm_loss``, ``supervised_loss``). Call it on a host
+    copy where a device sync would cost."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token", normaliser: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the positions whose label is not -100.
 
