@@ -177,7 +177,7 @@ def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: 
     image path; every other record (two images, video, another task) passes unchanged. Grouped
     records get the task ``conversation`` and the id ``<image path>/turns<start>``.
     """
-    from vlm.data import multi_turn
+    from vlm.data import caption_alone, multi_turn
     from vlm.world import QA_KINDS
 
     if questions_per_conversation < 1:
@@ -204,7 +204,7 @@ def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: 
         rng = np.random.default_rng([seed, zlib.crc32(image.encode())])
         caption = g["caption"]
         if caption is not None:
-            if caption_alone_every and captioned % caption_alone_every == 0:
+            if caption_alone(captioned, caption_alone_every):
                 out.append(g["caption_line"])
                 caption = None
             captioned += 1

@@ -223,7 +223,7 @@ def world_sft(
             continue
         rng = np.random.default_rng([cfg.seed, s.index, 7])
         turns = [(qa.question, qa.answer) for qa in qas]
-        alone = with_caption and bool(caption_alone_every) and captioned % caption_alone_every == 0
+        alone = with_caption and caption_alone(captioned, caption_alone_every)
         captioned += with_caption
         if alone:
             out.append(SFTExample(f"{s.id}/caption", world.to_messages(s), [img], "caption", cells))
@@ -237,6 +237,13 @@ def world_sft(
         frames = list(to_uint8(v.frames, size))
         out.append(SFTExample(v.id, world.to_messages(v, v.qa), frames, v.qa.kind))  # a moving shape: no cell labels
     return out
+
+
+def caption_alone(captioned: int, every: int) -> bool:
+    """Whether the captioned image with this index (counted among captioned images, from 0) is
+    asked for its caption in a conversation of its own (``mix.caption_alone_every`` = ``every``;
+    0: never)."""
+    return every > 0 and captioned % every == 0
 
 
 def multi_turn(
