@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +166,9 @@ def pairs_dataset(data: str, *, size: int, split: str = "train"):
     return ds.map_batches(DecodePairs(None, size), batch_size=64)
 
 
-def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: int, caption_alone_every: int = 0) -> list[str]:
+def group_turns(
+    lines: Iterable[str], *, questions_per_conversation: int, seed: int, caption_alone_every: int = 0, tasks: Collection[str] | None = None
+) -> list[str]:
     """One-question JSON lines -> multi-turn lines: an image's questions as turns of one
     conversation (up to ``questions_per_conversation`` each, in a seeded order, the caption
     request last), as ``vlm.data.world_sft`` builds them in-process (``mix.questions_per_conversation``);
@@ -175,7 +177,8 @@ def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: 
 
     Records of one image with a single-image question or the caption task are grouped by their
     image path; every other record (two images, video, another task) passes unchanged. Grouped
-    records get the task ``conversation`` and the id ``<image path>/turns<start>``.
+    records get the task ``conversation`` and the id ``<image path>/turns<start>``. ``tasks``
+    given: records of other tasks are dropped first (each line is parsed once).
     """
     from vlm.data import caption_alone, multi_turn
     from vlm.world import QA_KINDS
@@ -187,6 +190,8 @@ def group_turns(lines: Iterable[str], *, questions_per_conversation: int, seed: 
     for n, line in enumerate(ln for ln in lines if ln.strip()):
         r = json.loads(line)
         task, images = r.get("task"), r.get("images") or []
+        if tasks is not None and task not in tasks:
+            continue
         if (task in QA_KINDS or task == "caption") and len(images) == 1 and not r.get("video"):
             msgs = r["messages"]
             if len(msgs) != 2 or msgs[0]["role"] != "user" or msgs[1]["role"] != "assistant":
@@ -239,10 +244,9 @@ def sft_dataset(
     if not path.is_file():
         raise FileNotFoundError(f"expected {path} (a world directory written by `vlm world`), found none")
     if questions_per_conversation > 1:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        if tasks is not None:
-            lines = [ln for ln in lines if json.loads(ln).get("task") in tasks]
-        ds = ray.data.from_items([{"text": ln} for ln in group_turns(lines, questions_per_conversation=questions_per_conversation, seed=seed, caption_alone_every=caption_alone_every)])
+        grouped = group_turns(path.read_text().splitlines(), questions_per_conversation=questions_per_conversation, seed=seed,
+                              caption_alone_every=caption_alone_every, tasks=tasks)
+        ds = ray.data.from_items([{"text": ln} for ln in grouped])
     else:
         ds = ray.data.read_text(str(path))
         if tasks is not None:

@@ -171,3 +171,8 @@ def test_group_turns_asks_each_image_all_its_questions_caption_last(world):
     def turns(rs):
         return sorted((r["images"][0], m["content"][-1]["text"]) for r in rs if r["task"] in ("conversation", "caption") for m in r["messages"][0::2])
     assert turns(alone) == turns(grouped)
+    # a task filter drops the other tasks' records before grouping, as filtering the lines first
+    kinds = ("caption", "colour", "multi_image")
+    wanted = [ln for ln in lines if ln.strip() and json.loads(ln)["task"] in kinds]
+    assert group_turns(lines, questions_per_conversation=3, seed=0, tasks=kinds) == group_turns(wanted, questions_per_conversation=3, seed=0)
+    assert {json.loads(ln)["task"] for ln in group_turns(lines, questions_per_conversation=3, seed=0, tasks=("video",))} == {"video"}
