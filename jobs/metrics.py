@@ -24,10 +24,13 @@ import math
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from vlm.llava import VisionLanguageModel
 
 GPU_PEAK_TFLOPS = 790.0  # H100 bf16 dense matmul as measured here (shared/ANCHORS.md)
 
@@ -102,7 +105,7 @@ def output_projection_params(decoder: nn.Module) -> int:
 
 
 def sft_flops(
-    model: nn.Module, *, seq_tokens: float, images_per_sample: float, supervised_tokens: float | None = None,
+    model: VisionLanguageModel, *, seq_tokens: float, images_per_sample: float, supervised_tokens: float | None = None,
     cache: dict | None = None,
 ) -> float:
     """FLOPs per stage-2 sample (its images and its token sequence), fwd + bwd.
@@ -125,8 +128,7 @@ def sft_flops(
         matmul_params(model.decoder, cache)[0] - head, seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
         width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
     )
-    split = getattr(model, "decoder_parts", None)
-    supervised_only = supervised_tokens is not None and callable(split) and split()[1] is not None
+    supervised_only = supervised_tokens is not None and model.decoder_parts()[1] is not None
     fh = tower_flops(head, supervised_tokens if supervised_only else seq_tokens, layers=0, width=0, mode=dec_mode)
     return images_per_sample * (fv + fp) + fd + fh
 
