@@ -59,7 +59,12 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
     assert sorted(t["step"] for t in traced) == sorted(list(range(1, STEPS + 1)) * 2)
     seen = Counter(i for t in traced for i in t["ids"])
     assert len(seen) == STEPS * 4 and max(seen.values()) == 1, f"rows trained twice within one epoch: {seen.most_common(3)}"
-    assert json.loads((out / "result.json").read_text())["metrics"]["step"] == STEPS
+    final = json.loads((out / "result.json").read_text())["metrics"]
+    assert final["step"] == STEPS
+    # the held-out eval of the final model reached the job's metrics: the first 4 held-out rows
+    # are an image's caption (asked alone) and three of its questions
+    for key in ("eval_em_all", "eval_em_single_image", "eval_em_caption", "eval_caption_recall"):
+        assert key in final and 0.0 <= final[key] <= 1.0, f"{key} missing or out of range in {sorted(final)}"
 
     # Re-running the finished command resumes at its last step: no step trained again.
     before = {r["step"]: r["time"] for r in rows}
@@ -177,6 +182,15 @@ def test_sft_dataset_regroups_questions_into_conversations(ray_local, world):
     single = [r for r in one if int(r["num_images"]) == 1 and r["task"] not in ("video", "video_caption")]
     assert turns == len(single)  # every question and caption of the one-question file, once
     assert len(rows) < len(one)
+
+    # mix.caption_alone_every=2: every other captioned image asks for its caption on its own
+    alone = sft_dataset(str(world), size=32, questions_per_conversation=4, caption_alone_every=2).take_all()
+    captions = [r for r in one if r["task"] == "caption"]
+    solo = [r for r in alone if r["task"] == "caption"]
+    assert not [r for r in rows if r["task"] == "caption"] and len(captions) >= 2
+    assert len(solo) == (len(captions) + 1) // 2 and all(int(r["num_images"]) == 1 for r in solo)
+    turns_alone = sum(sum(m["role"] == "assistant" for m in json.loads(r["messages"])) for r in alone if r["task"] in ("conversation", "caption"))
+    assert turns_alone == len(single)  # still every question and caption once
 
 
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
