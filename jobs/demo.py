@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from jobs.local import RunResult, evaluate_sft, save_history_plot, train_contrastive, train_sft, zero_shot
+from jobs.local import RunResult, save_history_plot, train_contrastive, train_sft, zero_shot
 from vlm import world
 from vlm.checkpoint import load_checkpoint, save_checkpoint
 from vlm.config import Config, load_config, save_config
@@ -55,10 +55,9 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
         from pipelines.world import write_world
 
         t = time.perf_counter()
-        manifest = write_world(output / "world", config=wc)
+        write_world(output / "world", config=wc)
         log(f"[world] wrote {output / 'world'} in {time.perf_counter() - t:.1f}s")
         report["world"] = str(output / "world")
-        del manifest
 
     log("[data] rendering the generated world in memory")
     train, heldout = world.generate_split(wc, "train"), world.generate_split(wc, "heldout")

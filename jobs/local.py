@@ -247,6 +247,14 @@ def answer_questions(
 def evaluate_sft(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, exclude_tasks: Sequence[str] = ("caption",)) -> dict[str, float]:
     """Exact match per task and overall (single-image tasks), greedy decoding (up to 32 new tokens:
     a stated answer, ``world.stated_answer``, takes up to ~12)."""
+    return answer_and_score(model, examples, tokenizer, exclude_tasks=exclude_tasks)[2]
+
+
+def answer_and_score(
+    model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, exclude_tasks: Sequence[str] = ("caption",)
+) -> tuple[list[SFTExample], list[str], dict[str, float]]:
+    """``evaluate_sft``'s work, keeping what it answered: the examples scored (those not in
+    ``exclude_tasks``, in order), the greedy answer to each, and the metrics."""
     chosen = [ex for ex in examples if ex.task not in exclude_tasks]
     preds = answer_questions(model, chosen, tokenizer)
     refs = [answer_of(ex) for ex in chosen]
@@ -258,7 +266,7 @@ def evaluate_sft(model: VisionLanguageModel, examples: Sequence[SFTExample], tok
     if single:
         metrics["em_single_image"] = exact_match([preds[i] for i in single], [refs[i] for i in single])
     metrics["em_all"] = exact_match(preds, refs) if chosen else 0.0
-    return metrics
+    return chosen, preds, metrics
 
 
 def evaluate_captions(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, max_new_tokens: int = 96) -> dict[str, float]:

@@ -220,10 +220,10 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
         else:
             examples = evals.get("examples") or []
             if examples:
-                out.update({f"eval_{k}": v for k, v in local.evaluate_sft(model, examples, tokenizer).items()})
+                chosen, preds, metrics = local.answer_and_score(model, examples, tokenizer)
+                out.update({f"eval_{k}": v for k, v in metrics.items()})
                 out.update({f"eval_{k}": v for k, v in local.evaluate_captions(model, examples, tokenizer).items()})
-                shown = [ex for ex in examples if ex.task != "caption"][: job.sample_generations]
-                for ex, pred in zip(shown, local.answer_questions(model, shown, tokenizer)):
+                for ex, pred in list(zip(chosen, preds))[: job.sample_generations]:  # the answers just scored
                     log(f"  sample {ex.id}: {pred!r} (reference {local.answer_of(ex)!r})")
     model.train(was_training)
     return out

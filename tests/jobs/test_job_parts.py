@@ -14,7 +14,7 @@ from jobs.job_config import clips_in_loop, deepspeed_config, load_job, micro_bat
 from jobs.metrics import MetricsLog, read_metrics, tower_flops, zero_memory_formula
 from vlm.config import ConfigError
 
-from .conftest import ROOT, write_tiny_world
+from .conftest import ROOT, TINY, write_tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +176,27 @@ def test_group_turns_asks_each_image_all_its_questions_caption_last(world):
     wanted = [ln for ln in lines if ln.strip() and json.loads(ln)["task"] in kinds]
     assert group_turns(lines, questions_per_conversation=3, seed=0, tasks=kinds) == group_turns(wanted, questions_per_conversation=3, seed=0)
     assert {json.loads(ln)["task"] for ln in group_turns(lines, questions_per_conversation=3, seed=0, tasks=("video",))} == {"video"}
+
+
+def test_stage2_eval_scores_held_out_answers_and_logs_the_first_ones(world, tmp_path):
+    """A job's stage-2 eval (rank 0): exact match per task and on captions asked alone, and the
+    first ``job.sample_generations`` scored questions in the log with their references."""
+    from jobs.local import answer_of
+    from jobs.loop import build_model, evaluate
+    from jobs.train import resolve_tokenizer
+
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={tmp_path}", "job.sample_generations=2"])
+    tok = resolve_tokenizer("sft", cfg, job, log=lambda *_: None)
+    model = build_model("sft", cfg, job, tok)
+    examples = read_sft(str(world), size=cfg.model.vision.image_size, split="heldout", limit=6)
+    assert [ex.task for ex in examples].count("caption") == 1
+    lines: list[str] = []
+    out = evaluate("sft", model, cfg, job, tok, {"examples": examples}, lines.append)
+    tasks = {ex.task for ex in examples} - {"caption"}
+    assert set(out) == {f"eval_em_{t}" for t in tasks} | {"eval_em_single_image", "eval_em_all", "eval_em_caption", "eval_caption_recall"}
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+    scored = [ex for ex in examples if ex.task != "caption"]
+    assert len(lines) == 2
+    for line, ex in zip(lines, scored):
+        assert line.startswith(f"  sample {ex.id}: ") and line.endswith(f"(reference {answer_of(ex)!r})")
+    assert model.training  # evaluate puts the model back as it found it

@@ -4,7 +4,6 @@ the model library run in-process on the same checkpoint."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from _helpers import API_KEY, data_url, scene_png
+from _helpers import API_KEY
 
 MODEL = "tiny-vlm"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
