@@ -381,11 +381,16 @@ class ShardStream:
         self.epoch, self.batch = epoch, batch
         return rows
 
-    def close(self) -> None:
-        """Stop the prefetch thread, or close the stream's Ray Data iterator when there is none."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the stream's Ray Data iterator (it reports its last metrics to Ray Data's stats
+        actor as it closes, so this must come before ``ray.shutdown``): here, or with a prefetch
+        thread in that thread, which it then waits for (up to ``timeout`` seconds: the thread may
+        be waiting on Ray Data for a batch)."""
         self._stop.set()
         if self._queue is None:
             self._it.close()
+        else:
+            self._thread.join(timeout)
 
     def _produce(self) -> None:
         assert self._queue is not None
@@ -401,6 +406,8 @@ class ShardStream:
                     return
         except BaseException as e:  # handed to the trainer, which raises it
             self._queue.put(e)
+        finally:
+            self._it.close()  # in the thread that ran it; a no-op once it has ended
 
     def _read_pass(self, epoch: int, *, drop_last: bool = True):
         kwargs: dict[str, Any] = {}

@@ -111,6 +111,7 @@ def test_shard_stream_resumes_where_it_stopped(ray_local):
         s = stream()
         ref = take(s, 14)  # 6 micro-batches per epoch: into the third epoch
         s.close()
+        assert prefetch == 0 or not s._thread.is_alive()  # the thread closed its Ray Data iterator and ended
         assert len({i for b in ref[:6] for i in b}) == 18  # one epoch: no row twice
         assert ref[6:12] != ref[:6]  # a new order each epoch
         for k in (2, 6, 8):
