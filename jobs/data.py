@@ -392,20 +392,24 @@ class ShardStream:
         else:
             self._thread.join(timeout)
 
-    def _produce(self) -> None:
+    def _put(self, item: Any) -> bool:
+        """Queue ``item`` for the trainer unless the stream is closed first; True if queued."""
         assert self._queue is not None
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
         try:
             for item in self._it:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put(item):
                     return
         except BaseException as e:  # handed to the trainer, which raises it
-            self._queue.put(e)
+            self._put(e)
         finally:
             self._it.close()  # in the thread that ran it; a no-op once it has ended
 

@@ -200,3 +200,39 @@ def test_stage2_eval_scores_held_out_answers_and_logs_the_first_ones(world, tmp_
     for line, ex in zip(lines, scored):
         assert line.startswith(f"  sample {ex.id}: ") and line.endswith(f"(reference {answer_of(ex)!r})")
     assert model.training  # evaluate puts the model back as it found it
+
+
+class _Shard:
+    """A data shard as ``ShardStream`` reads it (``iter_batches``) that fails after ``good`` batches."""
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+        self.closed = 0
+
+    def iter_batches(self, *, batch_size, **_):
+        try:
+            for i in range(self.good):
+                yield {"id": np.arange(i * batch_size, (i + 1) * batch_size)}
+            raise OSError("shard 3 unreadable")
+        finally:
+            self.closed += 1
+
+
+def test_shard_stream_prefetch_hands_errors_to_the_trainer_and_closes():
+    from jobs.data import ShardStream
+
+    shard = _Shard(good=2)
+    s = ShardStream(shard, batch_size=2, seed=0, shuffle_buffer=0, cache=False, prefetch=1)
+    assert [list(next(s)["id"]) for _ in range(2)] == [[0, 1], [2, 3]]
+    with pytest.raises(OSError, match="shard 3 unreadable"):
+        next(s)
+    s.close()
+    assert not s._thread.is_alive() and shard.closed == 1
+
+    # closed while its queue is full and the trainer takes nothing: the thread still ends, and
+    # the iterator it was reading is closed
+    shard = _Shard(good=50)
+    s = ShardStream(shard, batch_size=2, seed=0, shuffle_buffer=0, cache=False, prefetch=1)
+    next(s)
+    s.close(timeout=5)
+    assert not s._thread.is_alive() and shard.closed == 1
