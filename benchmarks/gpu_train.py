@@ -1,6 +1,7 @@
 """Training on one accelerator: MFU and peak memory per ZeRO stage, random weights, bf16.
 
     python benchmarks/gpu_train.py                                  # base preset on a GPU
+    python benchmarks/gpu_train.py --compile --stages sft --zero-stages 0 --batch2 32,48   # two micro-batches, one call
     python benchmarks/gpu_train.py --preset tiny --device cpu --precision fp32 --steps 6 --warmup 2
 
 What ``benchmarks/train.py`` measures end to end (Ray Train + Ray Data) needs Ray on the machine;
@@ -59,8 +60,8 @@ def matmul_tflops(device, n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def synthetic_batches(stage: str, cfg, a, device, vocab: int, image_id: int, count: int = 3) -> list[dict]:
-    """``count`` batches of the preset's shapes, on ``device`` (rotated through the steps)."""
+def synthetic_batches(stage: str, cfg, a, device, vocab: int, image_id: int, batch: int, count: int = 3) -> list[dict]:
+    """``count`` batches of ``batch`` samples of the preset's shapes, on ``device`` (rotated through the steps)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -68,14 +69,14 @@ def synthetic_batches(stage: str, cfg, a, device, vocab: int, image_id: int, cou
     out = []
     for _ in range(count):
         if stage == "contrastive":
-            b, t = a.batch1, a.caption_tokens
+            b, t = batch, a.caption_tokens
             out.append({
                 "pixel_values": torch.randn(b, 3, s, s, generator=g).to(device),
                 "input_ids": torch.randint(8, vocab, (b, t), generator=g).to(device),
                 "attention_mask": torch.ones(b, t, dtype=torch.long).to(device),
             })
         else:
-            b, t, n_img = a.batch2, a.seq, cfg.model.image_tokens
+            b, t, n_img = batch, a.seq, cfg.model.image_tokens
             ids = torch.randint(8, vocab - 8, (b, t), generator=g)
             ids[:, 1 : 1 + n_img] = image_id  # one image near the start of each conversation
             labels = ids.clone()
@@ -271,6 +272,17 @@ def summarise(r: dict, warmup: int, per_step_samples: int, per_step_tokens: int,
     return out
 
 
+def _sizes(text: str) -> list[int]:
+    """``"32,48"`` -> [32, 48] (micro-batch sizes, each > 0)."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="base")
@@ -278,9 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16", help="bf16 | fp32")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--batch1", type=int, default=256, help="stage-1 batch (image-caption pairs)")
+    p.add_argument("--batch1", type=_sizes, default=[256], help="stage-1 micro-batch (image-caption pairs); several, comma-separated, run in turn")
     p.add_argument("--caption-tokens", type=int, default=77, help="tokens per caption (CLIP's context)")
-    p.add_argument("--batch2", type=int, default=16, help="stage-2 batch (conversations)")
+    p.add_argument("--batch2", type=_sizes, default=[16], help="stage-2 micro-batch (conversations); several, comma-separated, run in turn")
     p.add_argument("--seq", type=int, default=1024, help="stage-2 tokens per conversation, image tokens included")
     p.add_argument("--zero-stages", default="0,1,2,3")
     p.add_argument("--stages", default="contrastive,sft")
@@ -330,16 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     report["peaks_tflops"] = peaks
     cfg = apply_overrides(load_config(preset=a.preset), list(a.overrides))
     rows: list[tuple[str, str, dict]] = []
-    for stage in a.stages.split(","):
-        optim = cfg.stage1 if stage == "contrastive" else cfg.stage2
-        batch = a.batch1 if stage == "contrastive" else a.batch2
-        optim = dataclasses.replace(optim, batch_size=batch)
+    sizes = [(stage, batch) for stage in a.stages.split(",") for batch in (a.batch1 if stage == "contrastive" else a.batch2)]
+    for stage, batch in sizes:
+        optim = dataclasses.replace(cfg.stage1 if stage == "contrastive" else cfg.stage2, batch_size=batch)
         if stage == "contrastive":
             vocab, image_id = cfg.model.tokenizer.vocab_size + 8, -1
         else:
             vocab = cfg.model.decoder.vocab_size or cfg.model.tokenizer.vocab_size + 8
             image_id = vocab - 1
-        batches = synthetic_batches(stage, cfg, a, device, vocab, image_id)
+        batches = synthetic_batches(stage, cfg, a, device, vocab, image_id, batch)
         tokens = int(batches[0]["attention_mask"].sum())  # per step
         runs = ([("plain", None)] if not a.no_plain else []) + [(f"zero{z}", int(z)) for z in a.zero_stages.split(",")]
         for name, zero in runs:
@@ -354,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_ours(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, sync, zero)
             except Exception as e:  # one failed configuration must not lose the others' figures
                 print(f"{stage} {name}: FAILED {type(e).__name__}: {e}", flush=True)
-                rows.append((stage, f"{a.tag}{name}", {"error": f"{type(e).__name__}: {e}"}))
+                rows.append((stage, f"{a.tag}{name}", {"error": f"{type(e).__name__}: {e}", "batch": batch}))
                 continue
             r["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if gpu else math.nan
             if a.profile_steps:
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 f = sft_flops(model, seq_tokens=a.seq, images_per_sample=1.0, supervised_tokens=None if a.full_logits else sup)
             s = summarise(r, a.warmup, batch, tokens, f, peaks)
             trained, frozen = params(model)
-            s.update(flops_per_sample=f, trained_params=trained, frozen_params=frozen, wall_s=time.perf_counter() - t0,
+            s.update(batch=batch, flops_per_sample=f, trained_params=trained, frozen_params=frozen, wall_s=time.perf_counter() - t0,
                      gpu_busy=r.get("gpu_busy", math.nan))
             if zero is not None:
                 frozen_bytes = 2 if a.precision == "bf16" and a.bf16_mode == "weights" else 4
@@ -376,22 +387,22 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((stage, name, s))
             unit = f"{s['samples_per_s']:8.1f} samples/s" if stage == "contrastive" else f"{s['tokens_per_s']:9.0f} tokens/s"
             mfu = "  ".join(f"MFU[{k}] {100 * s[f'mfu_{k}']:.1f}%" for k in peaks)
-            print(f"{stage} {name}: {unit}  {mfu}  median step {s['median_step_ms']:.1f} ms  peak {s['peak_mb']:.0f} MB  "
+            print(f"{stage} {name} x{batch}: {unit}  {mfu}  median step {s['median_step_ms']:.1f} ms  peak {s['peak_mb']:.0f} MB  "
                   f"states {s['states_mb']:.0f} MB (formula {s.get('zero_formula_mb', math.nan):.0f})  "
                   f"loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}  GPU busy {100 * s['gpu_busy']:.0f}%  ({s['wall_s']:.0f} s)", flush=True)
             del r, model
     report["rows"] = [{"stage": st, "run": n, **s} for st, n, s in rows]
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2, default=float))
-    print("\n| stage | run | rate | MFU (790) | MFU (measured peak) | median step | peak mem | held between steps (ZeRO formula, N=1) | vs plain |")
-    plain = {st: s for st, n, s in rows if n == f"{a.tag}plain" and "error" not in s}
+    print("\n| stage | micro-batch | run | rate | MFU (790) | MFU (measured peak) | median step | peak mem | held between steps (ZeRO formula, N=1) | vs plain |")
+    plain = {(st, s["batch"]): s for st, n, s in rows if n == f"{a.tag}plain" and "error" not in s}
     for st, n, s in rows:
         if "error" in s:
-            print(f"| {st} | {n} | failed: {s['error'][:80]} |")
+            print(f"| {st} | {s['batch']} | {n} | failed: {s['error'][:80]} |")
             continue
         key = "samples_per_s" if st == "contrastive" else "tokens_per_s"
-        ratio = s[key] / plain[st][key] if st in plain else math.nan
-        print(f"| {st} | {n} | {s[key]:.1f} {'samples/s' if st == 'contrastive' else 'tokens/s'} | {100 * s['mfu_project']:.1f}% | "
+        ratio = s[key] / plain[st, s["batch"]][key] if (st, s["batch"]) in plain else math.nan
+        print(f"| {st} | {s['batch']} | {n} | {s[key]:.1f} {'samples/s' if st == 'contrastive' else 'tokens/s'} | {100 * s['mfu_project']:.1f}% | "
               f"{100 * s.get('mfu_measured', math.nan):.1f}% | {s['median_step_ms']:.1f} ms | {s['peak_mb']:.0f} MB | "
               f"{s['states_mb']:.0f} MB ({s.get('zero_formula_mb', math.nan):.0f} MB) | {ratio:.3f} |")
     return 0
