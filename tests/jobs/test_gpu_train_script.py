@@ -1,4 +1,4 @@
-"""`benchmarks/gpu_train.py` runs on CPU (its functional check), so that a GPU session finds it
+"""`benchmarks/gpu_train.py` runs on CPU (its functional check), so that a run on a GPU machine finds it
 working: both stages, a plain and a DeepSpeed step, two micro-batch sizes in one call."""
 
 from __future__ import annotations
