@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 
@@ -16,7 +18,11 @@ def test_gpu_train_script_runs_on_cpu_with_several_micro_batches(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), "--preset", "tiny", "--device", "cpu", "--precision", "fp32",
            "--steps", "3", "--warmup", "1", "--zero-stages", "0", "--batch1", "4", "--batch2", "1,2", "--seq", "64",
            "--json", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    with socket.socket() as sock:  # a free port for its one-process gloo group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["stage"], r["batch"], r["run"]) for r in rows] == [
