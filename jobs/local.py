@@ -244,18 +244,14 @@ def answer_questions(
     return answers
 
 
-def evaluate_sft(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, exclude_tasks: Sequence[str] = ("caption",)) -> dict[str, float]:
-    """Exact match per task and overall (single-image tasks), greedy decoding (up to 32 new tokens:
-    a stated answer, ``world.stated_answer``, takes up to ~12)."""
-    return answer_and_score(model, examples, tokenizer, exclude_tasks=exclude_tasks)[2]
-
-
-def answer_and_score(
-    model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, exclude_tasks: Sequence[str] = ("caption",)
-) -> tuple[list[SFTExample], list[str], dict[str, float]]:
-    """``evaluate_sft``'s work, keeping what it answered: the examples scored (those not in
-    ``exclude_tasks``, in order), the greedy answer to each, and the metrics."""
-    chosen = [ex for ex in examples if ex.task not in exclude_tasks]
+def evaluate_sft(
+    model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any
+) -> tuple[list[tuple[SFTExample, str]], dict[str, float]]:
+    """Held-out stage-2 metrics, greedy decoding: exact match per question task, on single-image
+    questions and overall (up to 32 new tokens: a stated answer, ``world.stated_answer``, takes
+    up to ~12), and the captions asked alone (``evaluate_captions``). Also returns each question
+    with the answer scored, in order (a training job logs the first few)."""
+    chosen = [ex for ex in examples if ex.task != "caption"]
     preds = answer_questions(model, chosen, tokenizer)
     refs = [answer_of(ex) for ex in chosen]
     metrics: dict[str, float] = {}
@@ -266,7 +262,8 @@ def answer_and_score(
     if single:
         metrics["em_single_image"] = exact_match([preds[i] for i in single], [refs[i] for i in single])
     metrics["em_all"] = exact_match(preds, refs) if chosen else 0.0
-    return chosen, preds, metrics
+    metrics.update(evaluate_captions(model, examples, tokenizer))
+    return list(zip(chosen, preds)), metrics
 
 
 def evaluate_captions(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, max_new_tokens: int = 96) -> dict[str, float]:
@@ -369,8 +366,7 @@ def train_sft(
         log(f"stage2 skipped samples by reason: {skipped}")
     metrics: dict[str, float] = {"train_seconds": seconds}
     if eval_examples:
-        metrics.update(evaluate_sft(model, eval_examples, tokenizer))
-        metrics.update(evaluate_captions(model, eval_examples, tokenizer))
+        metrics.update(evaluate_sft(model, eval_examples, tokenizer)[1])
     return RunResult(model=model, history=history, metrics=metrics, skipped=skipped, seconds=seconds)
 
 

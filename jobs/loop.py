@@ -220,10 +220,9 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
         else:
             examples = evals.get("examples") or []
             if examples:
-                chosen, preds, metrics = local.answer_and_score(model, examples, tokenizer)
+                answered, metrics = local.evaluate_sft(model, examples, tokenizer)
                 out.update({f"eval_{k}": v for k, v in metrics.items()})
-                out.update({f"eval_{k}": v for k, v in local.evaluate_captions(model, examples, tokenizer).items()})
-                for ex, pred in list(zip(chosen, preds))[: job.sample_generations]:  # the answers just scored
+                for ex, pred in answered[: job.sample_generations]:  # the answers just scored
                     log(f"  sample {ex.id}: {pred!r} (reference {local.answer_of(ex)!r})")
     model.train(was_training)
     return out
