@@ -496,11 +496,45 @@ def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | Non
 # ----------------------------------------------------------------------------- in-process reads
 
 
+def read_shard_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
+    """The first ``limit`` image-caption samples of a directory of WebDataset shards (shard by
+    shard in name order, each in its own order), decoded in-process: held-out pairs for eval.
+    A sample without both a ``.jpg`` and a ``.txt`` member is passed over."""
+    import tarfile
+
+    keys: list[str] = []
+    jpgs: list[bytes] = []
+    txts: list[bytes] = []
+    for shard in shard_paths(data):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                key, dot, ext = m.name.rpartition(".")
+                if m.isfile() and dot and ext in ("jpg", "txt"):
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for key, parts in members.items():
+            if len(keys) == limit:
+                break
+            if "jpg" in parts and "txt" in parts:
+                keys.append(key)
+                jpgs.append(parts["jpg"])
+                txts.append(parts["txt"])
+        if len(keys) == limit:
+            break
+    if not keys:
+        return np.zeros((0, size, size, 3), np.uint8), []
+    out = DecodePairs(None, size)({"jpg": np.array(jpgs, dtype=object), "txt": np.array(txts, dtype=object), "__key__": np.array(keys, dtype=object)})
+    return out["pixels"], list(out["caption"])
+
+
 def read_heldout_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
-    """Up to ``limit`` held-out pairs of a world directory, decoded in-process (for eval)."""
+    """Up to ``limit`` held-out pairs, decoded in-process (for eval): a world directory's
+    held-out split, or the first samples of a directory of held-out WebDataset shards."""
     import pyarrow.parquet as pq
 
     if not is_world_dir(data):
+        if shard_paths(data):
+            return read_shard_pairs(data, size=size, limit=limit)
         return np.zeros((0, size, size, 3), np.uint8), []
     t = pq.read_table(Path(data) / "pairs.parquet").to_pylist()
     rows = [r for r in t if r["split"] == "heldout"][:limit]

@@ -137,6 +137,8 @@ class Flow:
                 *self.a.overrides]
         if stage == "sft":
             argv += ["--init-from", str(self.out / "stage1" / "final")]
+        else:  # trained on the curated shards, scored on the world's held-out pairs and zero-shot set
+            argv += ["--eval-data", str(self.world)]
         if self.a.gpu:
             argv.append("--gpu")
         _, cfg, job, _ = resolve(argv)

@@ -27,7 +27,7 @@ class JobConfig:
     """How a stage runs on Ray Train + DeepSpeed (the model and optimiser live in ``Config``)."""
 
     data: str = ""  # a generated-world directory (pairs.parquet, sft.jsonl) or WebDataset shards
-    output: str = "runs/train"  # the run directory; re-running with the same one resumes
+    output: str = ""  # the run directory (default runs/<stage>); re-running with the same one resumes
     num_workers: int = 2
     gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -51,7 +51,10 @@ class JobConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
-    checkpoint_score: str | None = None  # keep the best by this metric (max) instead of the latest
+    # keep the best by this reported metric instead of the latest (an eval_* metric is scored at
+    # every checkpoint); checkpoint_order: max | min, default min for a *loss* metric, else max
+    checkpoint_score: str | None = None
+    checkpoint_order: str | None = None
     max_failures: int = 3  # worker failures survived by restarting from the last checkpoint
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: no shuffle)
     # keep each worker's decoded shard in RAM after the first epoch (Ray Data re-runs its read and
@@ -67,7 +70,11 @@ class JobConfig:
     # stage 2: sort each window of this many micro-batches by length (a resume continues after the
     # window in flight at the checkpoint: up to this many micro-batches of that epoch go untrained)
     group_by_length: int = 0
-    eval_samples: int = 128  # held-out items scored at each eval
+    # held-out data for the evals: a world directory (its held-out split) or a directory of held-out
+    # WebDataset shards (stage 1: retrieval on their first eval_samples pairs); default: data, when
+    # it is a world (training shards hold no held-out split)
+    eval_data: str = ""
+    eval_samples: int = 128  # held-out items scored at each eval (0: no eval)
     zero_shot: str = "shape"  # stage 1: zero-shot classification label (shape|colour|size|background; "": none)
     sample_generations: int = 4  # stage 2: generations printed at each eval
     tensorboard: bool = True
@@ -100,8 +107,20 @@ class JobConfig:
             raise ConfigError(f"job.cache_shard: expected auto, true or false, got {self.cache_shard!r}")
         if self.cache_budget_mb < 0:
             raise ConfigError(f"job.cache_budget_mb: expected >= 0 (0: automatic), got {self.cache_budget_mb!r}")
+        if self.checkpoint_order not in (None, "max", "min"):
+            raise ConfigError(f"job.checkpoint_order: expected max or min, got {self.checkpoint_order!r}")
+        if self.checkpoint_order and not self.checkpoint_score:
+            raise ConfigError("job.checkpoint_order: needs job.checkpoint_score (the metric to order by)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("job.offload_params: parameter offload needs job.zero_stage=3")
+
+
+def score_order(job: JobConfig) -> str:
+    """``max`` or ``min``: how ``job.checkpoint_score`` ranks checkpoints (``checkpoint_order``,
+    else ``min`` for a loss and ``max`` for anything else: recall, accuracy, exact match, step)."""
+    if job.checkpoint_order:
+        return job.checkpoint_order
+    return "min" if job.checkpoint_score and "loss" in job.checkpoint_score else "max"
 
 
 def micro_batch(optim: OptimConfig, job: JobConfig) -> int:
@@ -207,6 +226,36 @@ def load_job(
     except ConfigError as e:
         raise ConfigError(f"job config (job.* keys): {e}") from e
     return cfg, job
+
+
+def check_resumable(cfg: Config, job: JobConfig, stage: str, path: str | Path) -> None:
+    """Refuse to resume a run directory written by another kind of run: its ``job.yaml``
+    (``save_job``) names another stage, stage-2 phase or model config. Its checkpoints would
+    otherwise load into the wrong engine (another stage's model) or pass for this run's own
+    progress (an align phase's steps taken as the instruct phase's)."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    saved = yaml.safe_load(p.read_text()) or {}
+    where = f"{p.parent} holds a run of"
+    if saved.get("stage") != stage:
+        raise ConfigError(f"job.output: {where} stage {saved.get('stage')!r}, not {stage!r}; give this run its own --output")
+    phase = (saved.get("job") or {}).get("phase")
+    if stage == "sft" and phase != job.phase:
+        raise ConfigError(f"job.output: {where} phase {phase!r}, not {job.phase!r}; give each phase its own --output")
+    diff = sorted(_differing(saved.get("model") or {}, to_dict(cfg)["model"], "model"))
+    if diff:
+        raise ConfigError(
+            f"job.output: {where} another model config ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''} differ); "
+            "resume with the same model, or give a new run its own --output"
+        )
+
+
+def _differing(a: Any, b: Any, prefix: str) -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in a.keys() | b.keys() for k in _differing(a.get(key), b.get(key), f"{prefix}.{key}")]
+    return [] if a == b else [prefix]
 
 
 def save_job(cfg: Config, job: JobConfig, stage: str, path: str | Path) -> None:

@@ -321,6 +321,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
         bar = tqdm(total=optim.steps, initial=start, desc=f"{stage}", leave=False)
     skipped: dict[str, int] = {}
+    warned_score = False
     t_last = time.perf_counter()
     engine.train()
     for step in range(start + 1, optim.steps + 1):
@@ -400,10 +401,18 @@ def train_loop(config: dict[str, Any]) -> None:
             )
         rec["mfu"] = per_sample * g_samples / dt / (world * peak) if math.isfinite(peak) else math.nan
         t_pause = time.perf_counter()  # eval and checkpoint time is reported apart, not in the step time
-        if optim.eval_every and step % optim.eval_every == 0 and step != optim.steps:
+        last = step == optim.steps
+        save = last or bool(job.checkpoint_every and step % job.checkpoint_every == 0)
+        plain = None
+        if eval_due(step, optim.steps, eval_every=optim.eval_every, checkpoint=save, score=job.checkpoint_score):
             plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
             if plain is not None:
                 rec.update(evaluate(stage, plain, cfg, job, tokenizer, evals, log))
+                score = job.checkpoint_score or ""
+                if score.startswith("eval_") and score not in rec and not warned_score:
+                    warned_score = True
+                    found = ", ".join(k for k in rec if k.startswith("eval_"))
+                    log(f"[{stage}] WARNING job.checkpoint_score={score!r} is not among this eval's metrics ({found}): checkpoints cannot be ranked by it")
             dist.barrier()
             rec["eval_s"] = time.perf_counter() - t_pause
         if trace is not None:
@@ -419,10 +428,12 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"[{stage}] step {step}/{optim.steps} loss {loss_val:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "
                 f"{rec['samples_per_s']:.1f} samples/s {rec['tokens_per_s']:.0f} tokens/s mfu {rec['mfu']:.3f}"
             )
-        last = step == optim.steps
-        if last or (job.checkpoint_every and step % job.checkpoint_every == 0):
+        if save:
             t_ckpt = time.perf_counter()
-            _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, evals=evals, log=log, data_state=stream.state())
+            _checkpoint(
+                engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, evals=evals, log=log, data_state=stream.state(),
+                plain=(plain,) if last else None,
+            )  # fmt: skip
             if rank == 0 and not last:
                 log(f"[{stage}] checkpoint at step {step} in {time.perf_counter() - t_ckpt:.1f}s")
         t_last += time.perf_counter() - t_pause
@@ -464,7 +475,21 @@ def _report_partition(model: torch.nn.Module, run_dir: Path, rank: int, seconds:
         log(f"built partitioned (deepspeed.zero.Init) in {seconds:.1f}s: {mine['full_numel']:,} parameter elements, shards {shards}")
 
 
-def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log, data_state) -> None:
+def eval_due(step: int, steps: int, *, eval_every: int, checkpoint: bool, score: str | None) -> bool:
+    """Whether ``step`` scores the held-out sets: every ``eval_every`` steps, at the last step
+    (the final metrics, in ``metrics.csv`` too), and at each checkpoint when checkpoints are
+    kept by an eval metric (``job.checkpoint_score``), so every checkpoint is ranked by its own
+    score."""
+    if step == steps or (eval_every and step % eval_every == 0):
+        return True
+    return checkpoint and bool(score) and score.startswith("eval_")
+
+
+def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log, data_state, plain=None) -> None:
+    """Save and report a checkpoint; ``final`` also exports the consolidated model. ``rec``
+    holds the step's metrics. ``plain``: ``(plain_copy's result,)`` when the step has made it
+    and evaluated it already (None off rank 0); without it (a re-run of a finished run) a
+    final checkpoint makes the copy and evaluates it here (collective under ZeRO-3)."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -476,10 +501,14 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, e
             (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
         metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if final:
-            plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
-            if plain is not None:
-                metrics.update(evaluate(stage, plain, cfg, job, tokenizer, evals, log))
-                _export(plain, stage, cfg, tokenizer, Path(tmp), step=step, metrics=metrics, log=log)
+            if plain is None:
+                copy = plain_copy(engine, stage, cfg, job, tokenizer, rank)
+                if copy is not None:
+                    metrics.update(evaluate(stage, copy, cfg, job, tokenizer, evals, log))
+            else:
+                (copy,) = plain
+            if copy is not None:
+                _export(copy, stage, cfg, tokenizer, Path(tmp), step=step, metrics=metrics, log=log)
             dist.barrier()
         metrics["step"] = step
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
@@ -525,6 +554,9 @@ def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: 
     return full.eval()
 
 
+HF_SKIPPED = "hf_skipped.txt"  # in a final checkpoint: why it holds no Hugging Face export
+
+
 def _export(model: torch.nn.Module, stage: str, cfg: Config, tokenizer: Any, out: Path, *, step: int, metrics: dict, log) -> None:
     """The consolidated model in our format and, for stage 2, the Hugging Face LLaVA format."""
     from vlm.checkpoint import save_checkpoint
@@ -536,4 +568,5 @@ def _export(model: torch.nn.Module, stage: str, cfg: Config, tokenizer: Any, out
         try:
             export_llava_hf(model, tokenizer, out / "hf")
         except ValueError as e:  # a config the LLaVA format cannot hold (pixel shuffle, ...)
+            (out / HF_SKIPPED).write_text(f"{e}\n")  # the driver reports it in result.json
             log(f"[sft] Hugging Face export skipped: {e}")

@@ -78,23 +78,21 @@ def _hf(module: nn.Module, *names: str) -> int:
 
 
 def contrastive_flops(model: nn.Module, *, caption_tokens: float, cache: dict | None = None) -> float:
-    """FLOPs per stage-1 sample (image + caption), fwd + bwd."""
+    """FLOPs per stage-1 sample (image + caption), fwd + bwd.
+
+    Each tower counts by its own parameters (trained: 6 N T; locked: 2 N T, the forward only);
+    each projection once per sample (it maps the pooled embedding): 2 N forward, + 2 N for its
+    weight gradient when trained, + 2 N for the gradient into a trained tower."""
     cfg = model.cfg
-    fv = tower_flops(
-        matmul_params(model.vision, cache)[0] + numel(model.image_proj.weight),
-        cfg.vision.num_patches + 1,
-        layers=cfg.vision.num_layers,
-        width=cfg.vision.hidden_size,
-        mode=_mode(model.vision, upstream_needs_grad=False) if not model.image_proj.weight.requires_grad else "train",
-    )
-    ft = tower_flops(
-        matmul_params(model.text, cache)[0] + numel(model.text_proj.weight),
-        caption_tokens,
-        layers=_hf(model.text, "num_hidden_layers"),
-        width=_hf(model.text, "hidden_size"),
-        mode="train" if model.text_proj.weight.requires_grad else "forward",
-    )
-    return fv + ft
+    flops = 0.0
+    for tower, proj, tokens, layers, width in (
+        (model.vision, model.image_proj, cfg.vision.num_patches + 1, cfg.vision.num_layers, cfg.vision.hidden_size),
+        (model.text, model.text_proj, caption_tokens, _hf(model.text, "num_hidden_layers"), _hf(model.text, "hidden_size")),
+    ):
+        mode = _mode(tower, upstream_needs_grad=False)
+        flops += tower_flops(matmul_params(tower, cache)[0], tokens, layers=layers, width=width, mode=mode)
+        flops += (2 + 2 * proj.weight.requires_grad + 2 * (mode == "train")) * numel(proj.weight)
+    return flops
 
 
 def output_projection_params(decoder: nn.Module) -> int:
@@ -168,7 +166,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = read_metrics(self.path, up_to=resume_step)
-        self.fields: list[str] = list(self.rows[0]) if self.rows else []
+        self.fields: list[str] = list(dict.fromkeys(k for r in self.rows for k in r))  # every column kept, first seen first
         self._rewrite()
         self.tb = None
         if tensorboard:

@@ -13,12 +13,15 @@ Run directory (``--output``; re-running the same command resumes the run)::
     curves.png        the curves
     final/            the consolidated model in our checkpoint format (ZeRO-3 shards gathered)
     final-hf/         stage 2: the same model as transformers' LlavaForConditionalGeneration
+                      (where that format can hold it: not with pixel shuffle; result.json's
+                      hf_export_skipped says why)
     result.json       final metrics and paths
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.job_config import STAGES, JobConfig, load_job, micro_batch, save_job
+from jobs.job_config import STAGES, JobConfig, check_resumable, load_job, micro_batch, save_job, score_order
 from vlm.config import Config, ConfigError
 
 RAY_DIR = "ray_train"
@@ -44,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU with gloo")
     p.add_argument("--init-from", default=None, help="sft: a stage-1 checkpoint (vision tower) or a stage-2 one")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out data for the evals: a world directory, or (contrastive) held-out WebDataset shards (default: --data if a world)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides; job.* keys set the job config")
     return p
@@ -53,7 +58,7 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
     a = build_parser().parse_intermixed_args(argv)
     flags = []
     for key, val in (("data", a.data), ("output", a.output), ("num_workers", a.num_workers), ("zero_stage", a.zero_stage),
-                     ("precision", a.precision), ("init_from", a.init_from)):
+                     ("precision", a.precision), ("init_from", a.init_from), ("eval_data", a.eval_data)):
         if val is not None:
             flags.append(f"job.{key}={json.dumps(val) if isinstance(val, str) else val}")
     if a.gpu:
@@ -63,10 +68,14 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
         raise ConfigError("job.data: expected a data directory (--data DIR), got none")
     if not Path(job.data).exists():
         raise ConfigError(f"job.data: expected an existing directory, got {job.data!r}")
-    job.output = str(Path(job.output).resolve())
+    job.output = str(Path(job.output or f"runs/{a.stage}").resolve())
     job.data = str(Path(job.data).resolve())
     if job.init_from:
         job.init_from = str(Path(job.init_from).resolve())
+    if job.eval_data:
+        if not Path(job.eval_data).is_dir():
+            raise ConfigError(f"job.eval_data: expected an existing directory, got {job.eval_data!r}")
+        job.eval_data = str(Path(job.eval_data).resolve())
     micro_batch(cfg.stage1 if a.stage == "contrastive" else cfg.stage2, job)  # fail early on a bad split
     c = cfg.model.contrastive
     if a.stage == "contrastive" and (c.hard_negatives or c.cell_loss_weight):
@@ -117,13 +126,39 @@ def eval_sets(stage: str, cfg: Config, job: JobConfig) -> dict[str, Any]:
     from jobs.data import read_heldout_pairs, read_sft, read_zero_shot
 
     size = cfg.model.vision.image_size
+    src = eval_source(job)
+    if job.eval_samples <= 0 or not src:  # no eval, in both stages
+        return {}
     if stage == "contrastive":
-        pixels, captions = read_heldout_pairs(job.data, size=size, limit=job.eval_samples)
+        pixels, captions = read_heldout_pairs(src, size=size, limit=job.eval_samples)
         out: dict[str, Any] = {"pixels": pixels, "captions": captions}
         if job.zero_shot and captions:
-            out["zero_shot"] = read_zero_shot(job.data, size=size, label_kind=job.zero_shot, limit=job.eval_samples)
+            out["zero_shot"] = read_zero_shot(src, size=size, label_kind=job.zero_shot, limit=job.eval_samples)
         return out
-    return {"examples": read_sft(job.data, size=size, split="heldout", limit=job.eval_samples)}
+    return {"examples": read_sft(src, size=size, split="heldout", limit=job.eval_samples)}
+
+
+def eval_source(job: JobConfig) -> str:
+    """Where the held-out data comes from: ``job.eval_data``, else ``job.data`` when it is a
+    world directory (training shards are not held out: "" then)."""
+    from jobs.data import is_world_dir
+
+    return job.eval_data or (job.data if is_world_dir(job.data) else "")
+
+
+def describe_evals(stage: str, job: JobConfig, evals: dict[str, Any]) -> str:
+    """One line on what each eval scores, or why there is none."""
+    src = eval_source(job) or job.data
+    if job.eval_samples <= 0:
+        return f"[{stage}] eval: off (job.eval_samples=0)"
+    if stage == "contrastive" and evals.get("captions"):
+        zs = evals.get("zero_shot")
+        extra = f", zero-shot {job.zero_shot} classification on {len(zs['labels'])} images" if zs else ", no zero-shot labels there"
+        return f"[{stage}] eval: retrieval on {len(evals['captions'])} held-out pairs of {src}{extra}"
+    if stage == "sft" and evals.get("examples"):
+        return f"[{stage}] eval: {len(evals['examples'])} held-out conversations of {src}"
+    return (f"[{stage}] eval: none, no held-out data in {src} (give --eval-data: a world directory"
+            f"{' or a directory of held-out WebDataset shards' if stage == 'contrastive' else ''})")
 
 
 def ingest_options():
@@ -168,7 +203,7 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
             checkpoint_config=CheckpointConfig(
                 num_to_keep=job.keep_checkpoints,
                 checkpoint_score_attribute=job.checkpoint_score or "step",
-                checkpoint_score_order="max",
+                checkpoint_score_order=score_order(job),
             ),
         ),
         datasets={"train": ds},
@@ -189,20 +224,47 @@ def prune_unregistered(ray_dir: Path, *, keep: list[str]) -> list[str]:
     return gone
 
 
+# what every step reports (jobs.loop.train_loop), besides the eval_* metrics of an eval step
+STEP_METRICS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_s", "data_wait_s", "peak_mem_mb")
+
+
+def check_score(job: JobConfig, evals: dict[str, Any]) -> None:
+    """``job.checkpoint_score`` names a metric each checkpoint reports: a step metric, or an
+    ``eval_*`` one when there is held-out data to score (else Ray would rank every checkpoint
+    as missing the metric and keep arbitrary ones)."""
+    score = job.checkpoint_score
+    if not score or score in STEP_METRICS:
+        return
+    if not score.startswith("eval_"):
+        raise ConfigError(f"job.checkpoint_score: expected one of {', '.join(STEP_METRICS)} or an eval_* metric, got {score!r}")
+    if not (evals.get("captions") or evals.get("examples")):
+        raise ConfigError(
+            f"job.checkpoint_score={score!r}: no held-out data to score in {job.eval_data or job.data} "
+            "(give --eval-data; job.eval_samples=0 turns the evals off)"
+        )
+
+
 def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]:
     """Train (or resume) a stage and export its final model; returns ``result.json``'s content."""
     import ray
 
+    from jobs.loop import HF_SKIPPED
     from jobs.metrics import read_metrics, save_curves
 
+    if not job.output:
+        job = dataclasses.replace(job, output=str(Path(f"runs/{stage}").resolve()))
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, job, stage, out / "job.yaml")
     save_job(cfg, job, stage, out / "job.yaml")
     tokenizer = resolve_tokenizer(stage, cfg, job, log=log)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
     t0 = time.perf_counter()
-    result = build_trainer(stage, cfg, job, tokenizer).fit()
+    trainer = build_trainer(stage, cfg, job, tokenizer)
+    check_score(job, trainer.train_loop_config["evals"])
+    log(describe_evals(stage, job, trainer.train_loop_config["evals"]))
+    result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -215,6 +277,10 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
                 shutil.rmtree(out / dest, ignore_errors=True)
                 shutil.copytree(Path(d) / name, out / dest)
                 summary[dest] = str(out / dest)
+        if (Path(d) / HF_SKIPPED).is_file():
+            shutil.rmtree(out / "final-hf", ignore_errors=True)  # an earlier run's export is not this model's
+            summary["hf_export_skipped"] = (Path(d) / HF_SKIPPED).read_text().strip()
+            log(f"[{stage}] no Hugging Face export: {summary['hf_export_skipped']}")
     summary["checkpoint"] = result.checkpoint.path
     rows = read_metrics(out / "metrics.csv")
     if rows:

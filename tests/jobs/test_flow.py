@@ -59,6 +59,10 @@ def test_every_step_ran_and_left_its_output(flow):
         for f in files:
             assert (final / f).is_file(), f"{stage}: {f} missing in {final}"
     assert (out / "stage2" / "final-hf" / "config.json").is_file()
+    # Trained on the shards, stage 1 was scored on the world's held-out pairs and zero-shot set.
+    s1 = steps["stage1"]["last_metrics"]
+    for key in ("eval_t2i_r1", "eval_i2t_r5", "eval_zero_shot_acc"):
+        assert 0.0 <= s1.get(key, -1.0) <= 1.0, f"{key} missing in {sorted(s1)}"
     # Stage 1 trained on the curated shards: its tokenizer is the flow's, shared by both stages.
     from vlm.tokenizer import load_tokenizer
 

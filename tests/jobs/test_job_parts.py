@@ -61,6 +61,33 @@ def test_job_config_errors_name_the_key():
         micro_batch(cfg.stage1, job)
 
 
+def test_checkpoints_kept_by_a_metric_are_ordered_checked_and_scored_at_each_checkpoint(world):
+    from jobs.job_config import score_order
+    from jobs.loop import eval_due
+    from jobs.train import check_score, eval_sets
+
+    assert score_order(load_job(overrides=["job.checkpoint_score=eval_t2i_r1"])[1]) == "max"
+    assert score_order(load_job(overrides=["job.checkpoint_score=loss"])[1]) == "min"
+    assert score_order(load_job(overrides=["job.checkpoint_score=loss", "job.checkpoint_order=max"])[1]) == "max"
+    with pytest.raises(ConfigError, match="job.checkpoint_order: expected max or min"):
+        load_job(overrides=["job.checkpoint_score=loss", "job.checkpoint_order=up"])
+    with pytest.raises(ConfigError, match="needs job.checkpoint_score"):
+        load_job(overrides=["job.checkpoint_order=min"])
+    # an eval metric needs held-out data; eval_samples=0 turns eval off in both stages
+    cfg, job = load_job(preset="tiny", overrides=[f"job.data={world}", "job.eval_samples=0", "job.checkpoint_score=eval_t2i_r1"])
+    assert eval_sets("contrastive", cfg, job) == {} and eval_sets("sft", cfg, job) == {}
+    with pytest.raises(ConfigError, match="no held-out data to score"):
+        check_score(job, eval_sets("contrastive", cfg, job))
+    cfg, job = load_job(preset="tiny", overrides=[f"job.data={world}", "job.eval_samples=2", "job.checkpoint_score=eval_t2i_r1"])
+    check_score(job, eval_sets("contrastive", cfg, job))
+    with pytest.raises(ConfigError, match="expected one of step, loss.*got 'eval'"):
+        check_score(load_job(overrides=["job.checkpoint_score=eval"])[1], {})
+    # every 4 steps, the last, and each checkpoint when an eval metric ranks them
+    due = [s for s in range(1, 11) if eval_due(s, 10, eval_every=4, checkpoint=s % 3 == 0, score="eval_t2i_r1")]
+    assert due == [3, 4, 6, 8, 9, 10]
+    assert [s for s in range(1, 11) if eval_due(s, 10, eval_every=0, checkpoint=s % 3 == 0, score="loss")] == [10]
+
+
 def test_ray_stage1_refuses_scene_targets_that_pairs_do_not_carry(world, tmp_path):
     from jobs.train import resolve
 
@@ -74,6 +101,111 @@ def test_ray_stage1_refuses_scene_targets_that_pairs_do_not_carry(world, tmp_pat
     # and so are the per-cell labels of the grounding loss
     with pytest.raises(ConfigError, match="model.llava.ground_loss_weight: .* expected 0, got 0.5"):
         resolve(["sft", "--data", str(world), "--output", str(tmp_path / "out"), "model.llava.ground_loss_weight=0.5"])
+
+
+def test_stage1_evals_on_held_out_shards_given_by_eval_data(world, tmp_path):
+    """Training shards hold no held-out split: ``--eval-data`` names held-out shards (or a world);
+    retrieval scores their first ``eval_samples`` complete samples, in shard order."""
+    from PIL import Image
+
+    from jobs.train import describe_evals, eval_sets, resolve
+
+    held = tmp_path / "heldout"
+    held.mkdir()
+    colours = {}
+    for s, keys in enumerate((["a0", "a1", "a2"], ["b0", "b1"])):
+        with tarfile.open(held / f"{s:05d}.tar", "w") as tar:
+            for k in keys:
+                colours[k] = (40 * len(colours), 255 - 40 * len(colours), 90)
+                buf = io.BytesIO()
+                Image.new("RGB", (24, 24), colours[k]).save(buf, format="JPEG", quality=95)
+                parts = [("jpg", buf.getvalue()), ("json", b"{}")] + ([] if k == "a1" else [("txt", f"caption {k}".encode())])
+                for ext, data in parts:
+                    info = tarfile.TarInfo(f"{k}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    shards = tmp_path / "train-shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes((held / "00000.tar").read_bytes())
+    stage, cfg, job, _ = resolve(["contrastive", "--data", str(shards), "--output", str(tmp_path / "o"), "--eval-data", str(held), "job.eval_samples=3"])
+    evals = eval_sets(stage, cfg, job)
+    assert evals["captions"] == ["caption a0", "caption a2", "caption b0"]  # a1 has no caption: passed over
+    size = cfg.model.vision.image_size
+    assert evals["pixels"].shape == (3, size, size, 3) and evals.get("zero_shot") is None  # shards carry no labels
+    assert abs(int(evals["pixels"][2, size // 2, size // 2, 0]) - colours["b0"][0]) <= 8
+    assert describe_evals(stage, job, evals).endswith(f"retrieval on 3 held-out pairs of {held}, no zero-shot labels there")
+    # without --eval-data, training shards give no eval, and the log says how to get one
+    stage, cfg, job, _ = resolve(["contrastive", "--data", str(shards), "--output", str(tmp_path / "o")])
+    evals = eval_sets(stage, cfg, job)
+    assert evals == {} and "give --eval-data" in describe_evals(stage, job, evals)
+    # a world as eval data: its held-out pairs and zero-shot set
+    stage, cfg, job, _ = resolve(["contrastive", "--data", str(shards), "--output", str(tmp_path / "o"), "--eval-data", str(world), "job.eval_samples=4"])
+    evals = eval_sets(stage, cfg, job)
+    assert len(evals["captions"]) == 4 and evals["zero_shot"] is not None
+    with pytest.raises(ConfigError, match="job.eval_data: expected an existing directory"):
+        resolve(["contrastive", "--data", str(shards), "--eval-data", str(tmp_path / "nope")])
+
+
+def test_config_file_through_the_cli_and_locked_towers_that_do_not_move(world, tmp_path):
+    """`vlm train contrastive --config FILE` (its job: section, a flag and an override on top);
+    job.lock_image / lock_text freeze a tower: an optimiser step moves the other one only."""
+    import torch
+
+    from jobs.loop import build_model
+    from jobs.train import resolve, resolve_tokenizer
+    from vlm.data import collate_pairs
+    from vlm.optim import build_optimizer
+
+    f = tmp_path / "exp.yaml"
+    f.write_text(f"preset: tiny\nstage1: {{lr: 1.0e-2}}\njob: {{data: {world}, zero_stage: 1, lock_image: true, eval_samples: 4}}\n")
+    stage, cfg, job, _ = resolve(["contrastive", "--config", str(f), "--output", str(tmp_path / "o"), "--num-workers", "1", "stage1.batch_size=4"])
+    assert (stage, cfg.stage1.lr, cfg.stage1.batch_size, job.zero_stage, job.num_workers, job.lock_image, job.data) == (
+        "contrastive", 1e-2, 4, 1, 1, True, str(world))
+    tok = resolve_tokenizer(stage, cfg, job, log=lambda *_: None)
+    pixels, captions = _heldout_pairs(world, cfg.model.vision.image_size)
+    for lock, frozen, free in (("lock_image", "vision", "text"), ("lock_text", "text", "vision")):
+        job.lock_image, job.lock_text = lock == "lock_image", lock == "lock_text"
+        model = build_model(stage, cfg, job, tok)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = build_optimizer(model, cfg.stage1)
+        batch = collate_pairs(pixels, captions, tok, vision_kind=cfg.model.vision.kind, max_length=cfg.model.text.max_length)
+        model(**batch)["loss"].backward()
+        opt.step()
+        after = model.state_dict()
+        moved = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+        assert frozen not in moved and free in moved, (lock, sorted(moved))
+
+
+def _heldout_pairs(world, size):
+    from jobs.data import read_heldout_pairs
+
+    pixels, captions = read_heldout_pairs(str(world), size=size, limit=4)
+    assert len(captions) == 4
+    return pixels, captions
+
+
+def test_a_run_directory_refuses_another_stage_phase_or_model(world, tmp_path):
+    from jobs.job_config import check_resumable, save_job
+    from jobs.train import resolve
+
+    out = tmp_path / "run"
+    stage, cfg, job, _ = resolve(["contrastive", "--data", str(world), "--output", str(out)])
+    assert resolve(["sft", "--data", str(world)])[2].output.endswith("runs/sft")  # each stage its own default
+    out.mkdir()
+    check_resumable(cfg, job, stage, out / "job.yaml")  # a new directory
+    save_job(cfg, job, stage, out / "job.yaml")
+    check_resumable(cfg, job, stage, out / "job.yaml")  # the same run: resumes
+    _, cfg2, job2, _ = resolve(["contrastive", "--data", str(world), "--output", str(out), "stage1.lr=1e-5"])
+    check_resumable(cfg2, job2, "contrastive", out / "job.yaml")  # optimiser settings may change on a resume
+    with pytest.raises(ConfigError, match="holds a run of stage 'contrastive', not 'sft'"):
+        check_resumable(cfg, job, "sft", out / "job.yaml")
+    _, cfg3, job3, _ = resolve(["contrastive", "--data", str(world), "--output", str(out), "model.vision.num_layers=3"])
+    with pytest.raises(ConfigError, match=r"another model config \(model.vision.num_layers differ\)"):
+        check_resumable(cfg3, job3, "contrastive", out / "job.yaml")
+    _, cfg4, job4, _ = resolve(["sft", "--data", str(world), "--output", str(out), "job.phase=align"])
+    save_job(cfg4, job4, "sft", out / "job.yaml")
+    with pytest.raises(ConfigError, match="holds a run of phase 'align', not 'instruct'"):
+        check_resumable(cfg4, resolve(["sft", "--data", str(world), "--output", str(out)])[2], "sft", out / "job.yaml")
 
 
 def test_decode_world_rows_including_video(world):
@@ -118,6 +250,21 @@ def test_metrics_log_drops_rows_past_the_resume_step(tmp_path):
     log.close()
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 9.0 and rows[-1]["lr"] == 0.1
+
+
+def test_metrics_log_keeps_columns_first_seen_after_row_one_across_a_resume(tmp_path):
+    """Eval columns appear first on an eval step, not on row one: a resumed log keeps them."""
+    log = MetricsLog(tmp_path, resume_step=0, tensorboard=False)
+    log.log({"step": 1, "loss": 2.0})
+    log.log({"step": 2, "loss": 1.5, "eval_r1": 0.25, "eval_s": 3.0})
+    log.log({"step": 3, "loss": 1.0})
+    log.close()
+    log = MetricsLog(tmp_path, resume_step=3, tensorboard=False)  # a restart after the eval
+    log.log({"step": 4, "loss": 0.5})
+    log.close()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[1]["eval_r1"] == 0.25 and rows[1]["eval_s"] == 3.0 and "eval_r1" not in rows[3]
 
 
 def test_flop_and_zero_memory_formulas():

@@ -7,10 +7,13 @@ port on their command line) are stopped, never other Ray instances on the machin
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +53,8 @@ def cluster(tmp_path_factory):
     # no token auth on this throwaway cluster: the test's client would need the generated token
     # jobs run `python ...` through the head's PATH: this virtualenv's interpreter first
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "PATH": path}
+    # no PYTHONPATH: a job finds the project only through the runtime env's working_dir upload
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "RAY_AUTH_MODE": "disabled", "PATH": path}
     started = subprocess.run(
         [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -93,17 +97,69 @@ def test_entrypoint_and_runtime_env():
     assert env["env_vars"] == {"A": "1"} and ".venv" in env["excludes"] and Path(env["working_dir"]) == ROOT
 
 
+def _job_id(out: str) -> str:
+    found = re.search(r"submitted job (\S+) to ", out)
+    assert found, out
+    return found.group(1)
+
+
 def test_submit_streams_logs_and_succeeds(cluster, capsys):
-    rc = main(["--address", cluster, "--env", "VLM_SUBMIT_TEST=hello", "--",
-               "vlm", "config", "--preset", "tiny", "model.decoder.num_layers=3"])
+    """The project reaches the job through the working_dir upload alone (the cluster has no
+    PYTHONPATH to it); the job's output streams back; the printed id is the cluster's job."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    rc = main(["--address", cluster, "--", "vlm", "config", "--preset", "tiny", "model.decoder.num_layers=3"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "submitted job " in out
     assert "num_layers: 3" in out  # the job's own output, streamed back through the Jobs API
-    assert "SUCCEEDED" in out
+    job_id = _job_id(out)
+    assert f"job {job_id} SUCCEEDED" in out
+    assert JobSubmissionClient(cluster).get_job_status(job_id) == JobStatus.SUCCEEDED
 
 
-def test_submit_reports_failure(cluster, capsys):
-    rc = main(["--address", cluster, "--no-working-dir", "--", "python", "-c", "import sys; print('boom'); sys.exit(3)"])
+def test_submit_reports_failure_with_the_jobs_env(cluster, capsys):
+    code = "import os, sys; print('boom', os.environ.get('VLM_SUBMIT_TEST', 'unset')); sys.exit(3)"
+    rc = main(["--address", cluster, "--no-working-dir", "--env", "VLM_SUBMIT_TEST=hello", "--", "python", "-c", code])
     out = capsys.readouterr().out
-    assert rc == 1 and "boom" in out and "FAILED" in out
+    assert rc == 1 and "boom hello" in out and f"job {_job_id(out)} FAILED" in out
+
+
+def test_ctrl_c_with_stop_on_interrupt_stops_the_job(cluster):
+    """A real SIGINT to a running `vlm submit --stop-on-interrupt`: it exits 130 and the job
+    stops; without the flag the job would keep running."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    code = "import time; print('job is running', flush=True); time.sleep(300)"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "submit", "--address", cluster, "--no-working-dir", "--stop-on-interrupt", "--",
+         "python", "-c", code],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True)
+    reader.start()
+    out: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("job is running" in ln for ln in out):  # the job's own line, streamed back
+            assert time.monotonic() < deadline and proc.poll() is None, f"no job output in time: {''.join(out)}"
+            try:
+                out.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    assert proc.returncode == 130, err
+    job_id = _job_id("".join(out))
+    assert f"interrupted: stopped job {job_id}" in err
+    client = JobSubmissionClient(cluster)
+    deadline = time.monotonic() + 60
+    while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        assert time.monotonic() < deadline, client.get_job_status(job_id)
+        time.sleep(1)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED

@@ -8,7 +8,8 @@ step (fp32; only reduction order differs), learning rates equal.
 ZeRO-3 runs twice: with ``job.zero_init`` off (the model built whole, partitioned by
 ``deepspeed.initialize``) and on (its default: built inside ``deepspeed.zero.Init``, every
 parameter partitioned as it is created). The latter also runs the periodic zero-shot eval
-(retrieval R@1/R@5 both ways and zero-shot shape classification, every 2 steps and at the end),
+(retrieval R@1/R@5 both ways and zero-shot shape classification, every 2 steps, at each
+checkpoint, since an eval metric ranks the kept ones, and at the end),
 reports each rank's shard right after the build, and its export must give the logits of the
 single-process model.
 """
@@ -73,7 +74,14 @@ EVAL_KEYS = ("eval_i2t_r1", "eval_i2t_r5", "eval_t2i_r1", "eval_t2i_r5", "eval_z
 
 @pytest.mark.parametrize(
     "zero_stage,extra",
-    [(0, []), (1, []), (2, []), (3, ["job.zero_init=false"]), (3, ["stage1.eval_every=2"])],
+    [
+        (0, []), (1, []),
+        # keep the worst loss (checkpoint_order=max) and the latest: a choice the steps alone cannot explain
+        (2, ["job.checkpoint_every=2", "job.keep_checkpoints=1", "job.checkpoint_score=loss", "job.checkpoint_order=max"]),
+        (3, ["job.zero_init=false"]),
+        # ranked by an eval metric: each checkpoint (steps 3 and 5) is scored, besides every 2 steps
+        (3, ["stage1.eval_every=2", "job.checkpoint_every=3", "job.keep_checkpoints=1", "job.checkpoint_score=eval_t2i_r1"]),
+    ],
     ids=["zero0", "zero1", "zero2", "zero3", "zero3-init-eval"],
 )
 def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_stage, extra):
@@ -99,6 +107,28 @@ def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_
     if "stage1.eval_every=2" in extra:
         _check_evals(world, out, rows)
         _check_export_logits(world, out, baseline.model)
+    if any(x.startswith("job.checkpoint_score=") for x in extra):
+        _check_kept(out, rows, extra)
+
+
+def _check_kept(out, rows, extra):
+    """``keep_checkpoints=1`` by a score keeps the best-scored checkpoint and the latest (for
+    resuming); the scores are the ones ``metrics.csv`` logged at the checkpoint steps."""
+    opts = dict(x.split("=", 1) for x in extra)
+    score, every = opts["job.checkpoint_score"], int(opts["job.checkpoint_every"])
+    sign = -1 if opts.get("job.checkpoint_order") == "min" or (score == "loss" and "job.checkpoint_order" not in opts) else 1
+    by_step = {r["step"]: r for r in rows}
+    saved = sorted({s for s in by_step if s % every == 0} | {STEPS})
+    assert all(score in by_step[s] for s in saved), f"{score} missing at a checkpoint step {saved}"
+    kept = sorted(json.loads((c / "state.json").read_text())["step"] for c in (out / "ray_train").glob("checkpoint_*") if c.is_dir())
+    best = max(sign * by_step[s][score] for s in saved)
+    winners = {s for s in saved if sign * by_step[s][score] == best}
+    assert STEPS in kept and len(kept) <= 2, kept
+    extra_kept = set(kept) - {STEPS}
+    if STEPS in winners:  # the latest is the best: kept once, or with another of equal score
+        assert extra_kept <= winners, (kept, winners)
+    else:
+        assert extra_kept and extra_kept <= winners, f"kept {kept}, best by {score}: {sorted(winners)}"
 
 
 def _check_partition(report):
@@ -138,7 +168,7 @@ def _check_evals(world, out, rows):
     from vlm.checkpoint import load_checkpoint
     from vlm.evaluate import retrieval_metrics
 
-    assert [r["step"] for r in rows if "eval_t2i_r1" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval_t2i_r1" in r] == [2, 3, 4, STEPS]  # every 2 steps, the checkpoints, the end
     for key in EVAL_KEYS:
         assert 0.0 <= rows[1][key] <= 1.0, key
     final = json.loads((out / "result.json").read_text())["metrics"]
@@ -154,3 +184,4 @@ def _check_evals(world, out, rows):
     want["eval_zero_shot_acc"] = local.zero_shot(model, zs["pixels"], zs["labels"], zs["classnames"], zs["templates"], tok)
     for key in EVAL_KEYS:
         assert final[key] == pytest.approx(want[key], abs=1e-6), key
+        assert rows[-1][key] == pytest.approx(final[key], abs=1e-6), key  # the final eval is in metrics.csv too

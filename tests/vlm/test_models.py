@@ -245,6 +245,26 @@ def test_packed_conversations_give_the_loss_gradients_and_logits_of_unpacked_one
     assert found == len(exs)
 
 
+def test_stage1_flops_count_a_locked_tower_forward_only_and_each_projection_once(cfg, tok):
+    from jobs.metrics import contrastive_flops, matmul_params, tower_flops
+
+    model = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    v, t = cfg.model.vision, model.text.config
+    nv, nt = matmul_params(model.vision)[0], matmul_params(model.text)[0]
+    pv, pt = model.image_proj.weight.numel(), model.text_proj.weight.numel()
+
+    def towers(mode_v, mode_t):
+        return (tower_flops(nv, v.num_patches + 1, layers=v.num_layers, width=v.hidden_size, mode=mode_v)
+                + tower_flops(nt, 12, layers=t.num_hidden_layers, width=t.hidden_size, mode=mode_t))
+
+    assert contrastive_flops(model, caption_tokens=12) == towers("train", "train") + 6 * pv + 6 * pt
+    for p in model.vision.parameters():  # job.lock_image: the projection still trains
+        p.requires_grad_(False)
+    assert contrastive_flops(model, caption_tokens=12) == towers("forward", "train") + 4 * pv + 6 * pt
+    model.image_proj.weight.requires_grad_(False)
+    assert contrastive_flops(model, caption_tokens=12) == towers("forward", "train") + 2 * pv + 6 * pt
+
+
 def test_flops_count_a_tied_output_projection_over_supervised_tokens(tok):
     from jobs.metrics import matmul_params, output_projection_params, sft_flops, tower_flops
 
