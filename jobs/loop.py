@@ -23,6 +23,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -228,6 +229,14 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
     return out
 
 
+def _say(message: str) -> None:
+    """A worker's log line, written once to its stdout (which Ray forwards to the driver).
+    ``print`` in a Ray Train worker goes to Train's logger and, Ray having wrapped stdout, to
+    stdout as well: every line reached the console twice."""
+    sys.stdout.write(f"{message}\n")
+    sys.stdout.flush()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the ``TorchTrainer`` (both stages)."""
     import deepspeed  # imported inside the loop: the driver never needs it
@@ -245,7 +254,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if stage == "sft":
         cfg = sft_phase_config(cfg, job)
     run_dir = Path(job.output)
-    log = print if rank == 0 else (lambda *_: None)
+    log = _say if rank == 0 else (lambda *_: None)
     if not job.gpu:
         # Ray sets OMP_NUM_THREADS from the worker's CPU resource; make torch follow it explicitly
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
@@ -300,7 +309,7 @@ def train_loop(config: dict[str, Any]) -> None:
         budget = available_memory() // (4 * max(1, ctx.get_local_world_size()))
     stream = ShardStream(
         shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard,
-        cache_budget=budget, state=data_state, prefetch=job.prefetch_batches, log=lambda m: print(f"[{stage}] rank {rank} {m}"),
+        cache_budget=budget, state=data_state, prefetch=job.prefetch_batches, log=lambda m: _say(f"[{stage}] rank {rank} {m}"),
     )
     it = stream
     if stage == "sft" and job.group_by_length:

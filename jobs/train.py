@@ -264,7 +264,13 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
     trainer = build_trainer(stage, cfg, job, tokenizer)
     check_score(job, trainer.train_loop_config["evals"])
     log(describe_evals(stage, job, trainer.train_loop_config["evals"]))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's handler aborts the run; its wait then exits
+        rows = read_metrics(out / "metrics.csv")
+        log(f"[{stage}] interrupted after step {rows[-1]['step'] if rows else 0}: run the same command again to resume "
+            f"from the last checkpoint in {out / RAY_DIR}")
+        raise KeyboardInterrupt from None
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -300,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.init(address=a.address)
-    run(stage, cfg, job)
+    try:
+        run(stage, cfg, job)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

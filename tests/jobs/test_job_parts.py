@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 
@@ -383,3 +384,20 @@ def test_shard_stream_prefetch_hands_errors_to_the_trainer_and_closes():
     next(s)
     s.close(timeout=5)
     assert not s._thread.is_alive() and shard.closed == 1
+
+
+def test_length_grouping_sorts_rows_within_each_window_of_micro_batches():
+    """``job.group_by_length``: every window of micro-batches is re-batched by length, each row
+    kept once, the batch size and the columns' dtypes unchanged."""
+    from jobs.loop import _grouped
+
+    lengths = [9, 1, 7, 3, 8, 2, 6, 4]
+    batches = iter(
+        [{"id": np.array([f"r{i}", f"r{i + 1}"], dtype=object), "n": np.array(lengths[i : i + 2], dtype=np.int64)} for i in range(0, 8, 2)]
+    )
+    out = list(itertools.islice(_grouped(batches, 2, key=lambda r: r["n"]), 4))
+    assert [list(b["n"]) for b in out] == [[1, 3], [7, 9], [2, 4], [6, 8]]  # windows: rows 0-3, rows 4-7
+    assert sorted(i for b in out for i in b["id"]) == [f"r{i}" for i in range(8)]
+    assert all(b["n"].dtype == np.int64 and b["id"].dtype == object for b in out)
+    same = iter([{"id": np.array(["a"], dtype=object), "n": np.array([5])}])
+    assert [list(b["n"]) for b in _grouped(same, 1, key=lambda r: r["n"])] == [[5]]  # window 1: unchanged

@@ -84,7 +84,7 @@ def cluster(tmp_path_factory):
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for p in alive:
             p.kill()
 

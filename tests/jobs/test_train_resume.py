@@ -1,7 +1,9 @@
 """A worker killed with SIGKILL mid-run resumes from the last checkpoint; re-running resumes;
 the exported checkpoints load (ours and transformers' LLaVA) and give the same logits.
 
-Stage 2 (SFT) under ZeRO-3 on 2 gloo workers: the export has to gather the shards. The data
+Stage 2 (SFT) under ZeRO-3 on 2 gloo workers, the model built whole and partitioned by
+``deepspeed.initialize`` (``job.zero_init=false``; the align test below builds it partitioned):
+the export has to gather the shards. The data
 stream resumes mid-epoch: the whole run lies inside one epoch, so no row may be trained twice.
 """
 
@@ -37,7 +39,7 @@ def _argv(world, out):
         f"stage2.steps={STEPS}", "stage2.batch_size=4", "stage2.warmup_steps=1", "stage2.log_every=0",
         "job.checkpoint_every=2", "job.keep_checkpoints=2", f"job.kill_rank_at_step={KILL_AT}", "job.max_failures=2",
         "job.progress=false", "job.tensorboard=false", "job.eval_samples=4", "job.sample_generations=1", "job.shuffle_buffer=16", "job.cache_shard=true",
-        "job.trace_samples=true",
+        "job.trace_samples=true", "job.zero_init=false",
     ]
 
 
@@ -45,6 +47,7 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
     out = tmp_path / "run"
     assert main(_argv(world, out)) == 0
     assert (out / ".killed_once").read_text() == str(KILL_AT)  # the kill really happened
+    assert not (out / "partition.json").exists()  # built whole (zero_init=false), partitioned by the engine
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "a step was lost or logged twice"
     # the restart resumed from the step-2 checkpoint: steps 1-2 are the first attempt's, 3.. the second's

@@ -41,6 +41,7 @@ CASES = {
     "clip-full": ["model.llava.vision_feature_select=full", "model.llava.vision_feature_layer=-1"],
     "siglip": ["model.vision.kind=siglip"],
     "tied": ["model.decoder.tie_embeddings=true"],
+    "qwen2": ["model.decoder.kind=qwen2", "model.decoder.tie_embeddings=true"],  # the base preset's decoder
 }
 
 
@@ -53,7 +54,7 @@ def test_exported_logits_equal_ours(case, tokenizer, tmp_path):
     assert hf.config.image_token_id == model.image_token_id
     assert hf.config.image_seq_length == model.tokens_per_image
     assert hf.config.vision_feature_layer == model.cfg.llava.vision_feature_layer
-    expected_strategy = "default" if case in ("clip-patch", "tied") else "full"
+    expected_strategy = "default" if case in ("clip-patch", "tied", "qwen2") else "full"
     assert hf.config.vision_feature_select_strategy == expected_strategy
 
     prompts, pixels, _ = _batch(model)
