@@ -62,6 +62,8 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
     assert sorted(t["step"] for t in traced) == sorted(list(range(1, STEPS + 1)) * 2)
     seen = Counter(i for t in traced for i in t["ids"])
     assert len(seen) == STEPS * 4 and max(seen.values()) == 1, f"rows trained twice within one epoch: {seen.most_common(3)}"
+    # two-image and video conversations went through the engine with the single-image ones
+    assert any("-pair-" in i for i in seen) and any(i.endswith("-video") for i in seen), sorted(seen)
     final = json.loads((out / "result.json").read_text())["metrics"]
     assert final["step"] == STEPS
     # the held-out eval of the final model reached the job's metrics: the first 4 held-out rows
@@ -92,6 +94,15 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
         b = hf(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert ours.meta["step"] == STEPS
+    # and both hold the trained weights, gathered from the shards, not the initial ones
+    from jobs.job_config import load_job
+    from jobs.loop import build_model
+
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={out}"])
+    initial = build_model("sft", cfg, job, ours.tokenizer).state_dict()  # the run's seed: its starting weights
+    trained = model.state_dict()
+    moved = [k for k in trained if k.startswith(("decoder.", "projector.")) and not torch.equal(trained[k], initial[k])]
+    assert len(moved) > len([k for k in trained if k.startswith("projector.")]), "the export holds (mostly) initial weights"
 
 
 def test_shard_stream_resumes_where_it_stopped(ray_local):
