@@ -244,10 +244,38 @@ def check_score(job: JobConfig, evals: dict[str, Any]) -> None:
         )
 
 
-def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]:
-    """Train (or resume) a stage and export its final model; returns ``result.json``'s content."""
+def train_cpus(job: JobConfig) -> float:
+    """CPUs the Train workers hold for the whole run."""
+    return job.num_workers * job.cpus_per_worker
+
+
+def start_ray(job: JobConfig, *, log=print) -> None:
+    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is up, with a CPU for the data.
+
+    Ray Data reads and decodes on the CPUs the Train workers leave free (Ray Train keeps its
+    workers' resources out of Ray Data's budget): a local Ray gets at least one logical CPU
+    more than the workers hold, so 2 workers on a 2-core machine do not wait forever for a
+    read task. A joined cluster with no CPU to spare is named in the log (an autoscaling
+    cluster may still add one)."""
+    import math
+    import os
+
     import ray
 
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(train_cpus(job)) + 1), log_to_driver=True)
+    free = ray.cluster_resources().get("CPU", 0.0) - train_cpus(job)
+    if free < 1:
+        log(f"WARNING the Train workers hold {train_cpus(job):g} of the cluster's {free + train_cpus(job):g} CPUs: Ray Data "
+            "needs at least one more to read and decode (the run waits for it); lower --num-workers or "
+            "job.cpus_per_worker, or add a node")
+
+
+def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]:
+    """Train (or resume) a stage and export its final model; returns ``result.json``'s content."""
     from jobs.loop import HF_SKIPPED
     from jobs.metrics import read_metrics, save_curves
 
@@ -258,8 +286,7 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
     check_resumable(cfg, job, stage, out / "job.yaml")
     save_job(cfg, job, stage, out / "job.yaml")
     tokenizer = resolve_tokenizer(stage, cfg, job, log=log)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    start_ray(job, log=log)
     t0 = time.perf_counter()
     trainer = build_trainer(stage, cfg, job, tokenizer)
     check_score(job, trainer.train_loop_config["evals"])

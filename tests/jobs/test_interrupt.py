@@ -68,3 +68,22 @@ def test_an_interrupted_command_resumes_when_run_again(tmp_path):
     assert (out / "final" / "model.safetensors").is_file() and (out / "result.json").is_file()
     kept = [p for p in (out / "ray_train").glob("checkpoint_*") if p.is_dir()]
     assert len(kept) <= 2, f"keep_checkpoints=2, found {sorted(p.name for p in kept)}"
+
+
+def test_a_local_ray_leaves_the_data_a_cpu_beyond_the_train_workers(tmp_path):
+    """`vlm train` starting its own Ray: 2 workers of 1 CPU on a machine of 2 (CI's) would leave
+    Ray Data no CPU to read with, and the run would wait forever."""
+    code = (
+        "import os, ray\n"
+        "from jobs.job_config import JobConfig\n"
+        "from jobs.train import start_ray\n"
+        "job = JobConfig(num_workers=os.cpu_count(), cpus_per_worker=1.0)\n"
+        "start_ray(job, log=print)\n"
+        "print('cpus', ray.cluster_resources()['CPU'], 'cores', os.cpu_count())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r"cpus ([0-9.]+) cores (\d+)", done.stdout)
+    assert found and float(found.group(1)) == int(found.group(2)) + 1, done.stdout
+    assert "WARNING" not in done.stdout
