@@ -4,7 +4,7 @@
     python benchmarks/train.py --preset base --gpu --precision bf16 --zero-stages 2 --steps 60
 
 For each stage (1: contrastive, 2: SFT) and each ZeRO stage asked for, one run of
-``vlm train`` on one Ray Train worker and, in the same process beforehand, the plain
+``vlm train`` on one Ray Train worker and, in the same process, the plain
 single-process PyTorch loop ``jobs.local`` (no Ray, no DeepSpeed) on the same model, seed,
 batch size, step count and data (the generated world written to disk; the plain loop gets it
 decoded in memory, ours streams it through Ray Data, decoding on Ray Data CPU workers). The
@@ -25,10 +25,12 @@ default; ``job.cache_shard=false`` streams every epoch); MFU.
 
 MFU = achieved FLOP/s / peak FLOP/s, with FLOPs per sample (fwd + bwd) as written in
 ``jobs/metrics.py`` (PaLM's accounting): a trained tower costs ``6 N T + 12 L d T^2`` (N matmul
-parameters, T tokens, L layers, width d; embedding tables excluded), a frozen one ``2 N T +
-4 L d T^2`` forward only (``4 N T + 8 L d T^2`` when gradients flow through it).
-    stage 1:  F = F_vision(T = patches + 1) + F_text(T = caption tokens)
+parameters, T tokens, L layers, width d; embedding tables excluded, an output head tied to
+one included), a frozen one ``2 N T + 4 L d T^2`` forward only (``4 N T + 8 L d T^2`` when
+gradients flow through it).
+    stage 1:  F = F_vision(T = patches + 1) + F_text(T = caption tokens) + each projection once
     stage 2:  F = images * (F_vision(T = patches + 1) + F_projector) + F_decoder(T = sequence tokens)
+              + F_head(T = supervised tokens: the loop projects only those onto the vocabulary)
 The peak: ``--peak-tflops``; else on a GPU 790 TFLOP/s (H100 bf16 dense, measured); else on
 CPU the fp32 matmul rate measured at start-up with the same threads (printed).
 """
