@@ -401,3 +401,23 @@ def test_length_grouping_sorts_rows_within_each_window_of_micro_batches():
     assert all(b["n"].dtype == np.int64 and b["id"].dtype == object for b in out)
     same = iter([{"id": np.array(["a"], dtype=object), "n": np.array([5])}])
     assert [list(b["n"]) for b in _grouped(same, 1, key=lambda r: r["n"])] == [[5]]  # window 1: unchanged
+
+
+def test_an_export_the_llava_format_cannot_hold_says_why_in_the_checkpoint(tmp_path):
+    """Pixel shuffle has no place in transformers' LLaVA: the final checkpoint holds our format
+    and a note of why there is no Hugging Face one, which `vlm train` puts in result.json."""
+    import tinymodels
+
+    from jobs.loop import HF_SKIPPED, _export
+    from vlm.checkpoint import load_checkpoint
+
+    tok = tinymodels.tokenizer()
+    cfg = tinymodels.config("model.projector.pixel_shuffle=2")
+    model = tinymodels.vlm_model(tok, "model.projector.pixel_shuffle=2")
+    said: list[str] = []
+    _export(model, "sft", cfg, tok, tmp_path, step=3, metrics={}, log=said.append)
+    assert not (tmp_path / "hf").exists() and "pixel_shuffle" in (tmp_path / HF_SKIPPED).read_text()
+    assert load_checkpoint(tmp_path / "model").meta["step"] == 3
+    assert any("Hugging Face export skipped" in s for s in said)
+    _export(tinymodels.vlm_model(tok), "sft", tinymodels.config(), tok, tmp_path / "plain", step=3, metrics={}, log=said.append)
+    assert (tmp_path / "plain" / "hf" / "config.json").is_file() and not (tmp_path / "plain" / HF_SKIPPED).exists()
