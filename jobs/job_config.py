@@ -79,6 +79,9 @@ class JobConfig:
     sample_generations: int = 4  # stage 2: generations printed at each eval
     tensorboard: bool = True
     progress: bool = True
+    # Ray Data's own progress bars for the ingest (from a remote actor: a few log lines a second
+    # in the job's output while a pass streams, beside the step bar above)
+    data_progress: bool = False
     peak_tflops: float = 0.0  # per worker, for MFU; 0: 790 on a GPU (bf16 dense), none on CPU
     trace_samples: bool = False  # write the row ids each rank trains per step to samples/rank{R}.jsonl
     kill_rank_at_step: int = 0  # fault injection (tests): SIGKILL rank 1 once after this step

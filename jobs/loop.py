@@ -230,11 +230,12 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
 
 
 def _say(message: str) -> None:
-    """A worker's log line, written once to its stdout (which Ray forwards to the driver).
+    """A worker's log line, written once to its stderr (which Ray forwards to the driver, in
+    order with Ray Train's own messages about checkpoints and restarts, also on stderr).
     ``print`` in a Ray Train worker goes to Train's logger and, Ray having wrapped stdout, to
     stdout as well: every line reached the console twice."""
-    sys.stdout.write(f"{message}\n")
-    sys.stdout.flush()
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
 
 
 def train_loop(config: dict[str, Any]) -> None:

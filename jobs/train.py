@@ -179,6 +179,9 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     from jobs.data import pairs_dataset, sft_dataset
     from jobs.loop import train_loop
 
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = job.data_progress  # the datasets below carry it
     size = cfg.model.vision.image_size
     if stage == "contrastive":
         ds = pairs_dataset(job.data, size=size)
