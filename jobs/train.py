@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         run(stage, cfg, job)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as e:  # what only the run directory or the data can tell (job.yaml, held-out sets)
+        print(f"vlm train: config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

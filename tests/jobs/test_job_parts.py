@@ -421,3 +421,15 @@ def test_an_export_the_llava_format_cannot_hold_says_why_in_the_checkpoint(tmp_p
     assert any("Hugging Face export skipped" in s for s in said)
     _export(tinymodels.vlm_model(tok), "sft", tinymodels.config(), tok, tmp_path / "plain", step=3, metrics={}, log=said.append)
     assert (tmp_path / "plain" / "hf" / "config.json").is_file() and not (tmp_path / "plain" / HF_SKIPPED).exists()
+
+
+def test_vlm_train_refuses_a_run_directory_of_another_stage_with_exit_2(world, tmp_path, capsys):
+    """A config error found once the run directory is read is a message and exit 2 (before any
+    Ray starts), not a traceback."""
+    from jobs.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "job.yaml").write_text("stage: contrastive\njob: {}\nmodel: {}\n")
+    assert main(["sft", "--data", str(world), "--output", str(out)]) == 2
+    assert "vlm train: config error: job.output:" in capsys.readouterr().err
