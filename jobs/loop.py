@@ -242,7 +242,6 @@ def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the ``TorchTrainer`` (both stages)."""
     import deepspeed  # imported inside the loop: the driver never needs it
     import ray.train
-    import torch.distributed as dist
 
     stage: str = config["stage"]
     cfg: Config = config["cfg"]
@@ -415,15 +414,13 @@ def train_loop(config: dict[str, Any]) -> None:
         save = last or bool(job.checkpoint_every and step % job.checkpoint_every == 0)
         plain = None
         if eval_due(step, optim.steps, eval_every=optim.eval_every, checkpoint=save, score=job.checkpoint_score):
-            plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
-            if plain is not None:
-                rec.update(evaluate(stage, plain, cfg, job, tokenizer, evals, log))
-                score = job.checkpoint_score or ""
-                if score.startswith("eval_") and score not in rec and not warned_score:
-                    warned_score = True
-                    found = ", ".join(k for k in rec if k.startswith("eval_"))
-                    log(f"[{stage}] WARNING job.checkpoint_score={score!r} is not among this eval's metrics ({found}): checkpoints cannot be ranked by it")
-            dist.barrier()
+            plain, scores = scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log)
+            rec.update(scores)
+            score = job.checkpoint_score or ""
+            if plain is not None and score.startswith("eval_") and score not in rec and not warned_score:
+                warned_score = True
+                found = ", ".join(k for k in rec if k.startswith("eval_"))
+                log(f"[{stage}] WARNING job.checkpoint_score={score!r} is not among this eval's metrics ({found}): checkpoints cannot be ranked by it")
             rec["eval_s"] = time.perf_counter() - t_pause
         if trace is not None:
             with trace.open("a") as f:
@@ -441,8 +438,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if save:
             t_ckpt = time.perf_counter()
             _checkpoint(
-                engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, evals=evals, log=log, data_state=stream.state(),
-                plain=(plain,) if last else None,
+                engine, stage, cfg, job, tokenizer, step, rec, rank, final=last, log=log, data_state=stream.state(), plain=plain,
             )  # fmt: skip
             if rank == 0 and not last:
                 log(f"[{stage}] checkpoint at step {step} in {time.perf_counter() - t_ckpt:.1f}s")
@@ -453,7 +449,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 marker.write_text(str(step))
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, not an exception
     if start == optim.steps:  # re-run of a finished run: export again from the restored state
-        _checkpoint(engine, stage, cfg, job, tokenizer, start, {"step": start}, rank, final=True, evals=evals, log=log, data_state=stream.state())
+        plain, scores = scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log)
+        _checkpoint(
+            engine, stage, cfg, job, tokenizer, start, {"step": start, **scores}, rank, final=True, log=log, data_state=stream.state(), plain=plain,
+        )  # fmt: skip
     stream.close()
     if bar is not None:
         bar.close()
@@ -495,11 +494,19 @@ def eval_due(step: int, steps: int, *, eval_every: int, checkpoint: bool, score:
     return checkpoint and bool(score) and score.startswith("eval_")
 
 
-def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, evals, log, data_state, plain=None) -> None:
-    """Save and report a checkpoint; ``final`` also exports the consolidated model. ``rec``
-    holds the step's metrics. ``plain``: ``(plain_copy's result,)`` when the step has made it
-    and evaluated it already (None off rank 0); without it (a re-run of a finished run) a
-    final checkpoint makes the copy and evaluates it here (collective under ZeRO-3)."""
+def scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log) -> tuple[torch.nn.Module | None, dict[str, float]]:
+    """``plain_copy`` and its held-out metrics on rank 0 (None and {} elsewhere); collective."""
+    import torch.distributed as dist
+
+    plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
+    scores = evaluate(stage, plain, cfg, job, tokenizer, evals, log) if plain is not None else {}
+    dist.barrier()
+    return plain, scores
+
+
+def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, log, data_state, plain=None) -> None:
+    """Save and report a checkpoint with the step's metrics ``rec``; ``final`` also exports
+    ``plain``, the step's ``scored_copy`` (None off rank 0)."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -511,14 +518,8 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, e
             (Path(tmp) / "state.json").write_text(json.dumps({"step": step}))
         metrics = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if final:
-            if plain is None:
-                copy = plain_copy(engine, stage, cfg, job, tokenizer, rank)
-                if copy is not None:
-                    metrics.update(evaluate(stage, copy, cfg, job, tokenizer, evals, log))
-            else:
-                (copy,) = plain
-            if copy is not None:
-                _export(copy, stage, cfg, tokenizer, Path(tmp), step=step, metrics=metrics, log=log)
+            if plain is not None:
+                _export(plain, stage, cfg, tokenizer, Path(tmp), step=step, metrics=metrics, log=log)
             dist.barrier()
         metrics["step"] = step
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))

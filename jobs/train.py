@@ -270,9 +270,9 @@ def start_ray(job: JobConfig, *, log=print) -> None:
             ray.init(log_to_driver=True)
         else:
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(train_cpus(job)) + 1), log_to_driver=True)
-    free = ray.cluster_resources().get("CPU", 0.0) - train_cpus(job)
-    if free < 1:
-        log(f"WARNING the Train workers hold {train_cpus(job):g} of the cluster's {free + train_cpus(job):g} CPUs: Ray Data "
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - train_cpus(job) < 1:
+        log(f"WARNING the Train workers hold {train_cpus(job):g} of the cluster's {total:g} CPUs: Ray Data "
             "needs at least one more to read and decode (the run waits for it); lower --num-workers or "
             "job.cpus_per_worker, or add a node")
 
