@@ -509,28 +509,28 @@ def read_shard_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray, l
     A sample without both a ``.jpg`` and a ``.txt`` member is passed over."""
     import tarfile
 
-    keys: list[str] = []
-    jpgs: list[bytes] = []
-    txts: list[bytes] = []
+    members: dict[str, dict[str, bytes]] = {}  # key -> its .jpg and .txt, in the shards' order
+    complete = 0
     for shard in shard_paths(data):
-        members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(shard) as tar:
-            for m in tar:
+            for m in tar:  # members are read only until `limit` samples are complete
                 key, dot, ext = m.name.rpartition(".")
                 if m.isfile() and dot and ext in ("jpg", "txt"):
-                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key, parts in members.items():
-            if len(keys) == limit:
-                break
-            if "jpg" in parts and "txt" in parts:
-                keys.append(key)
-                jpgs.append(parts["jpg"])
-                txts.append(parts["txt"])
-        if len(keys) == limit:
+                    parts = members.setdefault(f"{shard}/{key}", {})
+                    parts[ext] = tar.extractfile(m).read()
+                    complete += len(parts) == 2
+                    if complete == limit:
+                        break
+        if complete == limit:
             break
-    if not keys:
+    samples = [(k, p) for k, p in members.items() if len(p) == 2][:limit]
+    if not samples:
         return np.zeros((0, size, size, 3), np.uint8), []
-    out = DecodePairs(None, size)({"jpg": np.array(jpgs, dtype=object), "txt": np.array(txts, dtype=object), "__key__": np.array(keys, dtype=object)})
+    out = DecodePairs(None, size)({
+        "jpg": np.array([p["jpg"] for _, p in samples], dtype=object),
+        "txt": np.array([p["txt"] for _, p in samples], dtype=object),
+        "__key__": np.array([k for k, _ in samples], dtype=object),
+    })
     return out["pixels"], list(out["caption"])
 
 
