@@ -125,16 +125,44 @@ class AppArgs(_Strict):
         return self.checkpoint if read_info(self.checkpoint)["stage"] == "contrastive" else None
 
 
+# The deployments whose ``user_config`` is an ``AppArgs`` section (changed in place by reconfigure()).
+USER_CONFIG_SECTIONS = {"Ingress": "ingress", "ImageEncoder": "encoder", "LanguageModel": "lm"}
+
+
+def args_from_application(app: dict[str, Any], *, where: str = "application") -> dict[str, Any]:
+    """The ``AppArgs`` fields a serve config's application describes: its ``args``, each
+    deployment's ``user_config`` as that deployment's section (``ingress``, ``encoder``, ``lm``)
+    and the deployment's other settings as ``deployments[name]``; the ``deployments`` list wins
+    over ``args``, as it does when Serve deploys the file."""
+    data = dict(app.get("args") or {})
+    for entry in app.get("deployments") or []:
+        entry = dict(entry)
+        name = entry.pop("name", None)
+        if not name:
+            raise ValueError(f"{where}: a deployment without a name")
+        if "user_config" in entry:
+            section = USER_CONFIG_SECTIONS.get(name)
+            if section is None:
+                raise ValueError(f"{where}: deployment {name!r} takes no user_config "
+                                 f"(only {', '.join(USER_CONFIG_SECTIONS)} do)")
+            data[section] = {**(data.get(section) or {}), **(entry.pop("user_config") or {})}
+        if entry:
+            deployments = dict(data.get("deployments") or {})
+            deployments[name] = {**deployments.get(name, {}), **entry}
+            data["deployments"] = deployments
+    return data
+
+
 def load_args(path: str | Path | None = None, **overrides: Any) -> AppArgs:
     """``AppArgs`` from a YAML file (either the bare args, or a serve config whose first
-    application's ``args`` are taken) with keyword overrides on top."""
+    application is read with its ``deployments``) with keyword overrides on top."""
     data: dict[str, Any] = {}
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping, got {type(raw).__name__}")
         if "applications" in raw:
-            data = dict(raw["applications"][0].get("args") or {})
+            data = args_from_application(raw["applications"][0], where=str(path))
         else:
             data = raw
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -123,3 +123,42 @@ class MediaServer:
         self.server.shutdown()
 
 
+def deploy_main(args, timeout: float = 120.0) -> None:
+    """Deploy the main app from the serve config ``vlm serve --write-config`` writes, as ``serve
+    deploy`` applies one (the controller's declarative apply, as Ray's own ``serve run
+    config.yaml`` does): a later change to a deployment's ``user_config`` reconfigures its running
+    replicas in place. Returns once the app runs the new config."""
+    import time
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ApplicationStatus, ServeDeploySchema
+
+    from serve.cli import serve_config
+
+    cfg = serve_config(args, name="main", route_prefix="/")
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": cfg["applications"]}))
+    # The controller applies the config on its next loop: see the update start (or 2 s pass,
+    # time enough for an in-place reconfigure to have finished), then wait for RUNNING.
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.0:
+        app = serve.status().applications.get("main")
+        if app is None or app.status != ApplicationStatus.RUNNING:
+            break
+        time.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    while True:
+        app = serve.status().applications.get("main")
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        assert app is None or app.status != ApplicationStatus.DEPLOY_FAILED, app.message
+        assert time.monotonic() < deadline, f"the app is not running after {timeout:.0f}s: {app}"
+        time.sleep(0.2)
+
+
+def replica_actors(deployment: str, app: str = "main") -> set[str]:
+    """The names of a deployment's replica actors (a restarted replica is a new name)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")}

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tinymodels  # noqa: E402
-from _helpers import API_KEY, MediaServer, free_port  # noqa: E402
+from _helpers import API_KEY, MediaServer, deploy_main, free_port  # noqa: E402
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
@@ -108,12 +108,9 @@ def main_args(checkpoints):
 
 @pytest.fixture(scope="session")
 def main_app(serve_port, main_args):
-    """The app every test talks to: auth on, loopback media allowed, small limits."""
-    from ray import serve
-
-    from serve.app import build_app
-
-    serve.run(build_app(main_args()), name="main", route_prefix="/")
+    """The app every test talks to: auth on, loopback media allowed, small limits; deployed
+    from its serve config."""
+    deploy_main(main_args())
     return f"http://127.0.0.1:{serve_port}"
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from serve.cli import main, resolve_args, serve_config
-from serve.config import AppArgs, EncoderConfig, IngressConfig, LMConfig
+from serve.config import AppArgs, EncoderConfig, IngressConfig, LMConfig, load_args
 
 INFRA = Path(__file__).resolve().parents[2] / "infra" / "serve"
 USER_CONFIGS = {"Ingress": IngressConfig, "ImageEncoder": EncoderConfig, "LanguageModel": LMConfig}
@@ -23,6 +23,7 @@ def test_serve_yaml_is_valid(name):
     app = raw["applications"][0]
     assert app["import_path"] == "serve.app:build_app"
     AppArgs.model_validate(app["args"])
+    assert not {"ingress", "encoder", "lm"} & set(app["args"]), "runtime settings in args restart replicas on a change"
     names = {d["name"] for d in app["deployments"]}
     assert names == {"Ingress", "ImageEncoder", "LanguageModel", "Embedder"}
     for d in app["deployments"]:
@@ -40,21 +41,53 @@ def test_rayservice_embeds_the_serve_yaml_unchanged():
 
 
 def test_cli_writes_a_serve_config(tmp_path, checkpoints):
+    from ray.serve.schema import ServeDeploySchema
+
     out = tmp_path / "s.yaml"
     rc = main(["--checkpoint", str(checkpoints["vlm"]), "--embedding-checkpoint", str(checkpoints["clip"]),
                "--write-config", str(out), "ingress.limits.max_images=2", "lm.max_batch_size=8",
                "deployments.LanguageModel.num_replicas=2"])
     assert rc == 0
     raw = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(raw)
     app = raw["applications"][0]
-    args = AppArgs.model_validate(app["args"])
-    assert args.ingress.limits.max_images == 2 and args.lm.max_batch_size == 8
-    assert app["deployments"] == [{"name": "LanguageModel", "num_replicas": 2}]
-    # --config reads that file back (the first application's args)
+    # the runtime sections are the deployments' user_config (reconfigured in place), not args
+    # (a change of args is a new application version: every replica restarts)
+    assert not {"ingress", "encoder", "lm", "deployments"} & set(app["args"])
+    AppArgs.model_validate(app["args"])
+    deps = {d.pop("name"): d for d in app["deployments"]}
+    assert set(deps) == {"Ingress", "ImageEncoder", "LanguageModel", "Embedder"}
+    assert deps["LanguageModel"]["num_replicas"] == 2 and deps["LanguageModel"]["user_config"]["max_batch_size"] == 8
+    assert deps["Ingress"]["user_config"]["limits"]["max_images"] == 2
+    assert deps["Embedder"] == {}
+    for name, model in USER_CONFIGS.items():
+        model.model_validate(deps[name]["user_config"])
+    # --config reads that file back: args, user_configs and deployment settings
     again = resolve_args(type("NS", (), {"config": str(out), "checkpoint": None, "embedding_checkpoint": None,
-                                         "model_name": None, "overrides": []})())
-    assert again.ingress.limits.max_images == 2
+                                         "model_name": None, "overrides": ["lm.batch_wait_timeout_s=0.02"]})())
+    assert again.ingress.limits.max_images == 2 and again.lm.max_batch_size == 8 and again.lm.batch_wait_timeout_s == 0.02
+    assert again.deployments == {"LanguageModel": {"num_replicas": 2}}
     assert serve_config(again)["applications"][0]["args"]["checkpoint"] == str(checkpoints["vlm"])
+    # a deployment the app does not have is named, not silently dropped by Serve
+    with pytest.raises(ValueError, match="Embeder"):
+        serve_config(AppArgs.model_validate({**again.model_dump(), "deployments": {"Embeder": {"num_replicas": 2}}}))
+
+
+def test_a_serve_yaml_read_by_vlm_serve_keeps_its_deployments(tmp_path):
+    """`vlm serve --config base.yaml` runs what `serve deploy base.yaml` would: the
+    deployments' user_config and settings, not only the application's args."""
+    args = load_args(INFRA / "base.yaml")
+    raw = yaml.safe_load((INFRA / "base.yaml").read_text())["applications"][0]
+    deps = {d["name"]: d for d in raw["deployments"]}
+    assert args.ingress.api_keys_env == deps["Ingress"]["user_config"]["api_keys_env"]
+    assert args.ingress.request_timeout_s == deps["Ingress"]["user_config"]["request_timeout_s"]
+    assert args.lm.max_batch_size == deps["LanguageModel"]["user_config"]["max_batch_size"]
+    assert args.deployments["LanguageModel"]["autoscaling_config"] == deps["LanguageModel"]["autoscaling_config"]
+    assert "user_config" not in args.deployments["Ingress"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [{**raw, "deployments": [{"name": "Embedder", "user_config": {"x": 1}}]}]}))
+    with pytest.raises(ValueError, match="'Embedder' takes no user_config"):
+        load_args(bad)
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):

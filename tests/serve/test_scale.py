@@ -1,6 +1,7 @@
 """Runtime behaviour of the main app: autoscaling (language-model replicas rise under load and
 fall after), overload answered 503, loopback denied by default and a request timeout answered
-504; the last three through live ``reconfigure()`` (a user_config change, no restart)."""
+504; the last three through live ``reconfigure()`` (a user_config change in the serve config,
+applied to the running ingress replicas: none restarts)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from _helpers import API_KEY
+from _helpers import API_KEY, deploy_main, replica_actors
 
 MODEL = "tiny-vlm"
 
@@ -73,16 +74,13 @@ def test_autoscaling_up_then_down(main_app):
 
 @pytest.fixture
 def reconfigure(main_app, main_args):
-    """Apply new ingress user_config to the running app (this module runs after the others that
-    use the app; its tests each apply the full config they need)."""
-    from ray import serve
-
-    from serve.app import build_app
-
-    def apply(**ingress) -> float:
-        t = time.perf_counter()
-        serve.run(build_app(main_args(**ingress)), name="main", route_prefix="/")
-        return time.perf_counter() - t
+    """Apply a new ingress user_config to the running app through its serve config (this module
+    runs after the others that use the app; its tests each apply the full config they need). The
+    ingress replicas take it in place: ``reconfigure()``, no restart."""
+    def apply(**ingress) -> None:
+        before = replica_actors("Ingress")
+        deploy_main(main_args(**ingress))
+        assert replica_actors("Ingress") == before, "a user_config change restarted the ingress replicas"
 
     return apply  # each test sets the whole ingress config it needs (defaults + its changes)
 
