@@ -17,6 +17,7 @@ Stage-2 rows carry their images as one ``bytes`` blob of ``num_images * S * S * 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -225,6 +226,58 @@ def group_turns(
     return out
 
 
+def _sft_path(data: str, split: str) -> Path:
+    path = Path(data) / ("sft.jsonl" if split == "train" else "sft_heldout.jsonl")
+    if not path.is_file():
+        raise FileNotFoundError(f"expected {path} (a world directory written by `vlm world`), found none")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _grouped(path: str, mtime_ns: int, questions_per_conversation: int, seed: int, caption_alone_every: int,
+             tasks: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``group_turns`` of a file, once per process for the row count and the dataset (keyed by
+    the file's modification time)."""
+    lines = Path(path).read_text().splitlines()
+    return tuple(group_turns(lines, questions_per_conversation=questions_per_conversation, seed=seed,
+                             caption_alone_every=caption_alone_every, tasks=tasks))
+
+
+def train_rows(
+    stage: str,
+    data: str,
+    *,
+    tasks: tuple[str, ...] | None = None,
+    questions_per_conversation: int = 1,
+    seed: int = 0,
+    caption_alone_every: int = 0,
+) -> int | None:
+    """How many training rows ``pairs_dataset`` / ``sft_dataset`` will yield for these arguments,
+    counted on the driver without decoding: a world's pair list or conversation lines, or the
+    ``successes`` of curated (or img2dataset) shards' ``*_stats.json``; None where only reading
+    the shards would tell."""
+    if stage == "contrastive":
+        if is_world_dir(data):
+            import pyarrow.compute as pc
+            import pyarrow.parquet as pq
+
+            split = pq.read_table(Path(data) / "pairs.parquet", columns=["split"])["split"]
+            return int(pc.sum(pc.equal(split, "train")).as_py() or 0)
+        stats = [Path(p).with_name(Path(p).stem + "_stats.json") for p in shard_paths(data)]
+        if not stats or not all(s.is_file() for s in stats):
+            return None
+        return sum(int(json.loads(s.read_text()).get("successes", 0)) for s in stats)
+    path = _sft_path(data, "train")
+    if questions_per_conversation > 1:
+        return len(_grouped(str(path), path.stat().st_mtime_ns, questions_per_conversation, seed, caption_alone_every, tasks))
+    with open(path, encoding="utf-8") as f:
+        lines = (ln for ln in f if ln.strip())
+        if tasks is None:
+            return sum(1 for _ in lines)
+        wanted = set(tasks)
+        return sum(json.loads(ln).get("task") in wanted for ln in lines)
+
+
 def _text_of(content: str | list[dict]) -> str:
     if isinstance(content, str):
         return content
@@ -246,13 +299,9 @@ def sft_dataset(
     ``caption_alone_every`` keeps some captions alone, see ``group_turns``)."""
     import ray.data
 
-    name = "sft.jsonl" if split == "train" else "sft_heldout.jsonl"
-    path = Path(data) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"expected {path} (a world directory written by `vlm world`), found none")
+    path = _sft_path(data, split)
     if questions_per_conversation > 1:
-        grouped = group_turns(path.read_text().splitlines(), questions_per_conversation=questions_per_conversation, seed=seed,
-                              caption_alone_every=caption_alone_every, tasks=tasks)
+        grouped = _grouped(str(path), path.stat().st_mtime_ns, questions_per_conversation, seed, caption_alone_every, tasks)
         ds = ray.data.from_items([{"text": ln} for ln in grouped])
     else:
         ds = ray.data.read_text(str(path))

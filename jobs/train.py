@@ -171,6 +171,34 @@ def ingest_options():
     return options
 
 
+def sft_selection(cfg: Config, job: JobConfig) -> dict[str, Any]:
+    """Which conversations stage 2 trains on: the phase's tasks and the config's regrouping."""
+    return {"tasks": ("caption", "video_caption") if job.phase == "align" else None,
+            "questions_per_conversation": cfg.mix.questions_per_conversation, "seed": cfg.seed,
+            "caption_alone_every": cfg.mix.caption_alone_every}
+
+
+def check_rows(stage: str, cfg: Config, job: JobConfig) -> int | None:
+    """Refuse, before any worker starts, training data that cannot fill one micro-batch per
+    worker (Ray Train would restart the workers ``max_failures`` times on the same error).
+    Returns the row count, None where the driver cannot count without reading the shards."""
+    from jobs.data import train_rows
+
+    optim = cfg.stage1 if stage == "contrastive" else cfg.stage2
+    rows = train_rows(stage, job.data, **(sft_selection(cfg, job) if stage == "sft" else {}))
+    micro = micro_batch(optim, job)
+    if rows is not None and rows // job.num_workers < micro:
+        what = f"{rows} training {'pairs' if stage == 'contrastive' else 'conversations'}"
+        if stage == "sft" and job.phase == "align":
+            what += " with a caption (job.phase=align)"
+        raise ConfigError(
+            f"{job.data}: {what} give each of {job.num_workers} workers {rows // job.num_workers} rows, fewer than one "
+            f"micro-batch ({micro} = batch_size {optim.batch_size} / ({job.num_workers} workers * {job.grad_accum} "
+            f"grad_accum)): lower {'stage1' if stage == 'contrastive' else 'stage2'}.batch_size or the workers, or add data"
+        )
+    return rows
+
+
 def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     """The ``TorchTrainer`` for a stage (its run is ``job.output/ray_train``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -186,11 +214,7 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
     if stage == "contrastive":
         ds = pairs_dataset(job.data, size=size)
     else:
-        ds = sft_dataset(
-            job.data, size=size, tasks=("caption", "video_caption") if job.phase == "align" else None,
-            questions_per_conversation=cfg.mix.questions_per_conversation, seed=cfg.seed,
-            caption_alone_every=cfg.mix.caption_alone_every,
-        )  # fmt: skip
+        ds = sft_dataset(job.data, size=size, **sft_selection(cfg, job))
     resources = {"CPU": job.cpus_per_worker}
     if job.gpu:
         resources["GPU"] = 1
@@ -288,6 +312,7 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, job, stage, out / "job.yaml")
     save_job(cfg, job, stage, out / "job.yaml")
+    check_rows(stage, cfg, job)
     tokenizer = resolve_tokenizer(stage, cfg, job, log=log)
     start_ray(job, log=log)
     t0 = time.perf_counter()

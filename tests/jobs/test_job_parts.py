@@ -433,3 +433,46 @@ def test_vlm_train_refuses_a_run_directory_of_another_stage_with_exit_2(world, t
     (out / "job.yaml").write_text("stage: contrastive\njob: {}\nmodel: {}\n")
     assert main(["sft", "--data", str(world), "--output", str(out)]) == 2
     assert "vlm train: config error: job.output:" in capsys.readouterr().err
+
+
+def test_data_smaller_than_a_micro_batch_per_worker_is_refused_before_any_worker_starts(world, tmp_path, capsys):
+    """Too little data for one micro-batch per worker is a config error at once (exit 2, no Ray
+    started), not a worker error Ray Train restarts the workers on ``max_failures`` times."""
+    import json
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from jobs.data import train_rows
+    from jobs.train import main
+
+    pairs = sum(s == "train" for s in pq.read_table(world / "pairs.parquet")["split"].to_pylist())
+    assert train_rows("contrastive", str(world)) == pairs
+    lines = [json.loads(ln) for ln in (world / "sft.jsonl").read_text().splitlines() if ln.strip()]
+    assert train_rows("sft", str(world)) == len(lines)
+    assert train_rows("sft", str(world), tasks=("caption",)) == sum(r["task"] == "caption" for r in lines)
+
+    was_up = ray.is_initialized()
+    big = pairs // 2 + 2  # one more than each of 2 workers holds, rounded to a multiple of 2
+    big += big % 2
+    argv = ["contrastive", "--data", str(world), "--output", str(tmp_path / "run"), "--num-workers", "2", *TINY,
+            f"stage1.batch_size={2 * big}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{pairs} training pairs give each of 2 workers {pairs // 2} rows, fewer than one micro-batch ({big}" in err, err
+    assert ray.is_initialized() == was_up  # refused before a Ray was started
+    captions = sum(r["task"] in ("caption", "video_caption") for r in lines)
+    argv = ["sft", "--data", str(world), "--output", str(tmp_path / "align"), "--num-workers", "1", *TINY,
+            "job.phase=align", "mix.questions_per_conversation=1", f"stage2.batch_size={captions + 1}"]
+    assert main(argv) == 2
+    assert f"{captions} training conversations with a caption (job.phase=align)" in capsys.readouterr().err
+
+    # curated shards: counted from their *_stats.json ("successes", as img2dataset writes too)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s, n in ((0, 3), (1, 2)):
+        (shards / f"{s:05d}.tar").write_bytes(b"")
+        (shards / f"{s:05d}_stats.json").write_text(json.dumps({"count": n + 1, "successes": n}))
+    assert train_rows("contrastive", str(shards)) == 5
+    (shards / "00001_stats.json").unlink()
+    assert train_rows("contrastive", str(shards)) is None  # unknown: left to the workers

@@ -207,6 +207,16 @@ def test_sft_dataset_regroups_questions_into_conversations(ray_local, world):
     turns_alone = sum(sum(m["role"] == "assistant" for m in json.loads(r["messages"])) for r in alone if r["task"] in ("conversation", "caption"))
     assert turns_alone == len(single)  # still every question and caption once
 
+    # the driver's row count (checked against the micro-batch before the workers start) is what
+    # the dataset yields, regrouped or not, one phase's tasks or all
+    from jobs.data import train_rows
+
+    assert train_rows("sft", str(world), questions_per_conversation=4) == len(rows)
+    assert train_rows("sft", str(world), questions_per_conversation=4, caption_alone_every=2) == len(alone)
+    assert train_rows("sft", str(world)) == len(one)
+    align = ("caption", "video_caption")
+    assert train_rows("sft", str(world), tasks=align) == len(sft_dataset(str(world), size=32, tasks=align).take_all()) > 0
+
 
 def test_llava_align_phase_trains_only_the_projector_on_captions(ray_local, world, tmp_path):
     """``job.phase=align`` (LLaVA's phase 1) from a stage-1 checkpoint, ZeRO-3 on 2 workers with the
