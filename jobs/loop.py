@@ -229,6 +229,24 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
     return out
 
 
+def engine_facts(engine: Any, world: int) -> dict[str, Any]:
+    """What the DeepSpeed engine runs, read from the engine and its optimizer rather than from
+    our config: ``OUTPUT/engine.json`` and the run's first log line about it."""
+    opt = engine.optimizer
+    return {
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "optimizer": type(opt).__name__,
+        # ZeRO-3 keeps the flag as offload_optimizer, ZeRO-1/2 as cpu_offload
+        "optimizer_offloaded": bool(getattr(opt, "offload_optimizer", False) or getattr(opt, "cpu_offload", False)),
+        "precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled()
+        else "fp32 weights, bf16 autocast" if engine.torch_autocast_enabled() else "fp32",
+        "world_size": world,
+        "grad_accum": int(engine.gradient_accumulation_steps()),
+        "micro_batch": int(engine.train_micro_batch_size_per_gpu()),
+        "global_batch": int(engine.train_batch_size()),
+    }
+
+
 def _say(message: str) -> None:
     """A worker's log line, written once to its stderr (which Ray forwards to the driver, in
     order with Ray Train's own messages about checkpoints and restarts, also on stderr).
@@ -286,6 +304,13 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     skip_lone_allreduce(engine, world_size=world, zero_stage=job.zero_stage)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[job.precision]
+    if rank == 0:
+        facts = engine_facts(engine, world)
+        (run_dir / "engine.json").write_text(json.dumps(facts, indent=2))
+        log(f"[{stage}] DeepSpeed: ZeRO-{facts['zero_stage']} ({facts['optimizer']}"
+            f"{', optimizer state in host memory' if facts['optimizer_offloaded'] else ''}), {facts['precision']}, "
+            f"{facts['world_size']} x {facts['grad_accum']} micro-batches of {facts['micro_batch']} per step "
+            f"(global batch {facts['global_batch']})")
 
     start = 0
     data_state = None

@@ -2,8 +2,9 @@
 the exported checkpoints load (ours and transformers' LLaVA) and give the same logits.
 
 Stage 2 (SFT) under ZeRO-3 on 2 gloo workers, the model built whole and partitioned by
-``deepspeed.initialize`` (``job.zero_init=false``; the align test below builds it partitioned):
-the export has to gather the shards. The data
+``deepspeed.initialize`` (``job.zero_init=false``; the align test below builds it partitioned),
+2 micro-batches per optimizer step (``job.grad_accum``) and the optimizer state offloaded to
+host memory: the export has to gather the shards. The data
 stream resumes mid-epoch: the whole run lies inside one epoch, so no row may be trained twice.
 """
 
@@ -40,6 +41,9 @@ def _argv(world, out):
         "job.checkpoint_every=2", "job.keep_checkpoints=2", f"job.kill_rank_at_step={KILL_AT}", "job.max_failures=2",
         "job.progress=false", "job.tensorboard=false", "job.eval_samples=4", "job.sample_generations=1", "job.shuffle_buffer=16", "job.cache_shard=true",
         "job.trace_samples=true", "job.zero_init=false",
+        # 2 micro-batches of 1 row per optimizer step on each worker, the optimizer state offloaded
+        # to host memory: resumed mid-epoch, the stream skips 2 micro-batches per trained step
+        "job.grad_accum=2", "job.offload_optimizer=true",
     ]
 
 
@@ -48,6 +52,9 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path):
     assert main(_argv(world, out)) == 0
     assert (out / ".killed_once").read_text() == str(KILL_AT)  # the kill really happened
     assert not (out / "partition.json").exists()  # built whole (zero_init=false), partitioned by the engine
+    engine = json.loads((out / "engine.json").read_text())  # read from the engine, not our config
+    assert engine == {"zero_stage": 3, "optimizer": "DeepSpeedZeroOptimizer_Stage3", "optimizer_offloaded": True,
+                      "precision": "fp32", "world_size": 2, "grad_accum": 2, "micro_batch": 1, "global_batch": 4}, engine
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "a step was lost or logged twice"
     # the restart resumed from the step-2 checkpoint: steps 1-2 are the first attempt's, 3.. the second's

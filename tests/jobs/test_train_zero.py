@@ -100,6 +100,8 @@ def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_
     np.testing.assert_allclose([r["grad_norm"] for r in rows], [h["grad_norm"] for h in history], rtol=2e-2)
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "curves.png").stat().st_size > 0
+    engine = json.loads((out / "engine.json").read_text())
+    assert (engine["zero_stage"], engine["optimizer_offloaded"], engine["world_size"], engine["micro_batch"]) == (zero_stage, False, 2, 4)
     partition = out / "partition.json"
     assert partition.is_file() == (zero_stage == 3 and "job.zero_init=false" not in extra)
     if partition.is_file():
