@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from jobs.data import ShardStream, available_memory, sft_examples
-from jobs.job_config import JobConfig, clips_in_loop, deepspeed_config, micro_batch
+from jobs.job_config import JobConfig, autocast, clips_in_loop, deepspeed_config, micro_batch
 from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, truncate_jsonl
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
@@ -559,7 +559,8 @@ def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, l
 
 
 def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: Any, rank: int) -> torch.nn.Module | None:
-    """A plain fp32 copy of the trained model on rank 0 (None elsewhere); collective under ZeRO-3.
+    """A plain fp32 copy of the trained model on rank 0 (None elsewhere); collective under ZeRO-3,
+    and under ZeRO 1-3 in bf16/fp16 weights (the fp32 master weights are gathered from every rank).
 
     Module by module, ``_gathered`` puts its full parameters on every rank and rank 0 copies them
     to host memory (under ZeRO-3 no device ever holds more than one module's full weights), then
@@ -568,6 +569,19 @@ def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: 
     """
     import dataclasses
 
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # bf16/fp16 weights: the module holds low-precision copies; the optimizer holds the fp32
+    # master weights it updates, which are what the export keeps (as DeepSpeed's zero_to_fp32
+    # does). A frozen parameter has no master copy: its low-precision value is all there is.
+    master = job.precision in ("bf16", "fp16") and not autocast(job)
+    # ZeRO-0 wraps the optimiser in DeepSpeed's FP16_UnfusedOptimizer (bf16 too): its fp32
+    # copies sit beside the low-precision parameters, group by group, on every rank
+    copies: dict[int, torch.Tensor] = {}
+    if master and job.zero_stage == 0:
+        opt = engine.optimizer
+        for lows, highs in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+            copies.update({id(lo): hi for lo, hi in zip(lows, highs) if isinstance(hi, torch.Tensor)})
     state: dict[str, torch.Tensor] = {}
     module = engine.module
     for prefix, sub in module.named_modules():
@@ -575,9 +589,14 @@ def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: 
         if not own:
             continue
         with _gathered([p for _, p in own], job.zero_stage):
-            if rank == 0:
-                for name, p in own:
-                    state[f"{prefix}.{name}" if prefix else name] = p.detach().float().cpu().clone()
+            for name, p in own:
+                # collective where it returns a tensor (every rank holds a fragment), None on
+                # every rank for a parameter outside the optimizer
+                full = copies.get(id(p))
+                if full is None and master and p.requires_grad and job.zero_stage > 0:
+                    full = safe_get_full_fp32_param(p)
+                if rank == 0:
+                    state[f"{prefix}.{name}" if prefix else name] = (p if full is None else full).detach().float().cpu().clone()
     if rank == 0:
         for name, b in module.named_buffers(remove_duplicate=False):  # buffers are never partitioned
             state[name] = b.detach().cpu().clone()

@@ -1,5 +1,6 @@
 """`vlm flow`: the whole product, end to end, on one local Ray (real Ray Data, Ray Train +
-DeepSpeed, Ray Serve, real HTTP on 127.0.0.1), at a size that runs in about a minute."""
+DeepSpeed in bf16 weights, Ray Serve, real HTTP on 127.0.0.1), at a size that runs in about a
+minute."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def flow(tmp_path_factory):
     argv = ["--output", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--questions", "12",
             "--retrieval-pool", "10", *TINY, *WORLD, "stage1.batch_size=8", "stage2.batch_size=4",
             "job.checkpoint_every=2", "job.eval_samples=4", "job.sample_generations=1", "job.progress=false",
-            "job.tensorboard=false"]
+            "job.tensorboard=false", "job.precision=bf16", "job.bf16_mode=weights"]
     report = run_flow(argv)
     return out, argv, report
 
@@ -59,6 +60,13 @@ def test_every_step_ran_and_left_its_output(flow):
         for f in files:
             assert (final / f).is_file(), f"{stage}: {f} missing in {final}"
     assert (out / "stage2" / "final-hf" / "config.json").is_file()
+    # both stages trained in bf16 weights; their exports hold the fp32 master weights
+    from safetensors.torch import load_file
+
+    for stage in ("stage1", "stage2"):
+        assert json.loads((out / stage / "engine.json").read_text())["precision"] == "bf16"
+        weights = load_file(out / stage / "final" / "model.safetensors")
+        assert any(bool((w != w.bfloat16().float()).any()) for w in weights.values() if w.is_floating_point()), stage
     # Trained on the shards, stage 1 was scored on the world's held-out pairs and zero-shot set.
     s1 = steps["stage1"]["last_metrics"]
     for key in ("eval_t2i_r1", "eval_i2t_r5", "eval_zero_shot_acc"):
