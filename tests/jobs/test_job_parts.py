@@ -476,3 +476,25 @@ def test_data_smaller_than_a_micro_batch_per_worker_is_refused_before_any_worker
     assert train_rows("contrastive", str(shards)) == 5
     (shards / "00001_stats.json").unlink()
     assert train_rows("contrastive", str(shards)) is None  # unknown: left to the workers
+
+
+def test_metrics_log_writes_tensorboard_scalars_that_a_resume_purges(tmp_path):
+    """TensorBoard reads each step once across a restart: the scalars logged past the resumed
+    checkpoint are purged, the retrained steps' values shown."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLog(tmp_path, resume_step=0)
+    for s in range(1, 6):
+        log.log({"step": s, "loss": 1.0 / s, "lr": 0.1, "note": "text is not a scalar"})
+    log.close()
+    log = MetricsLog(tmp_path, resume_step=3)  # a restart from the step-3 checkpoint
+    for s in (4, 5, 6):
+        log.log({"step": s, "loss": 10.0 + s, "eval_r1": float("nan")})
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"loss", "lr"}  # no text, no NaN-only series
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1.0 / 3, 14.0, 15.0, 16.0])  # stored as float32
+    assert [e.step for e in acc.Scalars("lr")] == [1, 2, 3]
