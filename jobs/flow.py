@@ -300,7 +300,9 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
     started_ray = False
     if not ray.is_initialized():
         # Logical CPUs: the training workers plus room for Ray Data's decoding tasks, even on 2 cores.
-        ray.init(num_cpus=max(cpus, a.num_workers + 2), include_dashboard=False, log_to_driver=True,
+        # With the dashboard (Ray prints its address): its state API is what Ray Train's
+        # placement-group cleaner polls; without it, a warning every second of a training run.
+        ray.init(num_cpus=max(cpus, a.num_workers + 2), log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}})
         started_ray = True
     t_all = time.perf_counter()
