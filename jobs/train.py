@@ -199,8 +199,9 @@ def check_rows(stage: str, cfg: Config, job: JobConfig) -> int | None:
     return rows
 
 
-def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
-    """The ``TorchTrainer`` for a stage (its run is ``job.output/ray_train``)."""
+def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any, evals: dict[str, Any]):
+    """The ``TorchTrainer`` for a stage (its run is ``job.output/ray_train``); ``evals`` are the
+    held-out sets its workers score (``eval_sets``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -220,7 +221,7 @@ def build_trainer(stage: str, cfg: Config, job: JobConfig, tokenizer: Any):
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop,
-        train_loop_config={"stage": stage, "cfg": cfg, "job": job, "tokenizer": tokenizer, "evals": eval_sets(stage, cfg, job)},
+        train_loop_config={"stage": stage, "cfg": cfg, "job": job, "tokenizer": tokenizer, "evals": evals},
         torch_config=TorchConfig(backend="nccl" if job.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -313,12 +314,13 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
     check_resumable(cfg, job, stage, out / "job.yaml")
     save_job(cfg, job, stage, out / "job.yaml")
     check_rows(stage, cfg, job)
+    evals = eval_sets(stage, cfg, job)  # read on the driver, before Ray starts: a bad score fails here
+    check_score(job, evals)
     tokenizer = resolve_tokenizer(stage, cfg, job, log=log)
     start_ray(job, log=log)
     t0 = time.perf_counter()
-    trainer = build_trainer(stage, cfg, job, tokenizer)
-    check_score(job, trainer.train_loop_config["evals"])
-    log(describe_evals(stage, job, trainer.train_loop_config["evals"]))
+    log(describe_evals(stage, job, evals))
+    trainer = build_trainer(stage, cfg, job, tokenizer, evals)
     try:
         result = trainer.fit()
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train's handler aborts the run; its wait then exits
