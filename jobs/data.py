@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -552,26 +552,33 @@ def _concat(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | Non
 # ----------------------------------------------------------------------------- in-process reads
 
 
+def shard_members(data: str | Path, exts: Collection[str]) -> Iterator[tuple[str, str, str, bytes]]:
+    """``(shard, key, ext, bytes)`` of each regular member of a directory's WebDataset shards
+    whose extension is in ``exts``, shard by shard in name order, each in its own order; read
+    lazily (a caller that stops early reads no further)."""
+    import tarfile
+
+    for shard in shard_paths(data):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                key, dot, ext = m.name.rpartition(".")
+                if m.isfile() and dot and ext in exts:
+                    yield shard, key, ext, tar.extractfile(m).read()
+
+
 def read_shard_pairs(data: str, *, size: int, limit: int) -> tuple[np.ndarray, list[str]]:
     """The first ``limit`` image-caption samples of a directory of WebDataset shards (shard by
     shard in name order, each in its own order), decoded in-process: held-out pairs for eval.
     A sample without both a ``.jpg`` and a ``.txt`` member is passed over."""
-    import tarfile
-
     members: dict[str, dict[str, bytes]] = {}  # key -> its .jpg and .txt, in the shards' order
     complete = 0
-    for shard in shard_paths(data):
-        with tarfile.open(shard) as tar:
-            for m in tar:  # members are read only until `limit` samples are complete
-                key, dot, ext = m.name.rpartition(".")
-                if m.isfile() and dot and ext in ("jpg", "txt"):
-                    parts = members.setdefault(f"{shard}/{key}", {})
-                    parts[ext] = tar.extractfile(m).read()
-                    complete += len(parts) == 2
-                    if complete == limit:
-                        break
-        if complete == limit:
-            break
+    if limit > 0:
+        for shard, key, ext, data_ in shard_members(data, ("jpg", "txt")):  # read until `limit` are complete
+            parts = members.setdefault(f"{shard}/{key}", {})
+            parts[ext] = data_
+            complete += len(parts) == 2
+            if complete == limit:
+                break
     samples = [(k, p) for k, p in members.items() if len(p) == 2][:limit]
     if not samples:
         return np.zeros((0, size, size, 3), np.uint8), []
@@ -663,13 +670,5 @@ def tokenizer_corpus(data: str) -> list[str]:
                         c = m["content"]
                         texts.append(c if isinstance(c, str) else " ".join(x.get("text", "") for x in c))
         return texts
-    import tarfile
-
-    for shard in shard_paths(p):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        texts.append(f.read().decode())
+    texts += [b.decode() for _, _, _, b in shard_members(p, ("txt",))]
     return texts
