@@ -216,7 +216,8 @@ class BatchEngine:
         if self.on_batch:
             self.on_batch(len(rows))
         self._running = [r for r in self._running if not r.done] + rows
-        feats = [torch.as_tensor(r.req.image_features) for r in rows
+        feats = [np.asarray(r.req.image_features) for r in rows
                  if r.req.image_features is not None and len(r.req.image_features)]
+        # concatenated in numpy: Ray hands the arrays over read-only, which torch warns about
         return Prompts(list(rows), [r.req.input_ids for r in rows],
-                       image_features=torch.cat(feats) if feats else None)  # (N, T, D)
+                       image_features=torch.from_numpy(np.concatenate(feats)) if feats else None)  # (N, T, D)

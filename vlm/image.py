@@ -48,11 +48,15 @@ def to_uint8(images: Sequence[Image.Image], size: int, *, resize_mode: str = "sq
 
 def normalize(pixels: np.ndarray | torch.Tensor, *, kind: str = "clip") -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32, normalised with the tower's statistics."""
-    x = torch.as_tensor(pixels)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 pixels of shape (N, S, S, 3), got {tuple(x.shape)}")
+    if not isinstance(pixels, torch.Tensor):
+        pixels = np.asarray(pixels)
+    if pixels.ndim != 4 or pixels.shape[-1] != 3:
+        raise ValueError(f"expected uint8 pixels of shape (N, S, S, 3), got {tuple(pixels.shape)}")
+    # a new float32 array/tensor in one conversion: the input may be read-only (Ray's zero-copy
+    # batches) and is never written
+    x = torch.from_numpy(pixels.astype(np.float32)) if isinstance(pixels, np.ndarray) else pixels.to(torch.float32, copy=True)
     mean, std = norm_stats(kind)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, S, S)
+    x = x.permute(0, 3, 1, 2).div_(255.0)  # (N, 3, S, S)
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
     return (x - m) / s
