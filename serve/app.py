@@ -476,6 +476,33 @@ class Ingress:
                              "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
 
 
+def app_cpus(args: AppArgs) -> float:
+    """Logical CPUs the app's replicas take at their starting count (each deployment's
+    ``num_replicas`` or autoscaling ``min_replicas``/``initial_replicas``, times its
+    ``num_cpus``; ``args.deployments`` over the defaults above)."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    chat, emb = args.names()
+    served = {"Ingress": Ingress}
+    if chat:
+        served.update(ImageEncoder=ImageEncoder, LanguageModel=LanguageModel)
+    if emb and args.embedding_path():
+        served["Embedder"] = Embedder
+    total = 0.0
+    for name, dep in served.items():
+        opts = args.deployments.get(name, {})
+        cpus = float({**(dep.ray_actor_options or {}), **(opts.get("ray_actor_options") or {})}.get("num_cpus", 1))
+        if isinstance(opts.get("num_replicas"), int):
+            replicas = opts["num_replicas"]
+        elif opts.get("autoscaling_config"):
+            auto = opts["autoscaling_config"]
+            replicas = max(int(auto.get("min_replicas", 1)), int(auto.get("initial_replicas") or 0))
+        else:
+            replicas = dep.num_replicas if isinstance(dep.num_replicas, int) else 1
+        total += cpus * replicas
+    return total
+
+
 def build_app(args: AppArgs) -> serve.Application:
     """The Serve application for ``args`` (``serve run serve.app:build_app checkpoint=DIR``)."""
     if isinstance(args, dict):

@@ -1,6 +1,6 @@
 """``vlm serve``: run the OpenAI-compatible app on Ray Serve, or write its serve config YAML.
 
-    vlm serve --checkpoint runs/demo/stage2 --embedding-checkpoint runs/demo/stage1 --port 8000
+    vlm serve --checkpoint runs/demo/stage2/final --embedding-checkpoint runs/demo/stage1/final --port 8000
     vlm serve --config infra/serve/tiny.yaml                      # the same YAML `serve deploy` takes
     vlm serve --checkpoint DIR ingress.limits.max_images=4 lm.max_batch_size=16
     vlm serve --checkpoint DIR --write-config my-serve.yaml       # -> serve deploy my-serve.yaml
@@ -12,6 +12,8 @@ pydantic). Ctrl-C or SIGTERM shuts Serve down gracefully: in-flight requests dra
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import signal
 import sys
 import threading
@@ -83,6 +85,14 @@ def serve_config(args: AppArgs, *, name: str = "vlm", route_prefix: str = "/", h
     }
 
 
+def local_cpus(args: AppArgs) -> int:
+    """Logical CPUs for a local Ray serving ``args``: the machine's, or what the replicas take at
+    their starting count plus one (on 2 cores the default app's 3 would never be scheduled)."""
+    from serve.app import app_cpus
+
+    return max(os.cpu_count() or 1, math.ceil(app_cpus(args)) + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vlm serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a stage-2 checkpoint (chat); a stage-1 one serves only embeddings")
@@ -117,9 +127,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.app import build_app
 
-    ray.init(address=ns.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}, include_dashboard=False)
+    env = {"env_vars": {"PYTHONPATH": str(REPO)}}
+    if ns.address:
+        ray.init(address=ns.address, runtime_env=env)
+    else:  # a local Ray: logical CPUs for every replica at its starting count, and one to scale up
+        ray.init(num_cpus=local_cpus(args), runtime_env=env)
     serve.start(http_options={"host": ns.host, "port": ns.port})
-    serve.run(build_app(args), name=ns.name, route_prefix=ns.route_prefix)
+    try:
+        serve.run(build_app(args), name=ns.name, route_prefix=ns.route_prefix)
+    except KeyboardInterrupt:
+        print("interrupted while deploying; shutting down", file=sys.stderr, flush=True)
+        serve.shutdown()
+        ray.shutdown()
+        return 130
     host = "127.0.0.1" if ns.host == "0.0.0.0" else ns.host
     chat, emb = args.names()
     print(f"serving {chat or '-'} (chat) and {emb or '-'} (embeddings) at http://{host}:{ns.port}{ns.route_prefix.rstrip('/')}/v1",

@@ -76,6 +76,13 @@ class LMConfig(_Strict):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 leaves the default")
 
 
+def _default_name(checkpoint: str) -> str:
+    """A model id from a checkpoint's directory: its name, or its run's for a run's ``final``
+    export (``runs/s2/final`` -> ``s2``), so that two runs' exports get two ids."""
+    path = Path(checkpoint).resolve()
+    return path.parent.name if path.name == "final" and path.parent.name else path.name
+
+
 class AppArgs(_Strict):
     """The arguments of ``serve.app:build_app``.
 
@@ -83,7 +90,8 @@ class AppArgs(_Strict):
         checkpoint: a stage-2 (vlm) checkpoint directory for /v1/chat/completions; a stage-1
             (contrastive) directory here serves only /v1/embeddings.
         embedding_checkpoint: a stage-1 checkpoint for /v1/embeddings (optional).
-        model_name: the id clients pass as ``model``; default: the checkpoint directory's name.
+        model_name: the id clients pass as ``model``; default: the checkpoint directory's name
+            (the run directory's for a run's ``final`` export: ``runs/s2/final`` -> ``s2``).
         embedding_model_name: the id for embeddings; default: its directory's name.
         dtype: ``float32`` or ``bfloat16`` (GPU).
         device: ``cpu``, ``cuda`` or ``auto``.
@@ -110,11 +118,11 @@ class AppArgs(_Strict):
         chat, emb = None, None
         stage = read_info(self.checkpoint)["stage"]
         if stage == "vlm":
-            chat = self.model_name or Path(self.checkpoint).resolve().name
+            chat = self.model_name or _default_name(self.checkpoint)
         else:
-            emb = self.embedding_model_name or self.model_name or Path(self.checkpoint).resolve().name
+            emb = self.embedding_model_name or self.model_name or _default_name(self.checkpoint)
         if self.embedding_checkpoint:
-            emb = self.embedding_model_name or Path(self.embedding_checkpoint).resolve().name
+            emb = self.embedding_model_name or _default_name(self.embedding_checkpoint)
         return chat, emb
 
     def embedding_path(self) -> str | None:

@@ -95,3 +95,34 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "checkpoint.json" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "ingress.limits.max_imagez=3"]) == 2
     assert "max_imagez" in capsys.readouterr().err
+
+
+def test_a_local_ray_for_vlm_serve_has_a_cpu_for_every_starting_replica(checkpoints):
+    """`vlm serve` without --address starts its own Ray: with the machine's CPU count alone, a
+    2-core machine could not schedule the default app (3 logical CPUs) and waited forever."""
+    from serve.app import app_cpus
+    from serve.cli import local_cpus
+
+    both = AppArgs(checkpoint=str(checkpoints["vlm"]), embedding_checkpoint=str(checkpoints["clip"]))
+    assert app_cpus(both) == 0.5 + 1 + 1 + 0.5  # ingress, image encoder, language model, embedder
+    assert local_cpus(both) >= 4
+    more = AppArgs.model_validate({**both.model_dump(), "deployments": {
+        "LanguageModel": {"num_replicas": 2},
+        "ImageEncoder": {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 3, "max_replicas": 4}},
+        "Ingress": {"ray_actor_options": {"num_cpus": 2}}}})
+    assert app_cpus(more) == 2 + 3 * 1 + 2 * 1 + 0.5
+    assert local_cpus(more) >= 9
+    assert app_cpus(AppArgs(checkpoint=str(checkpoints["clip"]))) == 0.5 + 0.5  # embeddings only
+
+
+def test_model_ids_default_to_the_run_of_a_final_export(checkpoints, tmp_path):
+    """`--checkpoint runs/s2/final --embedding-checkpoint runs/s1/final` serves `s2` and `s1`,
+    not two models both called `final`."""
+    import shutil
+
+    for run, ck in (("s2", "vlm"), ("s1", "clip")):
+        shutil.copytree(checkpoints[ck], tmp_path / run / "final")
+    args = AppArgs(checkpoint=str(tmp_path / "s2" / "final"), embedding_checkpoint=str(tmp_path / "s1" / "final"))
+    assert args.names() == ("s2", "s1")
+    assert AppArgs(checkpoint=str(checkpoints["vlm"]), model_name="m").names() == ("m", None)
+    assert AppArgs(checkpoint=str(checkpoints["clip"])).names() == (None, "tiny-clip")
