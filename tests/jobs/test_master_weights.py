@@ -88,7 +88,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without the interpreter's teardown: a background C++ thread of the engines (seen
+    # once in a loaded suite: "terminate called without an active exception", SIGABRT at
+    # exit) must not turn a finished check into a failed process.
+    os._exit(0)
 
 
 def test_bf16_weights_export_the_fp32_master_weights(tmp_path):
