@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,24 @@ TINY = [
     "model.llava.max_length=160",
     "model.tokenizer.vocab_size=320",
 ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo_rank(rank: int, world: int, port: int) -> None:
+    """A process of a ``torch.multiprocessing.spawn``-ed gloo group on 127.0.0.1, with DeepSpeed's
+    communication set up on it (the 2-rank checks that run without Ray)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
 def write_tiny_world(out: Path, *, num_train: int) -> Path:

@@ -11,27 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 
-from .conftest import TINY
+from .conftest import TINY, free_port, init_gloo_rank
 
 STAGES = (0, 1, 2, 3)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import numpy as np
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo_rank(rank, world, port)
     torch.set_num_threads(1)
     import deepspeed
     import tinymodels
@@ -41,7 +34,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from vlm.data import collate_pairs
     from vlm.optim import build_optimizer, build_scheduler
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     tok = tinymodels.tokenizer()
     report = {}
     for zero in STAGES:
@@ -99,7 +91,7 @@ def test_bf16_weights_export_the_fp32_master_weights(tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "report.json"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     report = json.loads(out.read_text())
     for zero in STAGES:
         r = report[str(zero)]

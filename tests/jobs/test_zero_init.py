@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import TINY
+from .conftest import TINY, free_port, init_gloo_rank
 
 CASES = {
     "stage1-config": ("contrastive", []),
@@ -29,24 +28,17 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, d: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo_rank(rank, world, port)
     import deepspeed
 
     from jobs.job_config import load_job
     from jobs.loop import build_model
     from vlm.tokenizer import load_tokenizer
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     tok = load_tokenizer(Path(d) / "tokenizer")
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     report = {}
@@ -95,7 +87,7 @@ def sources(tmp_path_factory):
 def test_partitioned_builds_hold_the_plain_weights(sources):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(sources)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(sources)), nprocs=2, join=True)
     reports = [json.loads((sources / f"rank{r}.json").read_text()) for r in (0, 1)]
     for name in CASES:
         for rank, rep in enumerate(reports):
