@@ -476,20 +476,26 @@ class Ingress:
                              "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
 
 
+def served_deployments(args: AppArgs) -> dict[str, Any]:
+    """The deployments ``build_app(args)`` binds, by name: the ingress; the image encoder and the
+    language model for a chat checkpoint; the embedder where there is a stage-1 checkpoint."""
+    chat, emb = args.names()
+    served: dict[str, Any] = {"Ingress": Ingress}
+    if chat:
+        served.update(ImageEncoder=ImageEncoder, LanguageModel=LanguageModel)
+    if emb and args.embedding_path():
+        served["Embedder"] = Embedder
+    return served
+
+
 def app_cpus(args: AppArgs) -> float:
     """Logical CPUs the app's replicas take at their starting count (each deployment's
     ``num_replicas`` or autoscaling ``min_replicas``/``initial_replicas``, times its
     ``num_cpus``; ``args.deployments`` over the defaults above)."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    chat, emb = args.names()
-    served = {"Ingress": Ingress}
-    if chat:
-        served.update(ImageEncoder=ImageEncoder, LanguageModel=LanguageModel)
-    if emb and args.embedding_path():
-        served["Embedder"] = Embedder
     total = 0.0
-    for name, dep in served.items():
+    for name, dep in served_deployments(args).items():
         opts = args.deployments.get(name, {})
         cpus = float({**(dep.ray_actor_options or {}), **(opts.get("ray_actor_options") or {})}.get("num_cpus", 1))
         if isinstance(opts.get("num_replicas"), int):
@@ -508,16 +514,17 @@ def build_app(args: AppArgs) -> serve.Application:
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     chat_model, emb_model = args.names()
+    served = served_deployments(args)
     opts = args.deployments
     common = {"device": args.device, "dtype": args.dtype}
     encoder = lm = embedder = None
-    if chat_model:
+    if "LanguageModel" in served:
         encoder = ImageEncoder.options(user_config=args.encoder.model_dump(), **opts.get("ImageEncoder", {})).bind(
             args.checkpoint, **common)
         lm = LanguageModel.options(user_config=args.lm.model_dump(), **opts.get("LanguageModel", {})).bind(
             args.checkpoint, **common)
     emb_path = args.embedding_path()
-    if emb_model and emb_path:
+    if "Embedder" in served:
         embedder = Embedder.options(**opts.get("Embedder", {})).bind(emb_path, **common)
     return Ingress.options(user_config=args.ingress.model_dump(), **opts.get("Ingress", {})).bind(
         encoder, lm, embedder, chat_model=chat_model, embedding_model=emb_model,

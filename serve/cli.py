@@ -53,18 +53,18 @@ def resolve_args(ns: argparse.Namespace) -> AppArgs:
 
 
 def serve_config(args: AppArgs, *, name: str = "vlm", route_prefix: str = "/", host: str = "0.0.0.0",
-                 port: int = 8000, runtime_env: dict[str, Any] | None = None) -> dict[str, Any]:
+                 port: int = 8000) -> dict[str, Any]:
     """The serve config (applications -> deployments) that ``serve deploy`` and KubeRay's
     ``serveConfigV2`` take. The runtime sections (``ingress``, ``encoder``, ``lm``) go in their
     deployment's ``user_config`` and the settings of ``args.deployments`` beside them: a change
     to either is then applied to the running replicas (``reconfigure()``, or a scale) where a
     change to ``args`` would start new ones (Serve versions an application by its ``args``)."""
+    from serve.app import served_deployments
     from serve.config import USER_CONFIG_SECTIONS
 
-    chat, emb = args.names()
     app_args = args.model_dump(exclude_defaults=True, exclude={"deployments", *USER_CONFIG_SECTIONS.values()})
     app_args["checkpoint"] = args.checkpoint
-    served = [*(["Ingress", "ImageEncoder", "LanguageModel"] if chat else ["Ingress"]), *(["Embedder"] if emb else [])]
+    served = list(served_deployments(args))
     unknown = sorted(set(args.deployments) - set(served))
     if unknown:
         raise ValueError(f"deployments: {', '.join(unknown)} not in this app (it has {', '.join(served)})")
@@ -74,10 +74,8 @@ def serve_config(args: AppArgs, *, name: str = "vlm", route_prefix: str = "/", h
         if dep in USER_CONFIG_SECTIONS:
             entry["user_config"] = getattr(args, USER_CONFIG_SECTIONS[dep]).model_dump(mode="json")
         deployments.append(entry)
-    app: dict[str, Any] = {"name": name, "route_prefix": route_prefix, "import_path": "serve.app:build_app",
+    app = {"name": name, "route_prefix": route_prefix, "import_path": "serve.app:build_app",
                            "args": app_args, "deployments": deployments}
-    if runtime_env:
-        app["runtime_env"] = runtime_env
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": port, "request_timeout_s": 300},
