@@ -3,7 +3,9 @@
     generate the world, serve it on 127.0.0.1
       -> curate its URL list into tokenized WebDataset shards        (Ray Data)
       -> stage 1: contrastive training on the curated shards         (Ray Train + DeepSpeed)
-      -> stage 2: SFT on the conversations, from the stage-1 tower    (Ray Train + DeepSpeed)
+      -> stage 2, optionally in LLaVA's two phases: with --align-steps N, first the projector
+         alone on the captions (job.phase=align), then SFT on the conversations from that
+         export; else SFT from the stage-1 tower directly          (Ray Train + DeepSpeed)
       -> serve both checkpoints behind the OpenAI-compatible API       (Ray Serve)
       -> ask the endpoint held-out questions over HTTP (single image, two images, video) and
          score held-out retrieval through /v1/embeddings
@@ -46,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per training worker, and serve on GPU")
     p.add_argument("--stage1-steps", type=int, default=300, help="stage-1 optimizer steps (default: 300)")
     p.add_argument("--stage2-steps", type=int, default=300, help="stage-2 optimizer steps (default: 300)")
+    p.add_argument(
+        "--align-steps", type=int, default=0,
+        help="LLaVA's first phase before stage 2: optimizer steps training the projector alone on the captions, "
+             "decoder and vision tower frozen (OUTPUT/stage2-align); stage 2 then starts from its export. "
+             "Default 0, no such phase: the flow's decoder starts from random weights, which a frozen-decoder phase cannot teach",
+    )
+    p.add_argument("--align-lr", type=float, default=None, help="the align phase's peak learning rate (default: stage2.lr)")
     p.add_argument("--questions", type=int, default=64, help="held-out questions asked through the endpoint (default: 64)")
     p.add_argument("--retrieval-pool", type=int, default=64, help="held-out images in the /v1/embeddings retrieval check")
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up at the end (Ctrl-C stops it)")
@@ -124,19 +133,27 @@ class Flow:
 
     # ------------------------------------------------------------------ training
 
-    def train(self, stage: str) -> dict[str, Any]:
+    def train(self, step: str) -> dict[str, Any]:
+        """``step``: stage1 (contrastive), align (stage 2's first phase) or stage2 (SFT, instruct)."""
         from jobs.train import resolve, run
 
-        steps, data, out = (
-            (self.a.stage1_steps, self.shards, self.out / "stage1") if stage == "contrastive"
-            else (self.a.stage2_steps, self.world, self.out / "stage2")
-        )
+        stage = "contrastive" if step == "stage1" else "sft"
+        steps, data, out = {
+            "stage1": (self.a.stage1_steps, self.shards, self.out / "stage1"),
+            "align": (self.a.align_steps, self.world, self.out / "stage2-align"),
+            "stage2": (self.a.stage2_steps, self.world, self.out / "stage2"),
+        }[step]
         argv = [stage, "--preset", self.a.preset, "--data", str(data), "--output", str(out),
                 "--num-workers", str(self.a.num_workers), "--zero-stage", str(self.a.zero_stage),
                 f"model.tokenizer.path={self.tokenizer}", f"{'stage1' if stage == 'contrastive' else 'stage2'}.steps={steps}",
                 *self.a.overrides]
-        if stage == "sft":
-            argv += ["--init-from", str(self.out / "stage1" / "final")]
+        if step == "align":
+            argv += ["--init-from", str(self.out / "stage1" / "final"), "job.phase=align"]
+            if self.a.align_lr is not None:
+                argv.append(f"stage2.lr={self.a.align_lr}")
+        elif step == "stage2":
+            start = self.out / ("stage2-align" if self.a.align_steps > 0 else "stage1") / "final"
+            argv += ["--init-from", str(start), "job.phase=instruct"]
         else:  # trained on the curated shards, scored on the world's held-out pairs and zero-shot set
             argv += ["--eval-data", str(self.world)]
         if self.a.gpu:
@@ -146,7 +163,7 @@ class Flow:
         if done.is_file() and (out / "final").is_dir():
             prev = json.loads(done.read_text())
             if int((prev.get("metrics") or {}).get("step", 0)) >= steps:
-                self.log(f"[{stage}] already trained to step {prev['metrics']['step']} in {out}")
+                self.log(f"[{step}] already trained to step {prev['metrics']['step']} in {out}")
                 return {"dir": str(out), "final": prev.get("final"), "final_hf": prev.get("final-hf"), "seconds": 0.0,
                         "last_metrics": prev.get("metrics"), "skipped": True}
         t = time.perf_counter()
@@ -291,6 +308,9 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
     import ray
 
     a = build_parser().parse_args(argv)
+    for flag, val in (("--stage1-steps", a.stage1_steps), ("--stage2-steps", a.stage2_steps), ("--align-steps", a.align_steps)):
+        if val < (0 if flag == "--align-steps" else 1):
+            raise ConfigError(f"{flag}: expected {'0 or more' if flag == '--align-steps' else 'at least 1'}, got {val}")
     model_overrides = [o for o in a.overrides if not o.startswith("job.")]
     cfg = load_config(preset=a.preset, overrides=model_overrides)
     flow = Flow(a, cfg, log=log)
@@ -308,8 +328,9 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
     t_all = time.perf_counter()
     try:
         for name, step in (("world", flow.write_world), ("tokenizer", flow.train_tokenizer), ("curate", flow.curate),
-                           ("stage1", lambda: flow.train("contrastive")), ("stage2", lambda: flow.train("sft")),
-                           ("serve", flow.serve_and_ask)):
+                           ("stage1", lambda: flow.train("stage1")),
+                           *((("align", lambda: flow.train("align")),) if a.align_steps > 0 else ()),
+                           ("stage2", lambda: flow.train("stage2")), ("serve", flow.serve_and_ask)):
             t = time.perf_counter()
             log(f"== {name} ==")
             report["steps"][name] = {**step(), "step_seconds": round(time.perf_counter() - t, 1)}

@@ -8,6 +8,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.jobs.conftest import TINY
 
@@ -34,7 +35,7 @@ def flow(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
     out = tmp_path_factory.mktemp("flow")
-    argv = ["--output", str(out), "--stage1-steps", "3", "--stage2-steps", "3", "--questions", "12",
+    argv = ["--output", str(out), "--stage1-steps", "3", "--align-steps", "2", "--stage2-steps", "3", "--questions", "12",
             "--retrieval-pool", "10", *TINY, *WORLD, "stage1.batch_size=8", "stage2.batch_size=4",
             "job.checkpoint_every=2", "job.eval_samples=4", "job.sample_generations=1", "job.progress=false",
             "job.tensorboard=false", "job.precision=bf16", "job.bf16_mode=weights"]
@@ -45,7 +46,7 @@ def flow(tmp_path_factory):
 def test_every_step_ran_and_left_its_output(flow):
     out, _, report = flow
     steps = report["steps"]
-    assert list(steps) == ["world", "tokenizer", "curate", "stage1", "stage2", "serve"]
+    assert list(steps) == ["world", "tokenizer", "curate", "stage1", "align", "stage2", "serve"]
     assert json.loads((out / "flow.json").read_text())["steps"].keys() == steps.keys()
 
     curate = steps["curate"]
@@ -67,6 +68,24 @@ def test_every_step_ran_and_left_its_output(flow):
         assert json.loads((out / stage / "engine.json").read_text())["precision"] == "bf16"
         weights = load_file(out / stage / "final" / "model.safetensors")
         assert any(bool((w != w.bfloat16().float()).any()) for w in weights.values() if w.is_floating_point()), stage
+    # LLaVA's two phases back to back: the align phase trained the projector alone, from the
+    # stage-1 export; stage 2 started from the align phase's export.
+    import yaml
+
+    align = yaml.safe_load((out / "stage2-align" / "job.yaml").read_text())["job"]
+    instruct = yaml.safe_load((out / "stage2" / "job.yaml").read_text())["job"]
+    assert (align["phase"], align["init_from"]) == ("align", str(out / "stage1" / "final"))
+    assert (instruct["phase"], instruct["init_from"]) == ("instruct", str(out / "stage2-align" / "final"))
+    assert steps["align"]["last_metrics"]["step"] == 2
+    # In bf16 weights, what trained is exported from its fp32 master copy (values bf16 cannot
+    # hold) and what stayed frozen as the engine held it (bf16 values): only the projector trained.
+    aligned = load_file(out / "stage2-align" / "final" / "model.safetensors")
+    trained = {k for k, w in aligned.items() if w.is_floating_point() and bool((w != w.bfloat16().float()).any())}
+    assert trained and all(k.startswith("projector.") for k in trained), sorted(trained)
+    # ...and the vision tower is stage 1's, as bf16 held it.
+    stage1 = load_file(out / "stage1" / "final" / "model.safetensors")
+    vision = [k for k in aligned if k.startswith("vision.")]
+    assert vision and all(torch.equal(aligned[k], stage1[k].bfloat16().float()) for k in vision if aligned[k].is_floating_point())
     # Trained on the shards, stage 1 was scored on the world's held-out pairs and zero-shot set.
     s1 = steps["stage1"]["last_metrics"]
     for key in ("eval_t2i_r1", "eval_i2t_r5", "eval_zero_shot_acc"):
