@@ -351,9 +351,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     bar = None
     if rank == 0 and job.progress:
-        from tqdm.auto import tqdm
+        # Ray's driver-side bar: the worker sends its state (at most once a second) and the
+        # driver draws one bar under the log lines. A plain tqdm here writes carriage returns
+        # into the worker's log, which reaches the driver as a new line every flush.
+        from ray.experimental.tqdm_ray import tqdm
 
-        bar = tqdm(total=optim.steps, initial=start, desc=f"{stage}", leave=False)
+        bar = tqdm(total=optim.steps, desc=stage, unit="step")
+        bar.n = start
     skipped: dict[str, int] = {}
     warned_score = False
     t_last = time.perf_counter()
@@ -453,8 +457,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if metrics_log is not None:
             metrics_log.log(rec)
         if bar is not None:
+            bar.set_description(f"{stage} loss {loss_val:.3f}")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}")
         if optim.log_every and step % optim.log_every == 0:
             log(
                 f"[{stage}] step {step}/{optim.steps} loss {loss_val:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "

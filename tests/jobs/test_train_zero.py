@@ -76,7 +76,9 @@ EVAL_KEYS = ("eval_i2t_r1", "eval_i2t_r5", "eval_t2i_r1", "eval_t2i_r5", "eval_z
 @pytest.mark.parametrize(
     "zero_stage,extra",
     [
-        (0, []), (1, []),
+        (0, []),
+        # the progress bar on: rank 0's is drawn by the driver
+        (1, ["job.progress=true"]),
         # keep the worst loss (checkpoint_order=max) and the latest: a choice the steps alone cannot explain
         (2, ["job.checkpoint_every=2", "job.keep_checkpoints=1", "job.checkpoint_score=loss", "job.checkpoint_order=max"]),
         # ranked by an eval metric: each checkpoint (steps 3 and 5) is scored, besides every 2 steps
@@ -84,10 +86,12 @@ EVAL_KEYS = ("eval_i2t_r1", "eval_i2t_r5", "eval_t2i_r1", "eval_t2i_r5", "eval_z
     ],
     ids=["zero0", "zero1", "zero2", "zero3-init-eval"],
 )
-def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_stage, extra):
+def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, capfd, zero_stage, extra):
     out = tmp_path / f"zero{zero_stage}"
     rc = main(["contrastive", "--data", str(world), "--output", str(out), "--num-workers", "2", "--zero-stage", str(zero_stage), *OVERRIDES, *extra])
     assert rc == 0
+    if "job.progress=true" in extra:
+        _check_progress_bar(capfd)
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     ours = [r["loss"] for r in rows]
@@ -111,6 +115,25 @@ def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, zero_
         _check_export_logits(world, out, baseline.model)
     if any(x.startswith("job.checkpoint_score=") for x in extra):
         _check_kept(out, rows, extra)
+
+
+def _check_progress_bar(capfd):
+    """Rank 0's bar goes through Ray's driver-side progress bars: the driver draws one bar, which
+    ends full with the last loss in its description; no worker log line carries a drawn bar
+    (a plain tqdm in the worker reaches the driver as a new log line at every flush)."""
+    import re
+    import time
+
+    seen = ""
+    deadline = time.monotonic() + 10  # the worker's last state reaches the driver with its logs
+    while time.monotonic() < deadline:
+        got = capfd.readouterr()
+        seen += got.out + got.err
+        if re.search(r"contrastive loss \d+\.\d{3}: 100%", seen):
+            break
+        time.sleep(0.2)
+    assert re.search(r"contrastive loss \d+\.\d{3}: 100%", seen), seen[-2000:]
+    assert not [ln for ln in seen.splitlines() if "RayTrainWorker" in ln and "%|" in ln]
 
 
 def _check_kept(out, rows, extra):
