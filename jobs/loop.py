@@ -34,7 +34,7 @@ import torch
 
 from jobs.data import ShardStream, available_memory, sft_examples
 from jobs.job_config import JobConfig, autocast, clips_in_loop, deepspeed_config, micro_batch
-from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, truncate_jsonl
+from jobs.metrics import MetricsLog, contrastive_flops, peak_flops, peak_memory_mb, sft_flops, step_bar, truncate_jsonl
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import collate_pairs, collate_sft
@@ -351,13 +351,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     bar = None
     if rank == 0 and job.progress:
-        # Ray's driver-side bar: the worker sends its state (at most once a second) and the
-        # driver draws one bar under the log lines. A plain tqdm here writes carriage returns
-        # into the worker's log, which reaches the driver as a new line every flush.
-        from ray.experimental.tqdm_ray import tqdm
-
-        bar = tqdm(total=optim.steps, desc=stage, unit="step")
-        bar.n = start
+        bar = step_bar(stage, optim.steps, start)
     skipped: dict[str, int] = {}
     warned_score = False
     t_last = time.perf_counter()

@@ -203,6 +203,35 @@ class MetricsLog:
             self.tb.close()
 
 
+def step_bar(stage: str, total: int, start: int) -> Any:
+    """Rank 0's step bar, drawn by the driver (Ray's distributed tqdm: the worker sends the bar's
+    state at most once a second and the driver draws one bar under the log lines; a plain tqdm
+    in a worker writes carriage returns into its log, which reach the driver as a new line at
+    every flush).
+
+    The state goes to the worker's stdout as one write. tqdm_ray sends it with ``print``, which
+    Ray Train patches in its workers to also log the line: the driver got every state twice, and
+    the second "closed" state drew the finished bar again as a new one that stayed on screen for
+    the rest of the driver's life (the flow's later stages)."""
+    import json
+    import time
+
+    from ray.experimental import tqdm_ray
+
+    class _Bar(tqdm_ray.tqdm):
+        def _dump_state(self, force_flush: bool = False) -> None:
+            now = time.time()
+            if not force_flush and now - self._last_flush_time < self._flush_interval_s:
+                return
+            self._last_flush_time = now
+            sys.stdout.write(json.dumps(self._get_state()) + "\n")
+            sys.stdout.flush()
+
+    bar = _Bar(total=total, desc=stage, unit="step")
+    bar.n = start
+    return bar
+
+
 def truncate_jsonl(path: str | Path, *, up_to_step: int) -> None:
     """Keep the lines of a JSON-lines file whose ``step`` is <= ``up_to_step`` (a restart's trace)."""
     import json

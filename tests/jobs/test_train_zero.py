@@ -134,6 +134,12 @@ def _check_progress_bar(capfd):
         time.sleep(0.2)
     assert re.search(r"contrastive loss \d+\.\d{3}: 100%", seen), seen[-2000:]
     assert not [ln for ln in seen.splitlines() if "RayTrainWorker" in ln and "%|" in ln]
+    # ...and once the run is done the driver holds no bar (a state that reached it twice drew
+    # the closed bar again, for good)
+    from ray.experimental import tqdm_ray
+
+    time.sleep(2)
+    assert not [b.state["desc"] for g in tqdm_ray.instance().bar_groups.values() for b in g.bars_by_uuid.values()]
 
 
 def _check_kept(out, rows, extra):
