@@ -40,15 +40,39 @@ def torch_distributed_gather(*, with_grad: bool) -> Gather:
 
     def gather(x: torch.Tensor) -> list[torch.Tensor]:
         if with_grad:
-            import torch.distributed.nn.functional as dist_nn
-
-            return list(dist_nn.all_gather(x))
+            return list(_AllGather.apply(x).chunk(dist.get_world_size()))
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.detach())
         parts[dist.get_rank()] = x
         return parts
 
     return gather
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums each slice's gradient over the ranks and hands
+    every rank its own slice (a reduce-scatter): each rank's loss reads every rank's slice.
+    Equal shapes on every rank. (torch.distributed.nn's all_gather did this; torch deprecates it.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # before torch 2.13
+        all_gather(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # before torch 2.13
+        reduce_scatter(out, grad, op=dist.ReduceOp.SUM)
+        return out
 
 
 def _gathered(x: torch.Tensor, *, rank: int, world_size: int, gather: Gather) -> torch.Tensor:
