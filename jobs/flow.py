@@ -135,6 +135,7 @@ class Flow:
 
     def train(self, step: str) -> dict[str, Any]:
         """``step``: stage1 (contrastive), align (stage 2's first phase) or stage2 (SFT, instruct)."""
+        from jobs.job_config import check_resumable
         from jobs.train import resolve, run
 
         stage = "contrastive" if step == "stage1" else "sft"
@@ -159,6 +160,9 @@ class Flow:
         if self.a.gpu:
             argv.append("--gpu")
         _, cfg, job, _ = resolve(argv)
+        # a finished run is skipped below, a partial one resumed: either way it must be this run
+        # (same stage, phase, model and start), not one a changed command would train differently
+        check_resumable(cfg, job, stage, out / "job.yaml")
         done = out / "result.json"
         if done.is_file() and (out / "final").is_dir():
             prev = json.loads(done.read_text())

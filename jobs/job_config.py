@@ -233,9 +233,10 @@ def load_job(
 
 def check_resumable(cfg: Config, job: JobConfig, stage: str, path: str | Path) -> None:
     """Refuse to resume a run directory written by another kind of run: its ``job.yaml``
-    (``save_job``) names another stage, stage-2 phase or model config. Its checkpoints would
-    otherwise load into the wrong engine (another stage's model) or pass for this run's own
-    progress (an align phase's steps taken as the instruct phase's)."""
+    (``save_job``) names another stage, stage-2 phase, model config or stage-2 starting
+    checkpoint. Its checkpoints would otherwise load into the wrong engine (another stage's
+    model) or pass for this run's own progress (an align phase's steps taken as the instruct
+    phase's; a run from one start taken for a run from another)."""
     p = Path(path)
     if not p.is_file():
         return
@@ -246,6 +247,13 @@ def check_resumable(cfg: Config, job: JobConfig, stage: str, path: str | Path) -
     phase = (saved.get("job") or {}).get("phase")
     if stage == "sft" and phase != job.phase:
         raise ConfigError(f"job.output: {where} phase {phase!r}, not {job.phase!r}; give each phase its own --output")
+    before = (saved.get("job") or {}).get("init_from")
+    if stage == "sft" and before and job.init_from and Path(before) != Path(job.init_from):
+        # a resume restores the run's own weights: a new starting point would be silently ignored
+        raise ConfigError(
+            f"job.output: {where} a run started from {before}, not {job.init_from}; resume it with the same "
+            "--init-from (or none), or give a run from the new start its own --output"
+        )
     diff = sorted(_differing(saved.get("model") or {}, to_dict(cfg)["model"], "model"))
     if diff:
         raise ConfigError(

@@ -120,3 +120,22 @@ def test_running_again_resumes_and_redoes_nothing(flow):
         assert again["steps"][stage]["last_metrics"]["step"] == first["steps"][stage]["last_metrics"]["step"] == 3
     # The endpoint is deployed again from the same checkpoints and answers the same questions.
     assert again["steps"]["serve"]["questions"] == first["steps"]["serve"]["questions"]
+
+
+def test_a_changed_command_is_refused_not_skipped(flow):
+    """A finished stage is skipped only when the command would train the same run: one started
+    from another checkpoint (stage 2 without the align phase) or with another model is refused,
+    not skipped (it would serve a model the command did not ask for). No Ray: refused first."""
+    from jobs.flow import Flow, build_parser
+    from vlm.config import ConfigError, load_config
+
+    out, argv, _ = flow
+    i = argv.index("--align-steps")
+    without_align = build_parser().parse_args(argv[:i + 1] + ["0"] + argv[i + 2:])
+    flow_ = Flow(without_align, load_config(preset="tiny", overrides=[o for o in without_align.overrides if not o.startswith("job.")]), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=f"a run started from {out / 'stage2-align' / 'final'}, not {out / 'stage1' / 'final'}"):
+        flow_.train("stage2")
+    bigger = build_parser().parse_args([*argv, "model.decoder.num_layers=3"])
+    flow_ = Flow(bigger, load_config(preset="tiny", overrides=[o for o in bigger.overrides if not o.startswith("job.")]), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"another model config \(model.decoder.num_layers differ\)"):
+        flow_.train("stage2")

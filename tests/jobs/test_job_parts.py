@@ -207,6 +207,14 @@ def test_a_run_directory_refuses_another_stage_phase_or_model(world, tmp_path):
     save_job(cfg4, job4, "sft", out / "job.yaml")
     with pytest.raises(ConfigError, match="holds a run of phase 'align', not 'instruct'"):
         check_resumable(cfg4, resolve(["sft", "--data", str(world), "--output", str(out)])[2], "sft", out / "job.yaml")
+    # stage 2 from one checkpoint, resumed with another: refused; with the same or none: resumes
+    a, b = tmp_path / "s1" / "final", tmp_path / "align" / "final"
+    _, cfg5, job5, _ = resolve(["sft", "--data", str(world), "--output", str(out), "--init-from", str(a)])
+    save_job(cfg5, job5, "sft", out / "job.yaml")
+    check_resumable(cfg5, job5, "sft", out / "job.yaml")
+    check_resumable(cfg5, resolve(["sft", "--data", str(world), "--output", str(out)])[2], "sft", out / "job.yaml")
+    with pytest.raises(ConfigError, match=f"a run started from {a}, not {b}"):
+        check_resumable(cfg5, resolve(["sft", "--data", str(world), "--output", str(out), "--init-from", str(b)])[2], "sft", out / "job.yaml")
 
 
 def test_decode_world_rows_including_video(world):
