@@ -456,7 +456,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if optim.log_every and step % optim.log_every == 0:
             log(
                 f"[{stage}] step {step}/{optim.steps} loss {loss_val:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.2f} "
-                f"{rec['samples_per_s']:.1f} samples/s {rec['tokens_per_s']:.0f} tokens/s mfu {rec['mfu']:.3f}"
+                f"{rec['samples_per_s']:.1f} samples/s {rec['tokens_per_s']:.0f} tokens/s"
+                + (f" mfu {rec['mfu']:.3f}" if math.isfinite(rec["mfu"]) else "")  # no known peak (CPU): none
             )
         if save:
             t_ckpt = time.perf_counter()
