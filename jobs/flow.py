@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vlm flow: config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: each step resumes from its own state
+        print("vlm flow: interrupted; run the same command again to resume (finished steps are skipped)", file=sys.stderr)
+        return 130
     return 0
 
 
