@@ -138,8 +138,14 @@ def _check_progress_bar(capfd):
     # the closed bar again, for good)
     from ray.experimental import tqdm_ray
 
-    time.sleep(2)
-    assert not [b.state["desc"] for g in tqdm_ray.instance().bar_groups.values() for b in g.bars_by_uuid.values()]
+    def open_bars():
+        return [b.state["desc"] for g in tqdm_ray.instance().bar_groups.values() for b in g.bars_by_uuid.values()]
+
+    deadline = time.monotonic() + 15  # the closing state comes with the worker's last log lines
+    while open_bars() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)  # a second copy of a state arrives right after the first
+    assert not open_bars()
 
 
 def _check_kept(out, rows, extra):
