@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=64, help="held-out questions asked through the endpoint (default: 64)")
     p.add_argument("--retrieval-pool", type=int, default=64, help="held-out images in the /v1/embeddings retrieval check")
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up at the end (Ctrl-C stops it)")
+    p.add_argument("--no-serve", action="store_true", help="stop after training (serve the exports elsewhere: `vlm serve`)")
     p.add_argument("--port", type=int, default=0, help="the endpoint's HTTP port (default: a free one)")
     p.add_argument(
         "overrides", nargs="*", metavar="key.sub=value",
@@ -312,6 +313,8 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
     import ray
 
     a = build_parser().parse_args(argv)
+    if a.no_serve and a.keep_serving:
+        raise ConfigError("--no-serve and --keep-serving: expected one of them, got both")
     for flag, val in (("--stage1-steps", a.stage1_steps), ("--stage2-steps", a.stage2_steps), ("--align-steps", a.align_steps)):
         if val < (0 if flag == "--align-steps" else 1):
             raise ConfigError(f"{flag}: expected {'0 or more' if flag == '--align-steps' else 'at least 1'}, got {val}")
@@ -334,7 +337,8 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
         for name, step in (("world", flow.write_world), ("tokenizer", flow.train_tokenizer), ("curate", flow.curate),
                            ("stage1", lambda: flow.train("stage1")),
                            *((("align", lambda: flow.train("align")),) if a.align_steps > 0 else ()),
-                           ("stage2", lambda: flow.train("stage2")), ("serve", flow.serve_and_ask)):
+                           ("stage2", lambda: flow.train("stage2")),
+                           *((("serve", flow.serve_and_ask),) if not a.no_serve else ())):
             t = time.perf_counter()
             log(f"== {name} ==")
             report["steps"][name] = {**step(), "step_seconds": round(time.perf_counter() - t, 1)}
