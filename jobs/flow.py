@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 class Flow:
     """The steps of one flow; each returns its part of ``flow.json`` and skips work already done."""
 
+    @classmethod
+    def from_args(cls, a: argparse.Namespace, *, log: Callable[[str], None] = print) -> "Flow":
+        """The flow of parsed ``vlm flow`` arguments: the model config from the preset and the
+        non-``job.*`` overrides (``job.*`` keys go to each training job)."""
+        return cls(a, load_config(preset=a.preset, overrides=[o for o in a.overrides if not o.startswith("job.")]), log=log)
+
     def __init__(self, a: argparse.Namespace, cfg: Config, *, log: Callable[[str], None] = print) -> None:
         self.a, self.cfg, self.log = a, cfg, log
         self.out = Path(a.output).resolve()
@@ -315,12 +321,10 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
     a = build_parser().parse_args(argv)
     if a.no_serve and a.keep_serving:
         raise ConfigError("--no-serve and --keep-serving: expected one of them, got both")
-    for flag, val in (("--stage1-steps", a.stage1_steps), ("--stage2-steps", a.stage2_steps), ("--align-steps", a.align_steps)):
-        if val < (0 if flag == "--align-steps" else 1):
-            raise ConfigError(f"{flag}: expected {'0 or more' if flag == '--align-steps' else 'at least 1'}, got {val}")
-    model_overrides = [o for o in a.overrides if not o.startswith("job.")]
-    cfg = load_config(preset=a.preset, overrides=model_overrides)
-    flow = Flow(a, cfg, log=log)
+    for flag, val, low in (("--stage1-steps", a.stage1_steps, 1), ("--stage2-steps", a.stage2_steps, 1), ("--align-steps", a.align_steps, 0)):
+        if val < low:
+            raise ConfigError(f"{flag}: expected at least {low}, got {val}")
+    flow = Flow.from_args(a, log=log)
     flow.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"preset": a.preset, "output": str(flow.out), "steps": {}}
     cpus = os.cpu_count() or 1

@@ -126,15 +126,15 @@ def test_a_changed_command_is_refused_not_skipped(flow):
     from another checkpoint (stage 2 without the align phase) or with another model is refused,
     not skipped (it would serve a model the command did not ask for). No Ray: refused first."""
     from jobs.flow import Flow, build_parser
-    from vlm.config import ConfigError, load_config
+    from vlm.config import ConfigError
 
     out, argv, _ = flow
     i = argv.index("--align-steps")
     without_align = build_parser().parse_args(argv[:i + 1] + ["0"] + argv[i + 2:])
-    flow_ = Flow(without_align, load_config(preset="tiny", overrides=[o for o in without_align.overrides if not o.startswith("job.")]), log=lambda *_: None)
+    flow_ = Flow.from_args(without_align, log=lambda *_: None)
     with pytest.raises(ConfigError, match=f"a run started from {out / 'stage2-align' / 'final'}, not {out / 'stage1' / 'final'}"):
         flow_.train("stage2")
     bigger = build_parser().parse_args([*argv, "model.decoder.num_layers=3"])
-    flow_ = Flow(bigger, load_config(preset="tiny", overrides=[o for o in bigger.overrides if not o.startswith("job.")]), log=lambda *_: None)
+    flow_ = Flow.from_args(bigger, log=lambda *_: None)
     with pytest.raises(ConfigError, match=r"another model config \(model.decoder.num_layers differ\)"):
         flow_.train("stage2")
