@@ -142,7 +142,6 @@ class Flow:
 
     def train(self, step: str) -> dict[str, Any]:
         """``step``: stage1 (contrastive), align (stage 2's first phase) or stage2 (SFT, instruct)."""
-        from jobs.job_config import check_resumable
         from jobs.train import resolve, run
 
         stage = "contrastive" if step == "stage1" else "sft"
@@ -167,21 +166,12 @@ class Flow:
         if self.a.gpu:
             argv.append("--gpu")
         _, cfg, job, _ = resolve(argv)
-        # a finished run is skipped below, a partial one resumed: either way it must be this run
-        # (same stage, phase, model and start), not one a changed command would train differently
-        check_resumable(cfg, job, stage, out / "job.yaml")
-        done = out / "result.json"
-        if done.is_file() and (out / "final").is_dir():
-            prev = json.loads(done.read_text())
-            if int((prev.get("metrics") or {}).get("step", 0)) >= steps:
-                self.log(f"[{step}] already trained to step {prev['metrics']['step']} in {out}")
-                return {"dir": str(out), "final": prev.get("final"), "final_hf": prev.get("final-hf"), "seconds": 0.0,
-                        "last_metrics": prev.get("metrics"), "skipped": True}
         t = time.perf_counter()
-        result = run(stage, cfg, job, log=self.log)
+        result = run(stage, cfg, job, log=self.log)  # resumes a partial run; a finished one is skipped
         metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
-        return {"dir": str(out), "final": result.get("final"), "final_hf": result.get("final-hf"),
-                "seconds": round(time.perf_counter() - t, 1), "last_metrics": metrics}
+        report = {"dir": str(out), "final": result.get("final"), "final_hf": result.get("final-hf"),
+                  "seconds": round(time.perf_counter() - t, 1), "last_metrics": metrics}
+        return {**report, "skipped": True} if result.get("skipped") else report
 
     # ------------------------------------------------------------------ serving
 

@@ -302,6 +302,22 @@ def start_ray(job: JobConfig, *, log=print) -> None:
             "job.cpus_per_worker, or add a node")
 
 
+def finished(stage: str, cfg: Config, out: Path) -> dict[str, Any] | None:
+    """``result.json`` of a run in ``out`` that already reached the stage's step count and left its
+    export; None where there is training (or an export) left to do. Resuming such a run would
+    start the workers (on a cluster: take its accelerators) only to load the last checkpoint,
+    train no step and export the same weights again."""
+    path = out / "result.json"
+    if not path.is_file() or not (out / "final").is_dir():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        step = int((done.get("metrics") or {})["step"])
+    except (ValueError, KeyError, TypeError, AttributeError):  # a result.json not ours, or cut short: train (resume) and rewrite it
+        return None
+    return done if step >= (cfg.stage1 if stage == "contrastive" else cfg.stage2).steps else None
+
+
 def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]:
     """Train (or resume) a stage and export its final model; returns ``result.json``'s content."""
     from jobs.loop import HF_SKIPPED
@@ -312,6 +328,11 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print) -> dict[str, Any]
     out = Path(job.output)
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, job, stage, out / "job.yaml")
+    done = finished(stage, cfg, out)
+    if done is not None:  # nothing to train: no Ray, no workers, the export as it is
+        log(f"[{stage}] already trained to step {done['metrics']['step']}: final model in {done.get('final')}; "
+            f"raise {'stage1' if stage == 'contrastive' else 'stage2'}.steps to train on, or give a new run its own --output")
+        return {**done, "skipped": True}
     save_job(cfg, job, stage, out / "job.yaml")
     check_rows(stage, cfg, job)
     evals = eval_sets(stage, cfg, job)  # read on the driver, before Ray starts: a bad score fails here

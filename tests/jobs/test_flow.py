@@ -1,6 +1,6 @@
 """`vlm flow`: the whole product, end to end, on one local Ray (real Ray Data, Ray Train +
-DeepSpeed in bf16 weights, Ray Serve, real HTTP on 127.0.0.1), at a size that runs in about a
-minute."""
+DeepSpeed ZeRO-3 in bf16 weights, Ray Serve, real HTTP on 127.0.0.1), at a size that runs in
+about two minutes."""
 
 from __future__ import annotations
 
@@ -36,9 +36,12 @@ def flow(tmp_path_factory):
         ray.shutdown()
     out = tmp_path_factory.mktemp("flow")
     argv = ["--output", str(out), "--stage1-steps", "3", "--align-steps", "2", "--stage2-steps", "3", "--questions", "12",
-            "--retrieval-pool", "10", *TINY, *WORLD, "stage1.batch_size=8", "stage2.batch_size=4",
+            "--retrieval-pool", "10", "--zero-stage", "3", *TINY, *WORLD, "stage1.batch_size=8", "stage2.batch_size=4",
             "job.checkpoint_every=2", "job.eval_samples=4", "job.sample_generations=1", "job.progress=false",
-            "job.tensorboard=false", "job.precision=bf16", "job.bf16_mode=weights"]
+            "job.tensorboard=false", "job.precision=bf16", "job.bf16_mode=weights",
+            # packed stage-2 rows, each rank's trained row ids written down; with ZeRO-3 (the model
+            # built partitioned, zero.Init) the align phase loads stage 1's tower into the shards
+            "model.llava.pack_sequences=true", "job.trace_samples=true"]
     report = run_flow(argv)
     return out, argv, report
 
@@ -77,11 +80,19 @@ def test_every_step_ran_and_left_its_output(flow):
     assert (align["phase"], align["init_from"]) == ("align", str(out / "stage1" / "final"))
     assert (instruct["phase"], instruct["init_from"]) == ("instruct", str(out / "stage2-align" / "final"))
     assert steps["align"]["last_metrics"]["step"] == 2
+    # ...on captions alone (LLaVA's phase 1), the model built partitioned across the 2 ranks
+    ids = {i for r in (0, 1) for ln in (out / "stage2-align" / "samples" / f"rank{r}.jsonl").read_text().splitlines()
+           for i in json.loads(ln)["ids"]}
+    assert ids and all(i.endswith("-caption") for i in ids), f"the align phase read non-caption rows: {sorted(ids)}"
+    for stage in ("stage1", "stage2-align", "stage2"):
+        shards = json.loads((out / stage / "partition.json").read_text())["ranks"]
+        assert len(shards) == 2 and all(r["visible_numel"] == 0 and 0 < r["shard_numel"] < r["full_numel"] for r in shards), stage
     # In bf16 weights, what trained is exported from its fp32 master copy (values bf16 cannot
     # hold) and what stayed frozen as the engine held it (bf16 values): only the projector trained.
     aligned = load_file(out / "stage2-align" / "final" / "model.safetensors")
     trained = {k for k, w in aligned.items() if w.is_floating_point() and bool((w != w.bfloat16().float()).any())}
     assert trained and all(k.startswith("projector.") for k in trained), sorted(trained)
+    assert {k for k in aligned if k.startswith("projector.") and k.endswith("weight")} <= trained
     # ...and the vision tower is stage 1's, as bf16 held it.
     stage1 = load_file(out / "stage1" / "final" / "model.safetensors")
     vision = [k for k in aligned if k.startswith("vision.")]

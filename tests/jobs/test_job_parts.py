@@ -217,6 +217,29 @@ def test_a_run_directory_refuses_another_stage_phase_or_model(world, tmp_path):
         check_resumable(cfg5, resolve(["sft", "--data", str(world), "--output", str(out), "--init-from", str(b)])[2], "sft", out / "job.yaml")
 
 
+def test_a_finished_run_is_recognised_from_its_result_and_export(world, tmp_path):
+    """``finished``: a run that reached the stage's step count and left its export is done (a
+    re-run is skipped before Ray starts); fewer steps than asked, no export, or a result.json
+    that cannot be read leave training (a resume) to do."""
+    from jobs.train import finished, resolve
+
+    out = tmp_path / "run"
+    _, cfg, _, _ = resolve(["contrastive", "--data", str(world), "--output", str(out), "stage1.steps=6"])
+    out.mkdir()
+    assert finished("contrastive", cfg, out) is None  # a new directory
+    (out / "result.json").write_text(json.dumps({"stage": "contrastive", "metrics": {"step": 6}, "final": str(out / "final")}))
+    assert finished("contrastive", cfg, out) is None  # no export
+    (out / "final").mkdir()
+    assert finished("contrastive", cfg, out)["metrics"]["step"] == 6
+    _, more, _, _ = resolve(["contrastive", "--data", str(world), "--output", str(out), "stage1.steps=8"])
+    assert finished("contrastive", more, out) is None  # asked to train on
+    _, sft, _, _ = resolve(["sft", "--data", str(world), "--output", str(out), "stage2.steps=6"])
+    assert finished("sft", sft, out)["metrics"]["step"] == 6  # each stage's own step count
+    for broken in ("{", json.dumps({"metrics": {}}), json.dumps({"metrics": {"step": "x"}}), "[]"):
+        (out / "result.json").write_text(broken)
+        assert finished("contrastive", cfg, out) is None, broken
+
+
 def test_decode_world_rows_including_video(world):
     lines = (world / "sft.jsonl").read_text().splitlines()
     video = next(ln for ln in lines if json.loads(ln)["video"])
