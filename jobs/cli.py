@@ -88,6 +88,7 @@ COMMANDS = {
     "flow": (_lazy("jobs.flow"), "the whole product on a local Ray: world -> curate -> train both stages -> serve -> ask it questions"),
     "curate": (_lazy("pipelines.cli"), "download, validate, filter, dedup and tokenize image-text pairs into WebDataset shards (Ray Data)"),
     "train": (_lazy("jobs.train"), "train a stage on Ray Train + DeepSpeed: `vlm train contrastive|sft`"),
+    "eval": (_lazy("jobs.evaluate"), "score a checkpoint on held-out data: retrieval and zero-shot (stage 1), questions and captions (stage 2)"),
     "submit": (_lazy("jobs.submit"), "submit a command to a Ray cluster as a Ray Job and stream its logs"),
     "serve": (_lazy("serve.cli"), "serve a checkpoint behind an OpenAI-compatible API on Ray Serve"),
     "demo": (_cmd_demo, "generate data, train stage 1 and stage 2 in-process, answer held-out questions"),

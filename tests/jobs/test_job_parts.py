@@ -240,6 +240,50 @@ def test_a_finished_run_is_recognised_from_its_result_and_export(world, tmp_path
         assert finished("contrastive", cfg, out) is None, broken
 
 
+def test_vlm_eval_scores_a_stage1_checkpoint_and_refuses_bad_input_with_exit_2(world, tmp_path, capsys):
+    """`vlm eval` on a stage-1 checkpoint: Recall@k for each k asked, zero-shot accuracy for each
+    label kind next to its chance level; a missing checkpoint, data without held-out pairs or a
+    bad option is a message and exit 2, not a traceback. (Its figures equal a training run's
+    evals: test_train_zero.py and test_train_resume.py.)"""
+    from jobs.cli import main as vlm
+    from jobs.job_config import load_job
+    from jobs.loop import build_model
+    from jobs.train import resolve_tokenizer
+    from vlm.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "s1"
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={ckpt}"])
+    tok = resolve_tokenizer("contrastive", cfg, job, log=lambda *_: None)
+    save_checkpoint(build_model("contrastive", cfg, job, tok), ckpt, config=cfg, tokenizer=tok)
+
+    report = tmp_path / "eval" / "s1.json"
+    assert vlm(["eval", str(ckpt), "--data", str(world), "--output", str(report)]) == 0
+    printed = capsys.readouterr().out
+    got = json.loads(report.read_text())["metrics"]
+    assert got["pairs"] == 8
+    assert {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)} <= set(got)
+    assert all(0.0 <= got[f"{d}_r{k}"] <= got[f"{d}_r{k2}"] <= 1.0 for d in ("t2i", "i2t") for k, k2 in ((1, 5), (5, 10)))
+    assert got["t2i_r10"] == got["i2t_r10"] == 1.0  # 8 pairs: each one's own partner is within the top 10
+    from vlm.world import zero_shot_prompts
+
+    for kind in ("shape", "colour", "size", "background"):
+        assert 0.0 <= got[f"zero_shot_{kind}_acc"] <= 1.0 and got[f"zero_shot_{kind}_images"] > 0, kind
+        assert got[f"zero_shot_{kind}_chance"] == pytest.approx(1 / len(zero_shot_prompts(kind).classnames)), kind
+        assert f"zero-shot {kind}: accuracy" in printed
+
+    for argv, said in (
+        (["eval", str(tmp_path / "nope"), "--data", str(world)], "nope"),
+        (["eval", str(ckpt), "--data", str(tmp_path / "missing")], "not a directory"),
+        (["eval", str(ckpt), "--data", str(tmp_path)], "no held-out image-text pairs"),
+        (["eval", str(ckpt), "--data", str(world), "--recall", "0,5"], "--recall: expected positive integers"),
+        (["eval", str(ckpt), "--data", str(world), "--zero-shot", "texture"], "unknown label kind(s) ['texture']"),
+        (["eval", str(ckpt), "--data", str(world), "--samples", "-1"], "--samples: expected 0 (all) or more"),
+    ):
+        assert vlm(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("vlm eval: ") and said in err, (argv, err)
+
+
 def test_decode_world_rows_including_video(world):
     lines = (world / "sft.jsonl").read_text().splitlines()
     video = next(ln for ln in lines if json.loads(ln)["video"])

@@ -78,6 +78,18 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path, capsys):
     for key in ("eval_em_all", "eval_em_single_image", "eval_em_caption", "eval_caption_recall"):
         assert key in final and 0.0 <= final[key] <= 1.0, f"{key} missing or out of range in {sorted(final)}"
 
+    # `vlm eval` of the export on the same held-out conversations gives the job's final eval
+    from jobs.evaluate import main as eval_main
+
+    said: list[str] = []
+    assert eval_main([str(out / "final"), "--data", str(world), "--samples", "4", "--generations", "1", "--output", str(out / "eval.json")],
+                     log=said.append) == 0
+    got = json.loads((out / "eval.json").read_text())
+    assert (got["stage"], got["step"], got["metrics"]["conversations"]) == ("vlm", STEPS, 4), got
+    for key in ("em_all", "em_single_image", "em_caption", "caption_recall"):
+        assert got["metrics"][key] == pytest.approx(final[f"eval_{key}"], abs=1e-9), key
+    assert len([line for line in said if line.startswith("  sample ")]) == 1, said
+
     # Re-running the finished command trains no step again: it is skipped before Ray Train starts
     # workers (and, on a cluster, takes accelerators) to load the last checkpoint and export it again.
     before = {r["step"]: r["time"] for r in rows}

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import local
-from jobs.data import DecodePairs, read_heldout_pairs, read_zero_shot
+from jobs.data import DecodePairs, read_heldout_pairs
 from jobs.job_config import load_job
 from jobs.loop import build_model
 from jobs.metrics import read_metrics
@@ -199,26 +199,23 @@ def _check_export_logits(world, out, reference):
 
 def _check_evals(world, out, rows):
     """The periodic eval is logged every 2 steps (the last step's is the final one, in result.json),
-    and the final one equals a recomputation from the export."""
-    import torch
-
-    from vlm.checkpoint import load_checkpoint
-    from vlm.evaluate import retrieval_metrics
+    and `vlm eval` of the export on the same held-out data gives the final one (the command
+    scores with the job's own functions: its figures compare with a run's)."""
+    from jobs.evaluate import main as eval_main
 
     assert [r["step"] for r in rows if "eval_t2i_r1" in r] == [2, 3, 4, STEPS]  # every 2 steps, the checkpoints, the end
     for key in EVAL_KEYS:
         assert 0.0 <= rows[1][key] <= 1.0, key
     final = json.loads((out / "result.json").read_text())["metrics"]
-    loaded = load_checkpoint(out / "final")
-    model, tok = loaded.model, loaded.tokenizer
-    size = model.cfg.vision.image_size
-    pixels, captions = read_heldout_pairs(str(world), size=size, limit=8)
-    zs = read_zero_shot(str(world), size=size, label_kind="shape", limit=8)
-    assert len(captions) == 8 and zs is not None and len(zs["labels"]) >= 2
-    with torch.no_grad():
-        img, txt = local.embed_pairs(model, pixels, captions, tok)
-    want = {f"eval_{k}": v for k, v in retrieval_metrics(img, txt).items()}
-    want["eval_zero_shot_acc"] = local.zero_shot(model, zs["pixels"], zs["labels"], zs["classnames"], zs["templates"], tok)
+    report = out / "eval.json"
+    said: list[str] = []
+    assert eval_main([str(out / "final"), "--data", str(world), "--samples", "8", "--recall", "1,5", "--zero-shot", "shape",
+                      "--output", str(report)], log=said.append) == 0
+    got = json.loads(report.read_text())
+    assert (got["stage"], got["step"], got["metrics"]["pairs"], got["metrics"]["zero_shot_shape_images"]) == ("contrastive", STEPS, 8, 3), got
+    want = {f"eval_{k}": v for k, v in got["metrics"].items() if k[:3] in ("t2i", "i2t")}
+    want["eval_zero_shot_acc"] = got["metrics"]["zero_shot_shape_acc"]
     for key in EVAL_KEYS:
         assert final[key] == pytest.approx(want[key], abs=1e-6), key
         assert rows[-1][key] == pytest.approx(final[key], abs=1e-6), key  # the final eval is in metrics.csv too
+    assert any(line.startswith("retrieval on 8 held-out pairs: t2i_r1") for line in said), said
