@@ -278,32 +278,6 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(job.cpus_per_worker)))
     log(f"[{stage}] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads per worker")
 
-    # The checkpoint to resume from (step, each rank's stream position) is read first, and the
-    # data stream started before the model is built: Ray Data's coordinator and first read and
-    # decode tasks come up while the model is built and DeepSpeed starts, not after (the first
-    # micro-batch of a run waited seconds for them).
-    resume = contextlib.ExitStack()  # holds a checkpoint downloaded from remote storage until it is loaded
-    ckpt = ray.train.get_checkpoint()
-    ckpt_dir = Path(resume.enter_context(ckpt.as_directory())) if ckpt is not None else None
-    start = 0
-    data_state = None
-    if ckpt_dir is not None:
-        start = int(json.loads((ckpt_dir / "state.json").read_text())["step"])
-        if (ckpt_dir / f"data_rank{rank}.json").is_file():
-            data_state = json.loads((ckpt_dir / f"data_rank{rank}.json").read_text())
-    if start > optim.steps:
-        raise ValueError(f"the run's checkpoint is at step {start}, past stage steps={optim.steps}")
-    micro = micro_batch(optim, job)
-    if job.cache_budget_mb > 0:
-        budget = int(job.cache_budget_mb * 2**20)
-    else:  # a quarter of what this node has free, shared by its workers
-        budget = available_memory() // (4 * max(1, ctx.get_local_world_size()))
-    stream = ShardStream(
-        ray.train.get_dataset_shard("train"), batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer,
-        cache=job.cache_shard, cache_budget=budget, state=data_state, prefetch=job.prefetch_batches,
-        log=lambda m: _say(f"[{stage}] rank {rank} {m}"),
-    )
-
     ds_config = deepspeed_config(optim, job)
     own_clip = optim.grad_clip if clips_in_loop(job) else 0.0  # see clips_in_loop
     own_norm = None
@@ -338,11 +312,30 @@ def train_loop(config: dict[str, Any]) -> None:
             f"{facts['world_size']} x {facts['grad_accum']} micro-batches of {facts['micro_batch']} per step "
             f"(global batch {facts['global_batch']})")
 
-    if ckpt_dir is not None:
-        with resume:
-            engine.load_checkpoint(str(ckpt_dir / "ds"), tag=CKPT_TAG)
+    start = 0
+    data_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(str(Path(d) / "ds"), tag=CKPT_TAG)
+            start = int(json.loads((Path(d) / "state.json").read_text())["step"])
+            if (Path(d) / f"data_rank{rank}.json").is_file():
+                data_state = json.loads((Path(d) / f"data_rank{rank}.json").read_text())
         where = f"epoch {data_state['epoch']}, micro-batch {data_state['batch']}" if data_state else "the start of an epoch"
         log(f"[{stage}] resumed from step {start} ({ckpt.path}); data from {where}")
+    if start > optim.steps:
+        raise ValueError(f"the run's checkpoint is at step {start}, past stage steps={optim.steps}")
+
+    micro = micro_batch(optim, job)
+    shard = ray.train.get_dataset_shard("train")
+    if job.cache_budget_mb > 0:
+        budget = int(job.cache_budget_mb * 2**20)
+    else:  # a quarter of what this node has free, shared by its workers
+        budget = available_memory() // (4 * max(1, ctx.get_local_world_size()))
+    stream = ShardStream(
+        shard, batch_size=micro, seed=cfg.seed + 1000 * rank, shuffle_buffer=job.shuffle_buffer, cache=job.cache_shard,
+        cache_budget=budget, state=data_state, prefetch=job.prefetch_batches, log=lambda m: _say(f"[{stage}] rank {rank} {m}"),
+    )
     it = stream
     if stage == "sft" and job.group_by_length:
         it = _grouped(stream, job.group_by_length, key=lambda r: len(r["messages"]) + 400 * int(r["num_images"]))
