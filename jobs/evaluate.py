@@ -96,7 +96,7 @@ def score_vlm(model: Any, tokenizer: Any, data: str, *, limit: int, generations:
     from jobs import local
     from jobs.data import read_sft
 
-    examples = read_sft(data, size=model.cfg.vision.image_size, split="heldout", limit=limit or None)
+    examples = read_sft(data, size=model.cfg.vision.image_size, split="heldout", limit=limit)
     if not examples:
         raise ValueError(f"--data {data}: no held-out conversations there (a world directory's sft_heldout.jsonl)")
     answered, metrics = local.evaluate_sft(model, examples, tokenizer)
@@ -125,17 +125,14 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     except (ValueError, FileNotFoundError) as e:
         print(f"vlm eval: {e}", file=sys.stderr)
         return 2
-    import torch
-
-    torch.manual_seed(0)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     log(f"[eval] {loaded.stage} checkpoint {a.checkpoint} on {a.data}")
-    limit = a.samples or 10**9
+    limit = a.samples or 10**9  # 0: every held-out item
     try:
         if loaded.stage == "contrastive":
             metrics = score_contrastive(model, tokenizer, a.data, limit=limit, ks=ks, kinds=kinds, log=log)
         else:
-            metrics = score_vlm(model, tokenizer, a.data, limit=a.samples, generations=a.generations, log=log)
+            metrics = score_vlm(model, tokenizer, a.data, limit=limit, generations=a.generations, log=log)
     except ValueError as e:
         print(f"vlm eval: {e}", file=sys.stderr)
         return 2

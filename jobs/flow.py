@@ -171,7 +171,9 @@ class Flow:
         metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
         report = {"dir": str(out), "final": result.get("final"), "final_hf": result.get("final-hf"),
                   "seconds": round(time.perf_counter() - t, 1), "last_metrics": metrics}
-        return {**report, "skipped": True} if result.get("skipped") else report
+        if result.get("skipped"):
+            report["skipped"] = True
+        return report
 
     # ------------------------------------------------------------------ serving
 
