@@ -199,13 +199,17 @@ def load_job(
     preset: str | None = None,
     path: str | Path | None = None,
     overrides: list[str] | None = None,
+    stage: str | None = None,
 ) -> tuple[Config, JobConfig]:
     """Resolve ``(Config, JobConfig)``: preset, then the YAML file, then ``key=value`` overrides.
 
     Args:
         preset: a model preset; a file may name its own with ``preset:``. Default ``tiny``.
-        path: a YAML file; its ``job:`` section is the ``JobConfig``, the rest the ``Config``.
+        path: a YAML file; its ``job:`` section is the ``JobConfig``, the rest the ``Config``. A
+            run's own ``job.yaml`` (``save_job``) is such a file: its ``stage:`` key must name
+            ``stage`` when one is given.
         overrides: ``a.b=value``; those starting with ``job.`` apply to the ``JobConfig``.
+        stage: the stage the config is for (``contrastive`` or ``sft``).
     """
     file_data: dict[str, Any] = {}
     if path is not None:
@@ -216,6 +220,14 @@ def load_job(
         if not isinstance(file_data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(file_data).__name__}")
     job_data = file_data.pop("job", None) or {}
+    saved_stage = file_data.pop("stage", None)
+    if saved_stage is not None and saved_stage not in STAGES:
+        raise ConfigError(f"{path}: stage: expected one of {', '.join(STAGES)}, got {saved_stage!r}")
+    if saved_stage is not None and stage is not None and saved_stage != stage:
+        raise ConfigError(
+            f"{path}: the config of a {saved_stage!r} run (its stage: key), not of a {stage!r} one; "
+            f"run it with `vlm train {saved_stage}`, or drop that key to use its settings for another stage"
+        )
     preset = preset or file_data.pop("preset", None) or "tiny"
     file_data.pop("preset", None)
     base = load_config(preset=preset)

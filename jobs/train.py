@@ -6,6 +6,7 @@
 Run directory (``--output``; re-running the same command resumes the run)::
 
     job.yaml          the resolved run: stage, job: section, model/data/optimiser config
+                      (``--config`` it to run the same again: ``--output`` elsewhere for a new run)
     tokenizer/        the run's tokenizer (trained on the data's text unless given)
     ray_train/        Ray Train storage: checkpoint_*/ (DeepSpeed state per step, N kept)
     metrics.csv       one row per optimizer step (loss, lr, grad_norm, samples/s, tokens/s, mfu, ...)
@@ -63,7 +64,7 @@ def resolve(argv: list[str] | None) -> tuple[str, Config, JobConfig, argparse.Na
             flags.append(f"job.{key}={json.dumps(val) if isinstance(val, str) else val}")
     if a.gpu:
         flags.append("job.gpu=true")
-    cfg, job = load_job(preset=a.preset, path=a.config, overrides=flags + list(a.overrides))
+    cfg, job = load_job(preset=a.preset, path=a.config, overrides=flags + list(a.overrides), stage=a.stage)
     if not job.data:
         raise ConfigError("job.data: expected a data directory (--data DIR), got none")
     if not Path(job.data).exists():

@@ -217,6 +217,27 @@ def test_a_run_directory_refuses_another_stage_phase_or_model(world, tmp_path):
         check_resumable(cfg5, resolve(["sft", "--data", str(world), "--output", str(out), "--init-from", str(b)])[2], "sft", out / "job.yaml")
 
 
+def test_a_runs_job_yaml_runs_again_as_its_config(world, tmp_path):
+    """A run's ``job.yaml`` given back as ``--config`` resolves to the same run (a new
+    ``--output`` and overrides on top); given to the other stage it is refused, by name."""
+    from jobs.job_config import save_job
+    from jobs.train import resolve
+
+    stage, cfg, job, _ = resolve(["sft", "--data", str(world), "--output", str(tmp_path / "a"), "--preset", "small",
+                                  "stage2.lr=3e-4", "job.phase=align", "job.num_workers=1", "model.llava.pack_sequences=true"])
+    (tmp_path / "a").mkdir()
+    save_job(cfg, job, stage, tmp_path / "a" / "job.yaml")
+    _, cfg2, job2, _ = resolve(["sft", "--config", str(tmp_path / "a" / "job.yaml")])
+    assert (cfg2, job2) == (cfg, job)  # the preset's own values and every change kept, the file names its output
+    _, cfg3, job3, _ = resolve(["sft", "--config", str(tmp_path / "a" / "job.yaml"), "--output", str(tmp_path / "b"), "stage2.steps=7"])
+    assert job3.output == str(tmp_path / "b") and cfg3.stage2.steps == 7 and cfg3.stage2.lr == 3e-4 and cfg3.name == "small"
+    with pytest.raises(ConfigError, match=r"job.yaml: the config of a 'sft' run .* run it with `vlm train sft`"):
+        resolve(["contrastive", "--config", str(tmp_path / "a" / "job.yaml")])
+    (tmp_path / "bad.yaml").write_text("stage: pretrain\n")
+    with pytest.raises(ConfigError, match="stage: expected one of contrastive, sft, got 'pretrain'"):
+        resolve(["sft", "--config", str(tmp_path / "bad.yaml"), "--data", str(world)])
+
+
 def test_a_finished_run_is_recognised_from_its_result_and_export(world, tmp_path):
     """``finished``: a run that reached the stage's step count and left its export is done (a
     re-run is skipped before Ray starts); fewer steps than asked, no export, or a result.json
