@@ -8,7 +8,8 @@ the held-out questions by task, single-image and overall, and the phrase recall 
 alone, with a few generations printed next to their references. The same functions score the
 periodic evals of `vlm train`, so the numbers compare with a run's ``metrics.csv``.
 
-In-process, on the CPU (no Ray): for checkpoints of the sizes this machine trains.
+In-process (no Ray), on one device: ``--device`` auto takes a CUDA GPU when there is one (with
+``--bf16``, under bf16 autocast), else the CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-shot", default=",".join(LABEL_KINDS),
                    help=f"stage 1: label kinds to classify zero-shot, comma-separated, or 'none' (default {','.join(LABEL_KINDS)})")
     p.add_argument("--generations", type=int, default=4, help="stage 2: answers to print next to their references (default 4)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when a GPU is there, else cpu)")
+    p.add_argument("--bf16", action="store_true", help="on a GPU: run the model under bf16 autocast (default fp32)")
     p.add_argument("--output", help="also write the metrics as JSON to this file")
     return p
 
@@ -59,6 +62,23 @@ def _kinds(text: str) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"--zero-shot: unknown label kind(s) {bad}; expected some of {', '.join(LABEL_KINDS)} or 'none'")
     return kinds
+
+
+def pick_device(text: str) -> Any:
+    """``--device``: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."""
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {text}: no such CUDA device here ({torch.cuda.device_count()} visible); use --device cpu")
+    return dev
 
 
 def score_contrastive(model: Any, tokenizer: Any, data: str, *, limit: int, ks: tuple[int, ...], kinds: tuple[str, ...],
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
             raise ValueError(f"--samples: expected 0 (all) or more, got {a.samples}")
         if not Path(a.data).is_dir():
             raise ValueError(f"--data {a.data}: not a directory")
+        device = pick_device(a.device)
         from vlm.checkpoint import load_checkpoint
 
         t = time.perf_counter()
@@ -125,18 +146,21 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
     except (ValueError, FileNotFoundError) as e:
         print(f"vlm eval: {e}", file=sys.stderr)
         return 2
+    from jobs.local import scoring_on
+
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
-    log(f"[eval] {loaded.stage} checkpoint {a.checkpoint} on {a.data}")
+    log(f"[eval] {loaded.stage} checkpoint {a.checkpoint} on {a.data}, on {device}{' (bf16 autocast)' if a.bf16 and device.type != 'cpu' else ''}")
     limit = a.samples or 10**9  # 0: every held-out item
     try:
-        if loaded.stage == "contrastive":
-            metrics = score_contrastive(model, tokenizer, a.data, limit=limit, ks=ks, kinds=kinds, log=log)
-        else:
-            metrics = score_vlm(model, tokenizer, a.data, limit=limit, generations=a.generations, log=log)
+        with scoring_on(model, device, bf16=a.bf16):
+            if loaded.stage == "contrastive":
+                metrics = score_contrastive(model, tokenizer, a.data, limit=limit, ks=ks, kinds=kinds, log=log)
+            else:
+                metrics = score_vlm(model, tokenizer, a.data, limit=limit, generations=a.generations, log=log)
     except ValueError as e:
         print(f"vlm eval: {e}", file=sys.stderr)
         return 2
-    report = {"checkpoint": str(a.checkpoint), "stage": loaded.stage, "data": str(a.data), "step": loaded.meta.get("step"),
+    report = {"checkpoint": str(a.checkpoint), "stage": loaded.stage, "data": str(a.data), "step": loaded.meta.get("step"), "device": str(device),
               "seconds": round(time.perf_counter() - t, 2), "metrics": metrics}
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,10 @@ class JobConfig:
     eval_samples: int = 128  # held-out items scored at each eval (0: no eval)
     zero_shot: str = "shape"  # stage 1: zero-shot classification label (shape|colour|size|background; "": none)
     sample_generations: int = 4  # stage 2: generations printed at each eval
+    # where rank 0 scores its fp32 copy of the model: auto (the worker's GPU in a --gpu run, under
+    # bf16 autocast when the run trains in bf16; else the CPU) | cpu (host memory: for a model
+    # whose copy does not fit beside the training state on the GPU)
+    eval_device: str = "auto"
     tensorboard: bool = True
     progress: bool = True
     # Ray Data's own progress bars for the ingest (from a remote actor: a few log lines a second
@@ -96,6 +100,8 @@ class JobConfig:
                 f"job.compile: supported with job.zero_stage=0 only, got zero_stage={self.zero_stage} "
                 "(compiled blocks under ZeRO 1-3 failed or ran slower; on one GPU ZeRO-0 is the fastest stage)"
             )
+        if self.eval_device not in ("auto", "cpu"):
+            raise ConfigError(f"job.eval_device: expected 'auto' or 'cpu', got {self.eval_device!r}")
         if self.bf16_mode not in ("autocast", "weights"):
             raise ConfigError(f"job.bf16_mode: expected 'autocast' or 'weights', got {self.bf16_mode!r}")
         if self.phase not in ("align", "instruct"):

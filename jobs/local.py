@@ -6,6 +6,7 @@ measured against. Data arrives in memory (uint8 pixels, captions, ``SFTExample``
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,32 +106,61 @@ def _grad_norm(model: torch.nn.Module) -> float:
 # ----------------------------------------------------------------------------- stage 1
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def scoring_on(model: torch.nn.Module, device: torch.device, *, bf16: bool):
+    """``model`` (in host memory) on ``device`` for the duration, under bf16 autocast there when
+    ``bf16``; back in host memory after, with the device's cache released."""
+    if device.type == "cpu":
+        yield model
+        return
+    model.to(device)
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            yield model
+    finally:
+        model.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def embed_pairs(
     model: ContrastiveModel, pixels: np.ndarray, captions: Sequence[str], tokenizer: Any, *, batch_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, E) image and text embeddings of a pool."""
+    """(N, E) image and text embeddings of a pool, in fp32 on the CPU; batches run on the
+    model's device."""
     model.eval()
-    cfg = model.cfg
+    cfg, dev = model.cfg, _device(model)
     imgs, txts = [], []
     for i in range(0, len(captions), batch_size):
         b = collate_pairs(pixels[i : i + batch_size], captions[i : i + batch_size], tokenizer, vision_kind=cfg.vision.kind, max_length=cfg.text.max_length)
-        imgs.append(model.encode_image(b["pixel_values"]))
-        txts.append(model.encode_text(b["input_ids"], b["attention_mask"]))
+        imgs.append(model.encode_image(b["pixel_values"].to(dev)).float().cpu())
+        txts.append(model.encode_text(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu())
     return torch.cat(imgs), torch.cat(txts)
 
 
 @torch.no_grad()
-def zero_shot(model: ContrastiveModel, pixels: np.ndarray, labels: Sequence[int], classnames: Sequence[str], templates: Sequence[str], tokenizer: Any) -> float:
-    """Top-1 zero-shot accuracy with prompt-template ensembling (CLIP, Sec. 3.1.4)."""
+def zero_shot(
+    model: ContrastiveModel, pixels: np.ndarray, labels: Sequence[int], classnames: Sequence[str], templates: Sequence[str], tokenizer: Any,
+    *, batch_size: int = 256,
+) -> float:
+    """Top-1 zero-shot accuracy with prompt-template ensembling (CLIP, Sec. 3.1.4); batches run
+    on the model's device."""
     model.eval()
-    cfg = model.cfg
+    cfg, dev = model.cfg, _device(model)
     class_emb = []
     for name in classnames:
         tok = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
-        e = model.encode_text(tok["input_ids"], tok["attention_mask"]).mean(0)
-        class_emb.append(torch.nn.functional.normalize(e, dim=-1))
-    img = model.encode_image(normalize(pixels, kind=cfg.vision.kind))
+        e = model.encode_text(tok["input_ids"].to(dev), tok["attention_mask"].to(dev)).float().mean(0)
+        class_emb.append(torch.nn.functional.normalize(e, dim=-1).cpu())
+    img = torch.cat([
+        model.encode_image(normalize(pixels[i : i + batch_size], kind=cfg.vision.kind).to(dev)).float().cpu()
+        for i in range(0, len(pixels), batch_size)
+    ])  # (N, E)
     return zero_shot_accuracy(img, torch.stack(class_emb), torch.tensor(list(labels)))
 
 

@@ -437,7 +437,7 @@ def train_loop(config: dict[str, Any]) -> None:
         save = last or bool(job.checkpoint_every and step % job.checkpoint_every == 0)
         plain = None
         if eval_due(step, optim.steps, eval_every=optim.eval_every, checkpoint=save, score=job.checkpoint_score):
-            plain, scores = scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log)
+            plain, scores = scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log, device)
             rec.update(scores)
             score = job.checkpoint_score or ""
             if plain is not None and score.startswith("eval_") and score not in rec and not warned_score:
@@ -473,7 +473,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 marker.write_text(str(step))
                 os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, not an exception
     if start == optim.steps:  # re-run of a finished run: export again from the restored state
-        plain, scores = scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log)
+        plain, scores = scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log, device)
         _checkpoint(
             engine, stage, cfg, job, tokenizer, start, {"step": start, **scores}, rank, final=True, log=log, data_state=stream.state(), plain=plain,
         )  # fmt: skip
@@ -518,14 +518,26 @@ def eval_due(step: int, steps: int, *, eval_every: int, checkpoint: bool, score:
     return checkpoint and bool(score) and score.startswith("eval_")
 
 
-def scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log) -> tuple[torch.nn.Module | None, dict[str, float]]:
-    """``plain_copy`` and its held-out metrics on rank 0 (None and {} elsewhere); collective."""
+def scored_copy(engine, stage, cfg, job, tokenizer, rank, evals, log, device) -> tuple[torch.nn.Module | None, dict[str, float]]:
+    """``plain_copy`` and its held-out metrics on rank 0 (None and {} elsewhere); collective.
+    The copy is scored on ``eval_device(job, device)`` and returned in host memory."""
     import torch.distributed as dist
 
+    from jobs.local import scoring_on
+
     plain = plain_copy(engine, stage, cfg, job, tokenizer, rank)
-    scores = evaluate(stage, plain, cfg, job, tokenizer, evals, log) if plain is not None else {}
+    scores: dict[str, float] = {}
+    if plain is not None:
+        with scoring_on(plain, eval_device(job, device), bf16=job.precision == "bf16"):
+            scores = evaluate(stage, plain, cfg, job, tokenizer, evals, log)
     dist.barrier()
     return plain, scores
+
+
+def eval_device(job: JobConfig, device: torch.device) -> torch.device:
+    """Where rank 0 scores the held-out sets: the worker's accelerator unless ``job.eval_device``
+    says cpu (generation on a host CPU is slow for a decoder of a GPU run's size)."""
+    return device if device.type != "cpu" and job.eval_device == "auto" else torch.device("cpu")
 
 
 def _checkpoint(engine, stage, cfg, job, tokenizer, step, rec, rank, *, final, log, data_state, plain=None) -> None:

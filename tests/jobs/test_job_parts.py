@@ -278,8 +278,9 @@ def test_vlm_eval_scores_a_stage1_checkpoint_and_refuses_bad_input_with_exit_2(w
     save_checkpoint(build_model("contrastive", cfg, job, tok), ckpt, config=cfg, tokenizer=tok)
 
     report = tmp_path / "eval" / "s1.json"
-    assert vlm(["eval", str(ckpt), "--data", str(world), "--output", str(report)]) == 0
+    assert vlm(["eval", str(ckpt), "--data", str(world), "--output", str(report), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
+    assert json.loads(report.read_text())["device"] == "cpu"
     got = json.loads(report.read_text())["metrics"]
     assert got["pairs"] == 8
     assert {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)} <= set(got)
@@ -299,10 +300,42 @@ def test_vlm_eval_scores_a_stage1_checkpoint_and_refuses_bad_input_with_exit_2(w
         (["eval", str(ckpt), "--data", str(world), "--recall", "0,5"], "--recall: expected positive integers"),
         (["eval", str(ckpt), "--data", str(world), "--zero-shot", "texture"], "unknown label kind(s) ['texture']"),
         (["eval", str(ckpt), "--data", str(world), "--samples", "-1"], "--samples: expected 0 (all) or more"),
+        (["eval", str(ckpt), "--data", str(world), "--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["eval", str(ckpt), "--data", str(world), "--device", "cuda:99"], "--device cuda:99: no such CUDA device here"),
     ):
         assert vlm(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("vlm eval: ") and said in err, (argv, err)
+
+
+def test_eval_batches_and_placement(world, tmp_path):
+    """Zero-shot and retrieval embeddings come out the same in any batch size; rank 0 scores on
+    the worker's accelerator unless ``job.eval_device=cpu`` (a CPU run scores on the CPU)."""
+    import torch
+
+    from jobs.data import read_heldout_pairs, read_zero_shot
+    from jobs.local import embed_pairs, scoring_on, zero_shot
+    from jobs.loop import build_model, eval_device
+    from jobs.train import resolve_tokenizer
+
+    cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={tmp_path}"])
+    tok = resolve_tokenizer("contrastive", cfg, job, log=lambda *_: None)
+    model = build_model("contrastive", cfg, job, tok)
+    size = cfg.model.vision.image_size
+    zs = read_zero_shot(str(world), size=size, label_kind="colour", limit=64)
+    assert len(zs["labels"]) == 3
+    args = (model, zs["pixels"], zs["labels"], zs["classnames"], zs["templates"], tok)
+    assert zero_shot(*args, batch_size=2) == zero_shot(*args)
+    pixels, captions = read_heldout_pairs(str(world), size=size, limit=8)
+    for a, b in zip(embed_pairs(model, pixels, captions, tok, batch_size=3), embed_pairs(model, pixels, captions, tok)):
+        assert a.dtype == torch.float32 and a.device.type == "cpu" and torch.allclose(a, b, atol=1e-5)
+    with scoring_on(model, torch.device("cpu"), bf16=True) as m:
+        assert m is model and not torch.is_autocast_enabled("cpu")  # a CPU eval runs as the model is
+    gpu = torch.device("cuda", 0)  # a device object only: nothing is placed on it here
+    assert eval_device(job, gpu) == gpu and eval_device(job, torch.device("cpu")).type == "cpu"
+    assert eval_device(load_job(overrides=["job.eval_device=cpu"])[1], gpu).type == "cpu"
+    with pytest.raises(ConfigError, match="job.eval_device: expected 'auto' or 'cpu', got 'gpu'"):
+        load_job(overrides=["job.eval_device=gpu"])
 
 
 def test_decode_world_rows_including_video(world):
