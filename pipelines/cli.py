@@ -15,7 +15,7 @@ from vlm.config import ConfigError
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="vlm curate", description=__doc__.strip().splitlines()[0])
-    p.add_argument("--input", required=True, help="URL list (.parquet/.csv/.tsv/.jsonl, local or fsspec) or an img2dataset output dir")
+    p.add_argument("--input", required=True, help="URL list (.parquet/.csv/.tsv/.jsonl/.json/.txt, optionally .gz/.bz2/.xz, or a directory of them; local or fsspec) or an img2dataset output dir")
     p.add_argument("--output", required=True, help="output directory; an existing one is resumed")
     p.add_argument("--config", default=None, help="YAML file with any config keys (see docs/curation.md)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

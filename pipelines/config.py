@@ -14,7 +14,7 @@ import yaml
 
 from vlm.config import ConfigError, apply_overrides, from_dict
 
-INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "img2dataset")
+INPUT_FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "img2dataset")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = ("jpg", "webp", "png")
 RESAMPLE_FILTERS = ("area", "bilinear", "bicubic", "lanczos", "nearest")
@@ -25,7 +25,7 @@ ROBOTS_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 class InputConfig:
     """Where the samples come from and which columns mean what."""
 
-    format: str = "auto"  # auto (from the extension / a directory of img2dataset shards) | parquet | csv | tsv | jsonl | img2dataset
+    format: str = "auto"  # auto (from the extension / a directory of img2dataset shards) | parquet | csv | tsv | jsonl | json | txt | img2dataset
     url_col: str = "url"
     caption_col: str | None = "caption"  # None: no captions
     save_additional_columns: bool = True  # extra input columns go to KEY.json and the parquet
@@ -64,13 +64,17 @@ class ImageConfig:
     """Decode, validate, resize and encode (img2dataset's resize modes)."""
 
     image_size: int = 256
-    resize_mode: str = "keep_ratio"
+    # no | keep_ratio | keep_ratio_largest | center_crop | border. YAML 1.1 reads an unquoted
+    # `no` as false, so false (and "none") are taken for "no"; the field always holds a string.
+    resize_mode: str | bool = "keep_ratio"
     resize_only_if_bigger: bool = False
     downscale_filter: str = "area"  # area (box average, like OpenCV's INTER_AREA) | bilinear | bicubic | lanczos | nearest
     upscale_filter: str = "lanczos"
     encode_format: str = "jpg"
     encode_quality: int = 95  # jpg/webp quality; png compression level is (100 - quality) // 10
-    max_image_pixels: int = 89_478_485  # the decompression-bomb guard (Pillow's default limit)
+    # The decompression-bomb guard, checked on the header before decoding, and the most pixels
+    # a resized image may have; the only limit (Pillow's own is off), so it can be raised.
+    max_image_pixels: int = 89_478_485
     # JPEGs decode at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled decoding) while
     # that still gives at least this multiple of the output size; None: always the full image.
     # Lower is faster and loses fine detail (text, textures): docs/curation.md, step 5.
@@ -78,8 +82,10 @@ class ImageConfig:
     border_color: tuple[int, int, int] = (255, 255, 255)
 
     def __post_init__(self) -> None:
-        if self.resize_mode not in RESIZE_MODES:
-            raise ConfigError(f"image.resize_mode: expected one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.resize_mode is False or (isinstance(self.resize_mode, str) and self.resize_mode.lower() == "none"):
+            self.resize_mode = "no"
+        if not isinstance(self.resize_mode, str) or self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"image.resize_mode: expected one of {RESIZE_MODES} (or false for no), got {self.resize_mode!r}")
         for name in ("downscale_filter", "upscale_filter"):
             if getattr(self, name) not in RESAMPLE_FILTERS:
                 raise ConfigError(f"image.{name}: expected one of {RESAMPLE_FILTERS}, got {getattr(self, name)!r}")
@@ -89,6 +95,8 @@ class ImageConfig:
             raise ConfigError(f"image.encode_quality: expected 1-100, got {self.encode_quality}")
         if self.image_size < 1:
             raise ConfigError(f"image.image_size: expected >= 1, got {self.image_size}")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"image.max_image_pixels: expected >= 1, got {self.max_image_pixels}")
         if self.decode_floor is not None and not 0.5 <= self.decode_floor:
             raise ConfigError(f"image.decode_floor: expected a number >= 0.5 (a multiple of the output size) or null, got {self.decode_floor}")
 

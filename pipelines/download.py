@@ -1,7 +1,9 @@
 """Download stage: concurrent HTTP with connection reuse, a total deadline per attempt that
 covers the body, a body-size cap, retries with exponential backoff on connection errors,
 timeouts, 5xx and 429 (honouring ``Retry-After``), a per-host concurrency cap, a User-Agent
-token and the ``X-Robots-Tag`` opt-out.
+token and the ``X-Robots-Tag`` opt-out. What a retry cannot change fails at once: a malformed
+URL (checked before any request), a 4xx, a name that does not resolve, a TLS certificate that
+does not verify. Every URL gets a result: nothing one URL raises reaches the caller.
 
 aiohttp does the HTTP; the retry/deadline/opt-out policy around it is ours (no library here
 gives a per-sample status with a reason). ``fetch_many`` streams results to a callback as they
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import re
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +28,14 @@ import numpy as np
 from pipelines.config import DownloadConfig
 
 USER_AGENT = "Mozilla/5.0 (compatible; vlmforge-curate/0.1; +https://github.com/vlmforge)"
+# X-Robots-Tag directives written "name: value" (Google's and Bing's); any other "name:" prefix
+# names the user agent the directives after it apply to ("googlebot: noindex, nofollow").
+VALUE_DIRECTIVES = frozenset({
+    "max-snippet", "max-image-preview", "max-video-preview", "unavailable_after", "unavailable-after",
+})  # fmt: skip
+_AGENT = re.compile(r"[a-z][a-z0-9_.\-]*")  # a user-agent product token: no spaces, starts with a letter
+# getaddrinfo's answers that a retry will not change: no such name, or a name with no address.
+_DNS_NOT_FOUND = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 @dataclass
@@ -58,7 +70,10 @@ def robots_opt_out(header_values: Sequence[str], *, disallowed: Sequence[str], t
     """The first disallowed ``X-Robots-Tag`` directive that applies to us, else None.
 
     A directive applies when it has no user-agent prefix (``noai``) or its prefix is our token
-    (``vlmforge: noai``); ``otherbot: noai`` does not.
+    (``vlmforge: noai``); ``otherbot: noai`` does not, nor do the directives after it in the same
+    header value, up to the next agent. A ``name:`` prefix is a user agent only when ``name`` is
+    not a directive that takes a value (``max-image-preview: large``, ``unavailable_after: DATE``,
+    ``VALUE_DIRECTIVES``) and looks like a product token (a date's ``15:00`` is not an agent).
 
     Args:
         header_values: every ``X-Robots-Tag`` header value of the response.
@@ -71,11 +86,12 @@ def robots_opt_out(header_values: Sequence[str], *, disallowed: Sequence[str], t
     for value in header_values:
         agent = None
         for part in value.split(","):
-            part = part.strip().lower()
-            if ":" in part:  # "agent: directive" starts a new agent scope
-                agent, part = (s.strip() for s in part.split(":", 1))
-            if part in wanted and (agent is None or (token is not None and agent == token.lower())):
-                return part
+            name, colon, rest = (s.strip() for s in part.strip().lower().partition(":"))
+            if colon and name not in VALUE_DIRECTIVES and _AGENT.fullmatch(name):  # "agent: directive" starts a scope
+                agent = name
+                name = rest.partition(":")[0].strip()  # the directive, without a value it may take
+            if name in wanted and (agent is None or (token is not None and agent == token.lower())):
+                return name
     return None
 
 
@@ -125,8 +141,20 @@ async def _attempt(session, url: str, cfg: DownloadConfig) -> tuple[bytes, int]:
         raise _Retryable("timeout") from e
     except aiohttp.TooManyRedirects as e:
         raise _Fatal("too_many_redirects") from e
-    except aiohttp.InvalidURL as e:
-        raise _Fatal("invalid_url") from e
+    except aiohttp.InvalidURL as e:  # also a redirect to an invalid URL
+        detail = getattr(e, "description", None)
+        raise _Fatal("invalid_url: the HTTP client rejected it" + (f" ({detail})" if detail else "")) from e
+    except UnicodeError as e:  # the resolver's IDNA encoding of a host name url_problem let through
+        raise _Fatal(f"invalid_url: expected a host name the resolver can encode, got {e}") from e
+    except aiohttp.ClientConnectorCertificateError as e:  # the same certificate on every retry
+        cert = e.certificate_error
+        raise _Fatal(f"tls_certificate_error: {getattr(cert, 'verify_message', None) or cert}") from e
+    except aiohttp.ClientConnectorError as e:
+        if isinstance(e.os_error, socket.gaierror):
+            if e.os_error.errno in _DNS_NOT_FOUND:  # NXDOMAIN or no address: not transient
+                raise _Fatal("dns_name_not_found") from e
+            raise _Retryable("dns_error") from e  # e.g. EAI_AGAIN, a resolver that did not answer
+        raise _Retryable("connection_error") from e
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
         raise _Retryable("connection_closed") from e
     except aiohttp.ClientConnectionError as e:
@@ -135,22 +163,59 @@ async def _attempt(session, url: str, cfg: DownloadConfig) -> tuple[bytes, int]:
         raise _Retryable(f"client_error_{type(e).__name__}") from e
 
 
-async def _fetch_one(session, url: str, cfg: DownloadConfig, limit: asyncio.Semaphore, hosts: dict) -> FetchResult:
-    start = time.monotonic()
-    scheme, host = "", ""
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched, as ``expected ..., got ...``; None when it can be tried.
+
+    Checked before any request, so a malformed URL costs no connection, no DNS lookup and no
+    retry: the scheme, the port, and the host name's labels (1 to 63 characters of letters,
+    digits, ``-`` or ``_`` each, at most 253 in all; a non-ASCII label counts in its punycode form).
+    """
     try:
         parts = urlsplit(url)
-        scheme, host = parts.scheme, parts.netloc
-    except ValueError:
-        pass
-    if scheme not in ("http", "https") or not host:
-        return FetchResult(None, "invalid_url")
-    host_limit = hosts.setdefault(host, asyncio.Semaphore(cfg.per_host))
+        scheme, host = parts.scheme.lower(), parts.hostname
+        _ = parts.port  # raises ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        return f"expected a URL that parses, got {e}"
+    if scheme not in ("http", "https"):
+        return f"expected an http or https URL, got scheme {scheme!r}" if scheme else "expected an http or https URL, got no scheme"
+    if not host:
+        return "expected a host name, got none"
+    if ":" in host:  # an IPv6 literal ("[::1]"): the HTTP client checks it
+        return None
+    name = host[:-1] if host.endswith(".") else host  # a trailing dot (a rooted name) is allowed
+    if len(name) > 253:
+        return f"expected a host name of at most 253 characters, got {len(name)}"
+    for label in name.split("."):
+        if not label:
+            return "expected host labels of 1 to 63 characters, got an empty label"
+        if label.isascii():
+            bad = next((c for c in label if not (c.isalnum() or c in "-_")), None)
+            if bad is not None:
+                return f"expected a host name of letters, digits, '-' and '_', got {bad!r}"
+            size = len(label)
+        else:
+            try:
+                size = 4 + len(label.encode("punycode"))  # "xn--" + the punycode form
+            except UnicodeError as e:
+                return f"expected a host name that IDNA can encode, got {e}"
+        if size > 63:
+            return f"expected host labels of 1 to 63 characters, got one of {size}"
+    return None
+
+
+async def _fetch_one(session, url: str, cfg: DownloadConfig, limit: asyncio.Semaphore, hosts: dict) -> FetchResult:
+    start = time.monotonic()
+    problem = url_problem(url)
+    if problem is not None:
+        return FetchResult(None, f"invalid_url: {problem}")
+    host_limit = hosts.setdefault(urlsplit(url).netloc.lower(), asyncio.Semaphore(cfg.per_host))
     attempts, last = 0, None
     for attempt in range(cfg.retries + 1):
         attempts += 1
         try:
-            async with limit, host_limit:
+            # The host's slot first, then a global one: a URL waiting for its (slow) host holds
+            # no global slot, so the other hosts' URLs go on.
+            async with host_limit, limit:
                 data, status = await _attempt(session, url, cfg)
             return FetchResult(data, None, status, attempts, time.monotonic() - start)
         except _Fatal as e:
@@ -178,7 +243,12 @@ async def _fetch_all(urls: Sequence[str], cfg: DownloadConfig, on_result: Callab
     async with aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=True) as session:
 
         async def run(i: int, url: str) -> None:
-            on_result(i, await _fetch_one(session, url, cfg, limit, hosts))
+            start = time.monotonic()
+            try:
+                result = await _fetch_one(session, url, cfg, limit, hosts)
+            except Exception as e:  # a last resort: no single URL may take down the shard
+                result = FetchResult(None, f"unexpected_error: {type(e).__name__}: {e}"[:500], elapsed=time.monotonic() - start)
+            on_result(i, result)
 
         await asyncio.gather(*(run(i, u) for i, u in enumerate(urls)))
 

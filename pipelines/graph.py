@@ -116,7 +116,8 @@ def curate(
     Returns the run summary (also written to ``summary.json``).
 
     Args:
-        input_path: a URL list (parquet/csv/tsv/jsonl, local or fsspec) or an img2dataset output directory.
+        input_path: a URL list (parquet/csv/tsv/jsonl/json/txt, optionally .gz/.bz2/.xz; a directory
+            of them; local or fsspec) or an img2dataset output directory.
         output_dir: the output directory; an existing one is resumed.
         config: the run config.
         fail_shards: shards whose first attempt raises after downloading (to test task retry).
@@ -187,9 +188,9 @@ def curate(
                 stats = json.loads(row["stats"])
                 seen.add(stats["shard"])
                 name = f"{shard_name(stats['shard'])}.parquet"
-                tables[name] = load_shard_table(out / name)
+                tables[name] = load_shard_table(out / name, url_col=config.input.url_col)
                 rows_done += stats["count"]
-                bad = stats["failed_to_download"] + stats["failed_to_decode"]
+                bad = stats["failed_to_download"] + stats["failed_to_decode"] + stats.get("failed_to_resize", 0)
                 if stats["count"] and bad / stats["count"] > config.run.error_warn_rate:
                     top = sorted(stats["reason_dict"].items(), key=lambda kv: -kv[1])[:3]
                     msg = (f"curate: shard {stats['shard']:05d} failed {bad}/{stats['count']} samples "
@@ -206,7 +207,7 @@ def curate(
                 p.unlink(missing_ok=True)
         from pipelines.report import load_table, summarize, write_report
 
-        table = load_table(out, loaded=tables)
+        table = load_table(out, loaded=tables, url_col=config.input.url_col)
         summary = summarize(out, table=table)
         wall = time.time() - t0
         summary.update(wall_seconds=wall, ray_start_seconds=ray_start, pipeline_seconds=wall - ray_start,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageFile, ImageOps
 
@@ -22,6 +23,20 @@ _FILTERS = {
 }  # fmt: skip
 _PIL_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 _PIL_NAMES = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png"}
+# The largest side each output encoder writes: libjpeg's JPEG_MAX_DIMENSION, WebP's 14-bit
+# sizes; PNG stores 31-bit sizes (image.max_image_pixels binds long before).
+ENCODER_MAX_SIDE = {"jpg": 65_500, "webp": 16_383, "png": 2**31 - 1}
+
+# Pillow's own decompression-bomb check reads the module global ``Image.MAX_IMAGE_PIXELS`` in
+# ``Image.open`` (a warning above it, an error above twice it). ``open_checked`` reads the
+# header size and compares it with ``image.max_image_pixels`` itself, before any pixel is
+# decoded, so that setting is the one limit and can be raised past Pillow's 89.5 M. The global
+# is switched off once, here at import, rather than raised to each config's value around each
+# open: the decode threads of a shard would race on it (and on ``warnings.catch_warnings``,
+# which is not thread-safe either). A process that imports this module therefore has no
+# Pillow-side limit: every untrusted image in the pipeline goes through ``open_checked``.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
 
 
 class Rejected(Exception):
@@ -39,6 +54,7 @@ class Decoded:
     original_height: int
     source_format: str  # jpg | png | webp | gif | ...
     transposed: bool  # EXIF orientation changed the pixels
+    plain_rgb: bool  # the file holds 8-bit RGB without alpha (its bytes can stand for the image)
 
 
 def _looks_like_image(data: bytes) -> bool:
@@ -54,6 +70,17 @@ class Header:
     format: str  # jpg | png | webp | gif | ...
     orientation: int  # EXIF orientation, 1 when none
     size: tuple[int, int]  # (width, height) after EXIF orientation
+    plain_rgb: bool  # 8-bit RGB without alpha or a transparent colour
+
+
+def _plain_rgb(img: Image.Image) -> bool:
+    """An opened (not loaded) image stores one frame of 8-bit RGB without alpha. Pillow opens a
+    16-bit RGB PNG as mode RGB too; its tile's raw mode (``RGB;16B``) tells it apart."""
+    if img.mode != "RGB" or "transparency" in img.info or getattr(img, "is_animated", False):
+        return False
+    if img.format == "PNG":
+        return all(len(t) > 3 and t[3] == "RGB" for t in img.tile)
+    return True
 
 
 def open_checked(data: bytes, *, max_pixels: int) -> Header:
@@ -66,12 +93,9 @@ def open_checked(data: bytes, *, max_pixels: int) -> Header:
     """
     if not data:
         raise Rejected("empty_body")
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never grey pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        img = Image.open(io.BytesIO(data))  # the header only (Pillow's own limit is off: see MAX_IMAGE_PIXELS above)
+    except Image.DecompressionBombError:  # only if something else in the process set Pillow's limit again
         raise Rejected("decompression_bomb") from None
     except Exception:
         raise Rejected("truncated_or_corrupt" if _looks_like_image(data) else "not_an_image") from None
@@ -79,15 +103,36 @@ def open_checked(data: bytes, *, max_pixels: int) -> Header:
     if width * height > max_pixels:
         raise Rejected("decompression_bomb")
     fmt = _PIL_NAMES.get(img.format or "", (img.format or "unknown").lower())
+    plain = _plain_rgb(img)  # before getexif, which can load a PNG (and so drop its tile)
     try:
         orientation = img.getexif().get(0x0112, 1) or 1
     except Exception:
         orientation = 1
     swaps = orientation in (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
-    return Header(img, fmt, orientation, (height, width) if swaps else (width, height))
+    return Header(img, fmt, orientation, (height, width) if swaps else (width, height), plain)
 
 
-def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = None) -> Decoded:
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    """16-bit (``I;16*``) or 32-bit (``I``) integer greyscale -> 8-bit ``L``: the top 8 of 16 bits.
+
+    Pillow's own conversion clips these to 0-255, so anything above 1/256 of full scale comes
+    out white. ``I`` is read as 16-bit data (Pillow opens 16-bit greyscale TIFFs, and PNGs in
+    older versions, as ``I``): values are clipped to 0..65535, then shifted. A fixed scale,
+    not a stretch of each image's own range, so a dark image stays dark and two copies of one
+    picture with different ranges do not come out in different contrasts.
+    """
+    import numpy as np
+
+    a = np.asarray(img)  # (H, W) uint16 (either byte order) or int32
+    if img.mode == "I":
+        a = np.clip(a, 0, 65535)
+    return Image.fromarray((a >> 8).astype(np.uint8))  # (H, W) uint8 -> L
+
+
+def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = None, head: Header | None = None) -> Decoded:
     """Bytes -> an RGB image with EXIF orientation applied, or ``Rejected``.
 
     The decompression-bomb guard reads the header size before any pixel is decoded. With
@@ -101,8 +146,10 @@ def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = Non
         data: the downloaded body.
         max_pixels: reject images with more pixels than this.
         resize_for: the image config the result will be resized with; None decodes in full.
+        head: ``open_checked(data, max_pixels=max_pixels)`` when the caller has it already
+            (reading a PNG's EXIF loads its pixels: a second open would decode it again).
     """
-    head = open_checked(data, max_pixels=max_pixels)
+    head = open_checked(data, max_pixels=max_pixels) if head is None else head
     img, fmt, orientation, original = head.image, head.format, head.orientation, head.size
     if fmt == "jpg" and resize_for is not None and resize_for.downscale_filter == "area" and img.mode in ("RGB", "L"):
         target = target_size(*original, config=resize_for)
@@ -121,6 +168,8 @@ def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = Non
         except Exception:
             rotated = img
     transposed = rotated is not img
+    if rotated.mode in _WIDE_GREY:  # after the turn: exif_transpose reads the EXIF of the image it is given
+        rotated = _to_8bit_grey(rotated)
     if rotated.mode != "RGB":
         if rotated.mode in ("RGBA", "LA", "P") and ("transparency" in rotated.info or rotated.mode != "P"):
             canvas = Image.new("RGB", rotated.size, (255, 255, 255))
@@ -128,7 +177,7 @@ def decode(data: bytes, *, max_pixels: int, resize_for: ImageConfig | None = Non
             rotated = canvas
         else:
             rotated = rotated.convert("RGB")
-    return Decoded(rotated, original[0], original[1], fmt, transposed)
+    return Decoded(rotated, original[0], original[1], fmt, transposed, head.plain_rgb)
 
 
 def _scaled(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -157,16 +206,59 @@ def dct_factor(original: tuple[int, int], target: tuple[int, int], floor: float 
     return factor
 
 
+def keeps_size(width: int, height: int, *, config: ImageConfig) -> bool:
+    """True when ``resize`` returns a ``width`` x ``height`` image as it is: ``resize_mode`` no,
+    or ``resize_only_if_bigger`` and the side the mode scales (the shorter for ``keep_ratio``
+    and ``center_crop``, the longer for ``keep_ratio_largest`` and ``border``) is at most
+    ``image_size``. Then ``center_crop`` does not crop and ``border`` does not pad either, as
+    in img2dataset: a 300x200 image stays 300x200 in both at 256 px."""
+    mode, size = config.resize_mode, config.image_size
+    if mode == "no":
+        return True
+    side = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
+    return config.resize_only_if_bigger and side <= size
+
+
 def target_size(width: int, height: int, *, config: ImageConfig) -> tuple[int, int] | None:
     """The size ``resize`` scales a ``width`` x ``height`` image to before any crop or border;
     None when it does not scale it."""
     mode, size = config.resize_mode, config.image_size
-    if mode == "no":
+    if keeps_size(width, height, config=config):
         return None
     side = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
-    if side == size or (config.resize_only_if_bigger and side <= size):
+    if side == size:
         return None
     return _scaled(width, height, size / side)
+
+
+def output_size(width: int, height: int, *, config: ImageConfig) -> tuple[int, int]:
+    """The (width, height) ``resize`` makes of a ``width`` x ``height`` image."""
+    if keeps_size(width, height, config=config):
+        return width, height
+    if config.resize_mode in ("center_crop", "border"):
+        return config.image_size, config.image_size
+    return target_size(width, height, config=config) or (width, height)
+
+
+def check_output_size(width: int, height: int, *, config: ImageConfig) -> None:
+    """Raise ``Rejected("image_output_too_large: ...")`` when resizing a ``width`` x ``height``
+    image (the original, after EXIF orientation) would make an image the output encoder cannot
+    write (``ENCODER_MAX_SIDE``) or one with more pixels than ``image.max_image_pixels`` (the
+    scaled image before a crop counts: ``resize`` allocates it). An 800x1 image at
+    ``keep_ratio`` to 256 px would be 204800x256: checked here, before anything is resized.
+    """
+    mode, size, fmt = config.resize_mode, config.image_size, config.encode_format
+    what = "resize_mode no keeps" if mode == "no" else f"resize_mode {mode} to {size} px makes"
+    out = output_size(width, height, config=config)
+    limit = ENCODER_MAX_SIDE[fmt]
+    if max(out) > limit:
+        raise Rejected(f"image_output_too_large: {what} {out[0]}x{out[1]}, expected at most {limit} px a side for {fmt}")
+    for w, h in (target_size(width, height, config=config) or out, out):
+        if w * h > config.max_image_pixels:
+            raise Rejected(
+                f"image_output_too_large: {what} {w}x{h} ({w * h} pixels), "
+                f"expected at most image.max_image_pixels={config.max_image_pixels}"
+            )
 
 
 _CV2 = None
@@ -256,8 +348,8 @@ def resize(img: Image.Image, *, config: ImageConfig, source_size: tuple[int, int
     - ``center_crop``: the shorter side becomes ``image_size``, then a centred square crop.
     - ``border``: the longer side becomes ``image_size``, then padding to a square.
 
-    With ``resize_only_if_bigger`` an image whose side is already small enough is not scaled
-    (``center_crop`` and ``border`` still crop or pad). Downscaling with the default ``area``
+    With ``resize_only_if_bigger`` an image whose side is already small enough is returned as
+    it is: not scaled, and not cropped or padded either (``keeps_size``). Downscaling with the default ``area``
     filter goes through ``area_downscale``; other filters and upscaling use Pillow's.
 
     Args:
@@ -267,9 +359,9 @@ def resize(img: Image.Image, *, config: ImageConfig, source_size: tuple[int, int
             smaller than the file (``decode(..., resize_for=config)``); default ``img.size``.
     """
     mode, size = config.resize_mode, config.image_size
-    if mode == "no":
-        return img
     w, h = source_size or img.size
+    if keeps_size(w, h, config=config):
+        return img
     target = target_size(w, h, config=config)
     if target is not None:
         down = target[0] < w
@@ -284,11 +376,10 @@ def resize(img: Image.Image, *, config: ImageConfig, source_size: tuple[int, int
             left, top = (w - s) // 2, (h - s) // 2
             img = img.crop((left, top, left + s, top + s))
     elif mode == "border":
-        w, h = img.size
-        s = max(w, h, size) if not config.resize_only_if_bigger else max(w, h)
-        if (w, h) != (s, s):
-            canvas = Image.new("RGB", (s, s), tuple(config.border_color))
-            canvas.paste(img, ((s - w) // 2, (s - h) // 2))
+        w, h = img.size  # the longer side is now ``size``
+        if (w, h) != (size, size):
+            canvas = Image.new("RGB", (size, size), tuple(config.border_color))
+            canvas.paste(img, ((size - w) // 2, (size - h) // 2))
             img = canvas
     return img
 
@@ -389,9 +480,22 @@ def check_image(width: int, height: int, *, config: FilterConfig) -> None:
         raise Rejected("aspect_ratio_too_large")
 
 
-def check_caption(caption: str | None, *, config: FilterConfig) -> None:
-    """Raise ``Rejected`` when the caption fails the length or word-count filters."""
-    text = (caption or "").strip()
+def caption_text(value: Any) -> str | None:
+    """An input caption as text: None for a missing one (None or a float NaN, what a numeric
+    column holds for a gap); a number or any other value as ``str(value)``; bytes as UTF-8."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Real) and value != value:  # NaN, of any float type (numpy's too)
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def check_caption(caption: Any, *, config: FilterConfig) -> None:
+    """Raise ``Rejected`` when the caption fails the length or word-count filters (a missing
+    caption is the empty text; a non-text one is read as ``caption_text`` does)."""
+    text = (caption_text(caption) or "").strip()
     if len(text) < config.min_caption_chars:
         raise Rejected("caption_too_short")
     if len(text.split()) < config.min_caption_words:

@@ -1,7 +1,8 @@
 """Run summary (``summary.json``) and the curation report (``report.html`` + PNGs): the funnel
 of what each stage dropped and why, size histograms, error reasons by host.
 
-Reads only the shard parquets, so it can be rebuilt at any time: ``vlm curate --report-only``.
+Reads only the shard parquets (and, for the name of the URL column, the run's
+``_inputs/_SUCCESS``), so it can be rebuilt at any time: ``vlm curate --report-only``.
 """
 
 from __future__ import annotations
@@ -23,30 +24,49 @@ FUNNEL = (
     ("download", lambda s, r: s == "failed_to_download"),
     ("decode / validate", lambda s, r: s == "failed_to_decode"),
     ("size / aspect filter", lambda s, r: s == "filtered" and (r or "").startswith(("image", "aspect"))),
-    ("dedup", lambda s, r: s == "duplicate"),
+    ("resize / encode", lambda s, r: s == "failed_to_resize"),
     ("CLIP score", lambda s, r: s == "filtered" and (r or "").startswith("clip")),
+    ("dedup", lambda s, r: s == "duplicate"),  # after the CLIP filter: only kept samples claim an image
 )
+# The URL column is the input's (``input.url_col``); in the tables read here it is renamed "url".
 _COLUMNS = ("url", "status", "error_message", "original_width", "original_height", "width", "height", "clip_score", "num_tokens")
 
 
-def load_shard_table(path: str | Path) -> pa.Table:
-    """The columns the summary and the report read, from one shard parquet."""
+def run_url_col(output_dir: str | Path) -> str:
+    """The run's URL column (``input.url_col``, as ``_inputs/_SUCCESS`` records it; else ``url``)."""
+    from pipelines.inputs import run_state
+
+    return run_state(output_dir).get("url_col") or "url"
+
+
+def load_shard_table(path: str | Path, *, url_col: str | None = None) -> pa.Table:
+    """The columns the summary and the report read, from one shard parquet, the URL column named "url".
+
+    Args:
+        path: a shard's ``NNNNN.parquet``.
+        url_col: the run's URL column (None: what the run's ``_inputs/_SUCCESS`` records, else "url").
+    """
+    url_col = run_url_col(Path(path).parent) if url_col is None else url_col
     names = pq.read_schema(path).names
-    t = pq.read_table(path, columns=[c for c in _COLUMNS if c in names])
-    return t.select([c for c in _COLUMNS if c in t.column_names])
+    in_file = {c: url_col if c == "url" else c for c in _COLUMNS}  # name here -> column in the file
+    present = [c for c in _COLUMNS if in_file[c] in names]
+    t = pq.read_table(path, columns=[in_file[c] for c in present])
+    return t.select([in_file[c] for c in present]).rename_columns(present)
 
 
-def load_table(output_dir: str | Path, *, loaded: dict[str, pa.Table] | None = None) -> pa.Table | None:
+def load_table(output_dir: str | Path, *, loaded: dict[str, pa.Table] | None = None, url_col: str | None = None) -> pa.Table | None:
     """Every finished shard's summary columns as one table (None when there is no shard).
 
     Args:
         output_dir: a curation output directory.
         loaded: shard tables already read, by parquet file name (the run reads each shard as it
             finishes); the others are read here.
+        url_col: the run's URL column (None: what the run's ``_inputs/_SUCCESS`` records, else "url").
     """
     loaded = loaded or {}
+    url_col = run_url_col(output_dir) if url_col is None else url_col
     paths = sorted(Path(output_dir).glob("[0-9]*.parquet"))
-    tables = [loaded[p.name] if p.name in loaded else load_shard_table(p) for p in paths]
+    tables = [loaded[p.name] if p.name in loaded else load_shard_table(p, url_col=url_col) for p in paths]
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")

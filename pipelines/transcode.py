@@ -81,9 +81,9 @@ def transcode_jpeg(data: bytes, *, head: Header, config: ImageConfig) -> Transco
         s = min(a.shape[:2])
         top, left = (a.shape[0] - s) // 2, (a.shape[1] - s) // 2
         a = np.ascontiguousarray(a[top : top + s, left : left + s])
-    elif config.resize_mode == "border":
+    elif config.resize_mode == "border":  # the longer side is now ``size``: pad to a square of it, as ``resize``
         h, w = a.shape[:2]
-        s = max(w, h, size) if not config.resize_only_if_bigger else max(w, h)
+        s = size
         if (w, h) != (s, s):
             top, left = (s - h) // 2, (s - w) // 2
             r, g, b = config.border_color

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import gzip
+import hashlib
 import io
+import json
+import shutil
+import socket
 import subprocess
 import sys
+import tarfile
+import threading
 import time
+import warnings
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.config import DownloadConfig, FilterConfig, ImageConfig, load_curate_config
+from pipelines import download
+from pipelines.config import DownloadConfig, FilterConfig, ImageConfig, InputConfig, load_curate_config
 from pipelines.dedup import DedupIndex, hamming
-from pipelines.download import Downloader, retry_after_seconds, robots_opt_out
+from pipelines.download import Downloader, fetch_all, fetch_many, retry_after_seconds, robots_opt_out
+from pipelines.inputs import RESERVED, prepare_shards, read_shard_rows, read_url_list, split_member_name
+from pipelines.report import summarize
+from pipelines.shard import PIPELINE_SCHEMA, process_image, process_shard, shard_table
 from pipelines.imaging import (
-    Rejected, check_caption, check_image, colour_distance, colour_signature, dct_factor, decode, encode, phash, resize,
+    Rejected, caption_text, check_caption, check_image, check_output_size, colour_distance, colour_signature,
+    dct_factor, decode, encode, open_checked, phash, resize,
 )  # fmt: skip
 from pipelines.local_server import bomb_png
 from vlm.config import ConfigError
@@ -329,7 +347,7 @@ def test_downloader_hostile_endpoints(server):
     assert got == {
         "stall": "timeout", "404": "http_404", "500": "http_500", "flaky500/x": None, "429/x": None,
         "redirect": None, "noai": "x_robots_tag_noai", "otherbot-noai": None, "oversized": "body_too_large",
-        "ftp": "invalid_url",
+        "ftp": "invalid_url: expected an http or https URL, got scheme 'ftp'",
     }  # fmt: skip
     assert server.hits["/hostile/500"] >= 2 and server.hits["/hostile/404"] == 1  # 5xx retried, 4xx not
     assert server.hits["/hostile/429/x"] == 2
@@ -354,6 +372,312 @@ def test_robots_and_retry_after_parsing():
     assert robots_opt_out(["noai"], disallowed=[], token="vlmforge") is None
     assert retry_after_seconds("7") == 7.0 and retry_after_seconds("soon") is None
     assert 50 < retry_after_seconds(time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))) <= 61
+
+
+def test_robots_directives_that_take_a_value_are_not_user_agents():
+    dis = ["noai", "noimageai", "noindex", "noimageindex"]
+    assert robots_opt_out(["max-image-preview:large, noai"], disallowed=dis, token="vlmforge") == "noai"
+    assert robots_opt_out(["unavailable_after: 25 Jun 2010 15:00:00 PST, noimageai"], disallowed=dis, token="vlmforge") == "noimageai"
+    # an RFC 850 date holds a comma: its second half ("25-Jun-10 15:00:00 PST") is no agent either
+    assert robots_opt_out(["unavailable_after: Friday, 25-Jun-10 15:00:00 PST, noai"], disallowed=dis, token="vlmforge") == "noai"
+    assert robots_opt_out(["max-snippet: 20, max-video-preview: -1, noindex"], disallowed=dis, token="vlmforge") == "noindex"
+    assert robots_opt_out(["vlmforge: max-image-preview: none, noai"], disallowed=dis, token="vlmforge") == "noai"
+    # the agent's scope runs on past a directive with a value
+    assert robots_opt_out(["otherbot: max-snippet: 10, noai"], disallowed=dis, token="vlmforge") is None
+    assert robots_opt_out(["otherbot: noindex", "noai"], disallowed=dis, token="vlmforge") == "noai"  # a new header value
+
+
+def _serve(handler) -> ThreadingHTTPServer:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def _bytes_handler(body: bytes, *, delay: float = 0.0, hits: list | None = None):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            if hits is not None:
+                hits.append(self.path)
+            time.sleep(delay)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def test_malformed_hosts_fail_their_url_only():
+    srv = _serve(_bytes_handler(_jpeg(8, 8)))
+    try:
+        good = f"http://127.0.0.1:{srv.server_address[1]}/a.jpg"
+        urls = ["http://a..b/x.jpg", "http://" + "a" * 64 + ".com/x.jpg", "http://exa mple.com/x.jpg", good,
+                "http://example.com:99999/x.jpg", "http:///x.jpg"]
+        got = [r.error for r in fetch_all(urls, config=DownloadConfig(timeout=2.0, retries=1, backoff=0.01))]
+    finally:
+        srv.shutdown()
+    assert got == [
+        "invalid_url: expected host labels of 1 to 63 characters, got an empty label",
+        "invalid_url: expected host labels of 1 to 63 characters, got one of 64",
+        "invalid_url: expected a host name of letters, digits, '-' and '_', got ' '",
+        None,
+        "invalid_url: expected a URL that parses, got Port out of range 0-65535",
+        "invalid_url: expected a host name, got none",
+    ]
+
+
+def test_a_host_the_resolver_cannot_encode_is_an_invalid_url(monkeypatch):
+    monkeypatch.setattr(download, "url_problem", lambda url: None)  # let it reach the resolver's IDNA encoding
+    r = fetch_all(["http://a..b/x.jpg"], config=DownloadConfig(timeout=2.0, retries=2, backoff=0.01))[0]
+    assert r.error.startswith("invalid_url: expected a host name the resolver can encode, got ") and r.attempts == 1
+
+
+def test_an_unexpected_exception_fails_its_url_only(monkeypatch):
+    real = download._attempt
+
+    async def attempt(session, url, cfg):
+        if "boom" in url:
+            raise KeyError("boom")
+        return await real(session, url, cfg)
+
+    monkeypatch.setattr(download, "_attempt", attempt)
+    srv = _serve(_bytes_handler(b"fine"))
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        got = fetch_all([f"{base}/boom.jpg", f"{base}/ok.jpg"], config=DownloadConfig(timeout=2.0, retries=0))
+    finally:
+        srv.shutdown()
+    assert got[0].error == "unexpected_error: KeyError: 'boom'" and got[0].data is None
+    assert got[1].error is None and got[1].data == b"fine"
+
+
+def test_a_bad_host_is_one_failed_row_not_a_failed_shard(tmp_path):
+    srv = _serve(_bytes_handler(_jpeg(64, 48)))
+    try:
+        good = f"http://127.0.0.1:{srv.server_address[1]}/a.jpg"
+        pq.write_table(pa.table({"url": [good, "http://a..b/x.jpg"], "caption": ["a red square", "a bad host"]}), tmp_path / "in.parquet")
+        cfg = load_curate_config(overrides=["download.retries=0", "filter.min_image_size=8"])
+        spec = prepare_shards(str(tmp_path / "in.parquet"), tmp_path / "out", config=cfg.input, shard_size=10)[0]
+        stats = process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    finally:
+        srv.shutdown()
+    assert stats["count"] == 2 and stats["successes"] == 1
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert (rows[1]["status"], rows[1]["error_message"]) == (
+        "failed_to_download", "invalid_url: expected host labels of 1 to 63 characters, got an empty label")
+
+
+def test_a_slow_host_does_not_hold_the_other_hosts_slots():
+    slow, fast = _serve(_bytes_handler(b"slow", delay=0.6)), _serve(_bytes_handler(b"fast"))
+    try:
+        urls = [f"http://127.0.0.1:{slow.server_address[1]}/{i}" for i in range(4)] + [f"http://127.0.0.1:{fast.server_address[1]}/x"]
+        order: list[int] = []
+        fetch_many(urls, config=DownloadConfig(concurrency=2, per_host=1, timeout=5.0), on_result=lambda i, r: order.append(i))
+    finally:
+        slow.shutdown()
+        fast.shutdown()
+    # the slow host's queue waits for its own slot without a global one, so the other host goes first
+    assert order[0] == 4 and sorted(order) == [0, 1, 2, 3, 4]
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(monkeypatch):
+    real, calls = socket.getaddrinfo, []
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host.endswith(".invalid"):
+            calls.append(host)
+            code = socket.EAI_NONAME if host.startswith("nx") else socket.EAI_AGAIN
+            raise socket.gaierror(code, "no such name" if code == socket.EAI_NONAME else "try again")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    cfg = DownloadConfig(timeout=2.0, retries=2, backoff=0.01)
+    nx, again = fetch_all(["http://nx.invalid/a.jpg", "http://busy.invalid/a.jpg"], config=cfg)
+    assert (nx.error, nx.attempts, calls.count("nx.invalid")) == ("dns_name_not_found", 1, 1)
+    assert (again.error, again.attempts, calls.count("busy.invalid")) == ("dns_error", 3, 3)  # a resolver hiccup is retried
+
+
+def test_a_certificate_that_does_not_verify_is_not_retried(tmp_path):
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("expected the openssl command to make a self-signed certificate, got none")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    accepted: list[int] = []
+
+    class Server(ThreadingHTTPServer):
+        def get_request(self):
+            accepted.append(1)
+            return super().get_request()
+
+    srv = Server(("127.0.0.1", 0), _bytes_handler(b"x"))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = fetch_all([f"https://127.0.0.1:{srv.server_address[1]}/a.jpg"], config=DownloadConfig(timeout=3.0, retries=2, backoff=0.2))[0]
+    finally:
+        srv.shutdown()
+    assert r.error.startswith("tls_certificate_error: self") and "signed certificate" in r.error  # OpenSSL's verify message
+    assert r.attempts == 1
+    assert len(accepted) == 1
+
+
+# ------------------------------------------------------------------ inputs, resume, report
+
+
+def test_input_columns_the_pipeline_writes_are_kept_under_input_names(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"url": ["ftp://x/a.jpg"], "caption": ["a cat"], "duplicate_of": ["source-123"],
+                             "key": ["k0"], "input_key": ["ik0"], "status": ["draft"]}), src)
+    cfg = load_curate_config()
+    assert read_url_list(str(src), config=cfg.input).column_names == [
+        "url", "caption", "input_duplicate_of", "input_input_key", "input_key", "input_status"]
+    spec = prepare_shards(str(src), tmp_path / "out", config=cfg.input, shard_size=10)[0]
+    process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    row = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()[0]
+    assert (row["input_duplicate_of"], row["input_input_key"], row["input_key"], row["input_status"]) == ("source-123", "k0", "ik0", "draft")
+    assert row["duplicate_of"] is None and row["status"] == "failed_to_download"
+    written = set(row) - set(read_url_list(str(src), config=cfg.input).column_names)
+    assert written <= set(RESERVED), f"columns the pipeline writes but RESERVED lacks: {written - set(RESERVED)}"
+    assert set(RESERVED) == set(PIPELINE_SCHEMA.names)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _image(fmt: str, color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_tar_member_names_split_as_webdataset_splits_them():
+    from webdataset.tariterators import base_plus_ext
+
+    for name in ["000000000.jpg", "./000000000.jpg", "a/b.seg.png", "dir.v2/000.JPG", "x.", ".hidden", "noext", "./._0.jpg"]:
+        key, ext = base_plus_ext(name)
+        want = (key, ext.lower()) if key is not None and ext else None  # no extension: nothing to group
+        assert split_member_name(name) == want, name
+    # a hidden file (a macOS "._" copy) in a directory is skipped; webdataset would make "a/" its key
+    assert split_member_name("a/._000.jpg") is None and base_plus_ext("a/._000.jpg") == ("a/", "_000.jpg")
+
+
+def test_img2dataset_input_reads_dot_slash_members_and_every_pillow_format(tmp_path):
+    colors = {"jpg": (200, 0, 0), "gif": (0, 200, 0), "bmp": (0, 0, 200), "tiff": (200, 200, 0), "png": (0, 200, 200)}
+    pil = {"jpg": "JPEG", "gif": "GIF", "bmp": "BMP", "tiff": "TIFF", "png": "PNG"}
+    members = []
+    for i, ext in enumerate(colors):
+        members += [(f"./{i:09d}.{ext}", _image(pil[ext], colors[ext])), (f"./{i:09d}.txt", f"a {ext} image".encode())]
+    members.append(("./000000000.json", json.dumps({"key": "000000000", "url": "http://x/0.jpg", "input_key": "old",
+                                                   "duplicate_of": "y", "license": "cc-by"}).encode()))
+    (tmp_path / "in").mkdir()
+    _tar(tmp_path / "in" / "00000.tar", members)
+    cfg = load_curate_config(overrides=["filter.min_image_size=8", "dedup.near=false"])
+    spec = prepare_shards(str(tmp_path / "in"), tmp_path / "out", config=cfg.input, shard_size=1000)[0]
+    rows, images = read_shard_rows(spec, config=cfg.input)
+    assert [r["input_key"] for r in rows] == [f"./{i:09d}" for i in range(5)]
+    assert all(img is not None for img in images)
+    assert rows[0]["input_input_key"] == "old" and rows[0]["input_duplicate_of"] == "y" and rows[0]["license"] == "cc-by"
+    assert set(rows[0]) == set(rows[1]) and rows[1]["license"] is None  # every row has every column
+    stats = process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    assert stats["successes"] == 5, stats["reason_dict"]
+
+
+def test_url_list_formats(tmp_path):
+    urls = ["http://x/a.jpg", "http://x/b.jpg"]
+    (tmp_path / "urls.txt").write_text("\ufeffhttp://x/a.jpg\r\n\n  http://x/b.jpg  \n")
+    with gzip.open(tmp_path / "urls.txt.gz", "wt") as f:
+        f.write("\n".join(urls) + "\n")
+    for name, sep in (("urls.csv.gz", ","), ("urls.tsv.gz", "\t")):
+        with gzip.open(tmp_path / name, "wt") as f:
+            f.write(f"url{sep}caption\n" + "".join(f"{u}{sep}cap {i}\n" for i, u in enumerate(urls)))
+    with gzip.open(tmp_path / "urls.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"url": u, "caption": f"cap {i}"}) + "\n" for i, u in enumerate(urls)))
+    (tmp_path / "urls.json").write_text(json.dumps([{"url": urls[0], "caption": "cap 0"}, {"url": urls[1], "caption": "cap 1", "extra": 7}]))
+    cfg = InputConfig()
+    for name in ("urls.txt", "urls.txt.gz"):
+        assert read_url_list(str(tmp_path / name), config=cfg).to_pylist() == [{"url": u} for u in urls], name
+    for name in ("urls.csv.gz", "urls.tsv.gz", "urls.jsonl.gz", "urls.json"):
+        table = read_url_list(str(tmp_path / name), config=cfg)
+        assert table.column("url").to_pylist() == urls and table.column("caption").to_pylist() == ["cap 0", "cap 1"], name
+    assert read_url_list(str(tmp_path / "urls.json"), config=cfg).column("extra").to_pylist() == [None, 7]  # every object's keys
+    assert read_url_list(str(tmp_path / "urls.csv.gz"), config=InputConfig(format="csv")).num_rows == 2  # compression by name, any format
+    txt = InputConfig(caption_col=None)
+    txt.format = "txt"  # the format named explicitly, on a file whose name does not say it
+    shutil.copy(tmp_path / "urls.txt", tmp_path / "list")
+    assert read_url_list(str(tmp_path / "list"), config=txt).column("url").to_pylist() == urls
+
+    (tmp_path / "dir").mkdir()  # a directory of URL lists: read in name order, as one list
+    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "caption": ["one"]}), tmp_path / "dir" / "a.parquet")
+    (tmp_path / "dir" / "b.csv").write_text("url,caption\nhttp://x/2.jpg,two\n")
+    (tmp_path / "dir" / "c.txt").write_text("http://x/3.jpg\n")
+    (tmp_path / "dir" / "_SUCCESS").write_text("")
+    table = read_url_list(str(tmp_path / "dir"), config=cfg)
+    assert table.to_pylist() == [{"url": "http://x/1.jpg", "caption": "one"}, {"url": "http://x/2.jpg", "caption": "two"},
+                                 {"url": "http://x/3.jpg", "caption": None}]
+    assert read_url_list(str(tmp_path / "dir"), config=InputConfig(format="csv")).num_rows == 1  # only that format's files
+    specs = prepare_shards(str(tmp_path / "dir"), tmp_path / "out", config=cfg, shard_size=2)
+    assert [(s["kind"], s["rows"]) for s in specs] == [("urls", 2), ("urls", 1)]
+
+    (tmp_path / "urls.xml").write_text("<urls/>")
+    with pytest.raises(ValueError, match=r"expected a URL list ending in \.parquet, .*\.txt.*got '.*urls\.xml'"):
+        read_url_list(str(tmp_path / "urls.xml"), config=cfg)
+    (tmp_path / "bad.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="expected .*bad.csv.gz to be gzip-compressed"):
+        read_url_list(str(tmp_path / "bad.csv.gz"), config=cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="expected URL-list files or NNNNN.tar files .* in the directory"):
+        read_url_list(str(tmp_path / "empty"), config=cfg)
+
+
+def test_resume_with_another_input_is_refused(tmp_path, capsys, monkeypatch):
+    from pipelines.cli import main
+
+    for name in ("a.csv", "b.csv"):
+        (tmp_path / name).write_text(f"url,caption\nhttp://x/{name}.jpg,a caption\n")
+    cfg = InputConfig()
+    out = tmp_path / "out"
+    prepare_shards(str(tmp_path / "a.csv"), out, config=cfg, shard_size=10)
+    monkeypatch.chdir(tmp_path)
+    assert len(prepare_shards("a.csv", out, config=cfg, shard_size=10)) == 1  # the same file, named another way
+    with pytest.raises(ValueError, match=r"expected --input .*a\.csv to resume .*, got .*b\.csv: run with --input"):
+        prepare_shards(str(tmp_path / "b.csv"), out, config=cfg, shard_size=10)
+    with pytest.raises(ValueError, match="expected input.url_col=url to resume"):
+        prepare_shards(str(tmp_path / "a.csv"), out, config=InputConfig(url_col="image_url"), shard_size=10)
+    assert main(["--input", str(tmp_path / "b.csv"), "--output", str(out)]) == 2  # refused before Ray starts
+    assert "a new --output" in capsys.readouterr().err
+
+    (tmp_path / "i2d").mkdir()
+    _tar(tmp_path / "i2d" / "00000.tar", [("000000000.jpg", _jpeg(8, 8))])
+    prepare_shards(str(tmp_path / "i2d"), tmp_path / "out2", config=cfg, shard_size=10)
+    with pytest.raises(ValueError, match="expected --input .*i2d to resume"):
+        prepare_shards(str(tmp_path / "a.csv"), tmp_path / "out2", config=cfg, shard_size=10)
+
+
+def test_report_counts_errors_by_host_from_the_runs_url_column(tmp_path):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"image_url": ["http://127.0.0.1:1/a.jpg", "http://a..b/x.jpg"], "caption": ["a", "b"]}), src)
+    cfg = load_curate_config(overrides=["input.url_col=image_url", "download.retries=0"])
+    spec = prepare_shards(str(src), tmp_path / "out", config=cfg.input, shard_size=10)[0]
+    process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    by_host = summarize(tmp_path / "out")["errors_by_host"]
+    assert set(by_host) == {"127.0.0.1:1", "a..b"}
+    assert by_host["127.0.0.1:1"] == {"connection_error": 1}
 
 
 # ------------------------------------------------------------------ tokenize, config, imports
@@ -427,3 +751,282 @@ def test_near_dedup_band_lookup_equals_a_full_scan(distance):
     for h, g in zip(hashes, got):  # any kept owner within distance is a right answer
         if g is not None:
             assert hamming(h, kept_hash[g.split(":", 1)[1]]) <= distance
+
+
+# ------------------------------------------------------------------ the image stage's edge cases (process_image)
+
+
+def _encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _png_rgb16(w: int, h: int, value: int) -> bytes:
+    """A 16-bit-a-channel RGB PNG (Pillow opens it as mode RGB, and cannot write one)."""
+    raw = b"".join(b"\x00" + value.to_bytes(2, "big") * 3 * w for _ in range(h))
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + tag + body + zlib.crc32(tag + body).to_bytes(4, "big")
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])  # 16 bits, truecolour
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt, limit", [("jpg", 65500), ("webp", 16383)])
+def test_an_output_past_the_encoders_limit_is_filtered_before_resizing(fmt, limit):
+    gif = _encoded(Image.new("P", (800, 1), 0), "GIF")  # keep_ratio to 256 px would make 204800x256
+    r = process_image(gif, config=load_curate_config(overrides=[f"image.encode_format={fmt}"]))
+    assert r["status"] == "filtered" and r["error_message"].startswith("image_output_too_large: ")
+    assert "204800x256" in r["error_message"] and f"at most {limit} px a side for {fmt}" in r["error_message"]
+    assert (r["original_width"], r["original_height"]) == (800, 1) and "image" not in r
+
+
+def test_an_output_over_max_image_pixels_is_filtered_before_resizing():
+    tall = _encoded(Image.new("RGB", (1, 600), (9, 9, 9)), "PNG")  # keep_ratio to 256 px: 256x153600
+    cfg = load_curate_config(overrides=["image.encode_format=png", "image.max_image_pixels=10000000"])
+    r = process_image(tall, config=cfg)
+    assert r["status"] == "filtered" and "256x153600 (39321600 pixels)" in r["error_message"]
+    assert "expected at most image.max_image_pixels=10000000" in r["error_message"]
+    # center_crop writes 256x256, but first scales the whole image: that counts
+    with pytest.raises(Rejected, match="image_output_too_large: resize_mode center_crop to 256 px makes 256x153600"):
+        check_output_size(1, 600, config=ImageConfig(resize_mode="center_crop", encode_format="png", max_image_pixels=10**7))
+    check_output_size(1, 600, config=ImageConfig(resize_mode="keep_ratio_largest"))  # 1x256: fine
+
+
+def test_an_unexpected_error_fails_its_sample_not_the_shard(tmp_path, monkeypatch):
+    from pipelines import shard as shard_module
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no space left in the encoder")
+
+    png = _encoded(Image.new("RGB", (64, 48), (200, 30, 30)), "PNG")  # the Pillow path
+    monkeypatch.setattr(shard_module, "encode", boom)
+    r = process_image(png, config=load_curate_config())
+    assert (r["status"], r["error_message"]) == ("failed_to_resize", "RuntimeError: no space left in the encoder")
+    assert r["sha256"] == hashlib.sha256(png).hexdigest()
+    spec = _i2d_spec(tmp_path / "in.tar", 0, [("a", png, "red", None), ("b", png, "red again", None)])
+    stats = process_shard(spec, config=load_curate_config(), output_dir=str(tmp_path / "out"))
+    assert stats["count"] == 2 and stats["status_dict"] == {"failed_to_resize": 2}
+    monkeypatch.setattr(shard_module, "decode", boom)
+    assert process_image(png, config=load_curate_config())["status"] == "failed_to_decode"
+
+
+def test_16_and_32_bit_greyscale_keep_their_grey_level():
+    half = _encoded(Image.fromarray(np.full((8, 8), 32768, np.uint16)), "PNG")
+    assert Image.open(io.BytesIO(half)).mode == "I;16"
+    assert decode(half, max_pixels=10**6).image.getpixel((0, 0)) == (128, 128, 128)  # 32768 >> 8
+    big_endian = _encoded(Image.new("I;16B", (8, 8), 40000), "TIFF")
+    assert decode(big_endian, max_pixels=10**6).image.getpixel((0, 0)) == (156, 156, 156)
+    wide = np.full((8, 8), 40000, np.int32)
+    wide[0, 0], wide[0, 1] = -5, 70000  # mode I is read as 16-bit data: clipped to 0..65535, then >> 8
+    got = np.asarray(decode(_encoded(Image.fromarray(wide), "TIFF"), max_pixels=10**6).image)[0, :3, 0]
+    assert got.tolist() == [0, 255, 156]
+    r = process_image(half, config=load_curate_config(overrides=["image.image_size=8", "image.encode_format=png"]))
+    assert Image.open(io.BytesIO(r["image"])).convert("RGB").getpixel((4, 4)) == (128, 128, 128)
+    left = np.zeros((20, 40), np.uint16)
+    left[:, :20] = 60000
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise: the bright left half goes on top
+    turned = decode(_encoded(Image.fromarray(left), "PNG", exif=exif.tobytes()), max_pixels=10**6)
+    assert turned.image.size == (20, 40) and turned.image.getpixel((10, 2)) == (234, 234, 234)  # 60000 >> 8
+
+
+def test_max_image_pixels_is_the_only_limit_and_can_be_raised():
+    bomb = bomb_png()  # 12000 x 12000 = 144 M pixels: over Pillow's own default limit (89.5 M)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor a DecompressionBombWarning
+        assert open_checked(bomb, max_pixels=200_000_000).size == (12_000, 12_000)
+    with pytest.raises(Rejected, match="decompression_bomb"):
+        open_checked(bomb, max_pixels=100_000_000)
+    with pytest.raises(ConfigError, match="image.max_image_pixels"):
+        load_curate_config(overrides=["image.max_image_pixels=0"])
+
+
+def test_resize_mode_no_passes_only_8_bit_rgb_bytes_through():
+    def run(data: bytes, fmt: str) -> dict:
+        return process_image(data, config=load_curate_config(overrides=['image.resize_mode="no"', f"image.encode_format={fmt}"]))
+
+    rgb = _encoded(Image.new("RGB", (40, 30), (200, 30, 30)), "JPEG")
+    assert run(rgb, "jpg")["image"] == rgb  # already what re-encoding would give: kept as downloaded
+    rgb_png = _encoded(Image.new("RGB", (40, 30), (200, 30, 30)), "PNG")
+    assert run(rgb_png, "png")["image"] == rgb_png
+    reencoded = {
+        "CMYK jpg": (_encoded(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"), "jpg"),
+        "L jpg": (_encoded(Image.new("L", (40, 30), 100), "JPEG"), "jpg"),
+        "RGBA png": (_encoded(Image.new("RGBA", (40, 30), (255, 0, 0, 0)), "PNG"), "png"),
+        "P png": (_encoded(Image.new("P", (40, 30), 3), "PNG"), "png"),
+        "I;16 png": (_encoded(Image.fromarray(np.full((30, 40), 32768, np.uint16)), "PNG"), "png"),
+        "16-bit RGB png": (_png_rgb16(40, 30, 32768), "png"),
+    }
+    for name, (data, fmt) in reencoded.items():
+        r = run(data, fmt)
+        out = Image.open(io.BytesIO(r["image"]))
+        assert r["status"] == "success" and r["image"] != data, name
+        assert out.mode == "RGB" and out.size == (40, 30), name
+        if fmt == "png":
+            assert out.tile[0][3] == "RGB", name  # 8 bits a channel
+
+
+def test_sha256_is_written_with_exact_dedup_off():
+    data = _encoded(Image.new("RGB", (40, 30), (200, 30, 30)), "JPEG")
+    r = process_image(data, config=load_curate_config(overrides=["dedup.exact=false", "image.image_size=16"]))
+    assert r["status"] == "success" and r["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_resize_mode_no_in_every_spelling(tmp_path):
+    for override in ("image.resize_mode=no", 'image.resize_mode="no"', "image.resize_mode=none", "image.resize_mode=false"):
+        assert load_curate_config(overrides=[override]).image.resize_mode == "no", override
+    path = tmp_path / "c.yaml"
+    path.write_text("image:\n  resize_mode: no\n")  # YAML 1.1 reads this as false
+    assert load_curate_config(path=path).image.resize_mode == "no"
+    with pytest.raises(ConfigError, match="image.resize_mode: expected one of"):
+        load_curate_config(overrides=["image.resize_mode=true"])
+
+
+def test_caption_text():
+    assert caption_text(2019) == "2019" and caption_text(3.5) == "3.5" and caption_text("a cat") == "a cat"
+    assert caption_text(None) is None and caption_text(float("nan")) is None and caption_text(np.float32("nan")) is None
+    assert caption_text(b"caf\xc3\xa9") == "caf\u00e9"
+    check_caption(2019, config=FilterConfig(min_caption_chars=4))
+    with pytest.raises(Rejected, match="caption_too_short"):
+        check_caption(float("nan"), config=FilterConfig(min_caption_chars=1))
+
+
+# ------------------------------------------------------------------ one shard, written (process_shard)
+
+
+def _i2d_spec(path: Path, shard: int, samples: list[tuple[str, bytes, str | None, dict | None]]) -> dict:
+    """An img2dataset-style tar of (key, image bytes, caption, .json metadata or None) and its shard spec."""
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption, meta in samples:
+            parts = [("jpg", image), ("txt", None if caption is None else caption.encode()),
+                     ("json", None if meta is None else json.dumps(meta).encode())]
+            for ext, data in parts:
+                if data is not None:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return {"shard": shard, "kind": "img2dataset", "path": str(path)}
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def _strict_json(text: bytes):
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_typed_input_columns_and_a_numeric_caption_reach_the_json_and_the_parquet(tmp_path, server):
+    url = f"{server.url}/images/train-000001.jpg"
+    utc = datetime.timezone.utc
+    table = pa.table({
+        "url": [url, url],
+        "caption": pa.array([2019, None], pa.int64()),  # a numeric caption column; None: missing
+        "crawled": pa.array([datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=utc), None], pa.timestamp("us", tz="UTC")),
+        "day": pa.array([datetime.date(2024, 1, 2), None], pa.date32()),
+        "price": pa.array([decimal.Decimal("1.50"), None], pa.decimal128(5, 2)),
+        "blob": pa.array([b"\x00\xff", None], pa.binary()),
+        "score": [float("nan"), float("inf")],
+        "scores": [[1.0, float("-inf")], []],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "rows.parquet")
+    spec = {"shard": 0, "kind": "urls", "path": str(tmp_path / "rows.parquet")}
+    cfg = load_curate_config(overrides=["image.image_size=32", "filter.min_caption_chars=1"])
+    stats = process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    assert stats["status_dict"] == {"filtered": 1, "success": 1}
+    members = _tar_members(tmp_path / "out" / "00000.tar")
+    assert members["000000000.txt"] == b"2019"
+    meta = _strict_json(members["000000000.json"])  # NaN and infinities are null: strict JSON
+    assert meta["crawled"] == "2024-01-02T03:04:05+00:00" and meta["day"] == "2024-01-02"
+    assert meta["price"] == "1.50" and meta["blob"] == "AP8=" and meta["caption"] == 2019  # bytes: base64
+    assert meta["score"] is None and meta["scores"] == [1.0, None]
+    out = pq.read_table(tmp_path / "out" / "00000.parquet")
+    for name in ("caption", "crawled", "day", "price", "blob"):  # the input's own types
+        assert out.schema.field(name).type == table.schema.field(name).type, name
+    assert out.column("error_message").to_pylist() == [None, "caption_too_short"]
+
+
+def test_shards_share_one_schema_whatever_failed_in_them(tmp_path):
+    import pyarrow.dataset as ds
+
+    red = _encoded(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+    blue = _encoded(Image.new("RGB", (64, 48), (30, 30, 200)), "JPEG")
+    specs = [
+        _i2d_spec(tmp_path / "a.tar", 0, [("a0", b"not an image", "one", None), ("a1", b"<html>", "two", None)]),
+        _i2d_spec(tmp_path / "b.tar", 1, [("b0", red, "red", None), ("b1", blue, "blue", None)]),
+    ]
+    cfg = load_curate_config(overrides=["image.image_size=16"])
+    for spec in specs:
+        process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    paths = [str(tmp_path / "out" / f"0000{k}.parquet") for k in (0, 1)]
+    assert pq.read_schema(paths[0]).equals(pq.read_schema(paths[1]))
+    both = pq.read_table(paths)
+    assert both.column("status").to_pylist() == ["failed_to_decode"] * 2 + ["success"] * 2
+    assert ds.dataset(paths).to_table().num_rows == 4
+    for name, field in zip(PIPELINE_SCHEMA.names, PIPELINE_SCHEMA):
+        assert both.schema.field(name).type == field.type, name
+
+
+def test_an_empty_input_writes_a_shard_with_every_column_and_summarizes(tmp_path):
+    src = tmp_path / "urls.csv"
+    src.write_text("url,caption\n")
+    cfg = load_curate_config()
+    (spec,) = prepare_shards(str(src), tmp_path / "out", config=cfg.input, shard_size=cfg.output.shard_size)
+    stats = process_shard(spec, config=cfg, output_dir=str(tmp_path / "out"))
+    assert stats["count"] == 0 and stats["successes"] == 0
+    names = pq.read_schema(tmp_path / "out" / "00000.parquet").names
+    assert names == ["url", "caption", *PIPELINE_SCHEMA.names]
+    summary = summarize(tmp_path / "out")
+    assert summary["count"] == 0 and summary["funnel"][-1]["kept"] == 0
+
+
+def test_the_shard_table_keeps_a_column_only_later_rows_have(tmp_path):
+    table = shard_table([{"url": None}, {"url": "http://x/b.jpg", "license": "cc-by", "duplicate_of": "x"}],
+                        [{"key": "a", "status": "failed_to_decode"}, {"key": "b", "status": "success", "width": 3}])
+    assert table.column("license").to_pylist() == [None, "cc-by"]
+    assert table.column("input_duplicate_of").to_pylist() == [None, "x"]  # an input column named like ours
+    assert table.schema.field("width").type == pa.int64() and table.column("duplicate_of").to_pylist() == [None, None]
+    red = _encoded(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+    blue = _encoded(Image.new("RGB", (64, 48), (30, 30, 200)), "JPEG")
+    spec = _i2d_spec(tmp_path / "in.tar", 0, [("a", red, "red", None),
+                                             ("b", blue, "blue", {"url": "http://x/b.jpg", "license": "cc-by"})])
+    process_shard(spec, config=load_curate_config(overrides=["image.image_size=16"]), output_dir=str(tmp_path / "out"))
+    rows = pq.read_table(tmp_path / "out" / "00000.parquet").to_pylist()
+    assert [(r["license"], r["url"]) for r in rows] == [(None, None), ("cc-by", "http://x/b.jpg")]
+
+
+def test_a_copy_the_clip_score_filters_does_not_make_a_kept_copy_a_duplicate(tmp_path, monkeypatch):
+    import pipelines.clip_score as clip_score
+    import pipelines.tokens as tokens
+    from vlm.tokenizer import train_bpe_tokenizer
+
+    class Scorer:  # a caption with "good" in it matches its image
+        def __init__(self, **kwargs) -> None:
+            pass
+
+        def score(self, images, captions):
+            return [0.9 if "good" in c else 0.1 for c in captions]
+
+    tok = train_bpe_tokenizer(["a good caption of a red square", "bad alt text"] * 10, vocab_size=300)
+    monkeypatch.setattr(clip_score, "ClipScorer", Scorer)
+    monkeypatch.setattr(tokens, "cached_tokenizer", lambda path: tok)
+    cfg = load_curate_config(overrides=["clip.checkpoint=unused", "clip.threshold=0.5", "image.image_size=16"])
+    red = _encoded(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+    captions = ["bad alt text", "a good caption of a red square"]
+    spec = _i2d_spec(tmp_path / "in.tar", 0, [(f"s{i}", red, c, None) for i, c in enumerate(captions)])
+    process_shard(spec, config=cfg, output_dir=str(tmp_path / "one"))
+    got = pq.read_table(tmp_path / "one" / "00000.parquet").to_pylist()
+    assert [(r["status"], r["error_message"], r["duplicate_of"]) for r in got] == [
+        ("filtered", "clip_score_below_threshold", None), ("success", None, None)]
+    index = DedupIndex()  # across shards, the filtered copy's shard first
+    for k, caption in enumerate(captions):
+        spec = _i2d_spec(tmp_path / f"in{k}.tar", k, [(f"s{k}", red, caption, None)])
+        process_shard(spec, config=cfg, output_dir=str(tmp_path / "run"), dedup=index)
+    statuses = [pq.read_table(tmp_path / "run" / f"0000{k}.parquet").column("status").to_pylist() for k in (0, 1)]
+    assert statuses == [["filtered"], ["success"]]

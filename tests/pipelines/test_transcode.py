@@ -112,3 +112,25 @@ def test_process_image_still_rejects_a_truncated_jpeg_and_keeps_a_grey_one():
     assert Image.open(io.BytesIO(grey["image"])).mode in ("RGB", "L") and grey["phash"] is not None
     ok = process_image(jpeg, config=cfg)
     assert ok["status"] == "success" and (ok["original_width"], ok["original_height"]) == (320, 200)
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "keep_ratio_largest", "center_crop", "border"])
+def test_output_sizes_are_img2dataset_s_on_both_paths(mode, monkeypatch):
+    """With ``resize_only_if_bigger`` an image already small enough is left as it is (no crop,
+    no border), as img2dataset leaves it; a JPEG source takes the fast path, a PNG the Pillow one."""
+    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network on import
+    resizer = pytest.importorskip("img2dataset.resizer")
+    sizes = [(300, 200), (200, 300), (100, 50), (257, 255), (256, 100), (640, 480), (1000, 333)]
+    for bigger in (False, True):
+        theirs = resizer.Resizer(image_size=256, resize_mode=mode, resize_only_if_bigger=bigger,
+                                 encode_format="jpg", encode_quality=95)
+        cfg = load_curate_config(overrides=[f"image.resize_mode={mode}", f"image.resize_only_if_bigger={str(bigger).lower()}"])
+        for w, h in sizes:
+            for fmt in ("JPEG", "PNG"):
+                buf = io.BytesIO()
+                _scene(w, h).save(buf, format=fmt)
+                data = buf.getvalue()
+                _, want_w, want_h, *_ = theirs(io.BytesIO(data))
+                ours = process_image(data, config=cfg)
+                assert (ours["width"], ours["height"]) == (want_w, want_h), (mode, bigger, w, h, fmt)
+                assert Image.open(io.BytesIO(ours["image"])).size == (want_w, want_h)
