@@ -7,7 +7,10 @@ token limits (400) -> ``ImageEncoder`` per image/frame (batched, cached) -> ``La
 (batched generation), streamed or whole. An image whose bytes this replica has seen before
 skips decoding and the encoder: its features come from the ingress cache, keyed by a hash of
 the bytes (the encoder keeps its own cache keyed by pixels, shared by every ingress replica). Any failure the client caused is an OpenAI-style error
-body; a downstream queue that is full is a 503; a request past its deadline is a 504.
+body; a downstream queue that is full is a 503; a request past its deadline is a 504. Errors
+Starlette answers itself (no such route, wrong method) get the same OpenAI-style body. A request
+holds its place among the replica's ``max_inflight_requests`` until its answer is sent: for a
+stream, until the stream ends.
 """
 
 # No ``from __future__ import annotations``: Serve reads build_app's annotation to validate args.
@@ -18,16 +21,20 @@ import hashlib
 import logging
 import os
 import time
+import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import httpx
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from serve import metrics
 from serve.config import AppArgs, IngressConfig
@@ -66,11 +73,87 @@ class _Media:
         return len(self.pixels if self.pixels is not None else self.features)
 
 
-def _error_response(err: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if err.status == 503 else None
+def _error_response(err: ApiError, headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    if err.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+ROUTES = "POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, GET /v1/models/{model}, GET /health"
+
+
+# Registered before ``@serve.ingress(api)`` below: Serve deploys a frozen copy of ``api`` taken
+# there, so a handler added after it would never run in a replica.
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Errors Starlette raises itself (no route, wrong method), in OpenAI's shape like ours."""
+    headers = dict(exc.headers or {})
+    path = request.url.path
+    if exc.status_code == 404:
+        err = ApiError(404, f"no endpoint {request.method} {path}; this server has {ROUTES}", code="not_found")
+    elif exc.status_code == 405:
+        allowed = next((v for k, v in headers.items() if k.lower() == "allow"), "another method")
+        err = ApiError(405, f"{path}: expected {allowed}, got {request.method}", code="method_not_allowed")
+    else:
+        err = ApiError(exc.status_code, f"{request.method} {path}: {exc.detail}")
+    return _error_response(err, headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A path or query parameter FastAPI rejects: a 400 naming it, as ``parse`` does for bodies."""
+    first = (exc.errors() or [{}])[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    return _error_response(ApiError(400, f"{loc or 'request'}: {first.get('msg', 'invalid value')}", param=loc or None))
+
+
+def _token_ids(value: Any) -> bool:
+    """OpenAI's token-array forms of embedding input: ``[1, 2, 3]`` or ``[[1, 2, 3], ...]``."""
+    def ints(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    return isinstance(value, list) and (ints(value) or any(ints(x) for x in value))
+
+
+class _Slot:
+    """An admitted request's place among the replica's ``max_inflight_requests``, released
+    exactly once when the request is over (and then its latency observed): when a whole response
+    is returned, or when a stream's body ends (finished, failed, or its client gone) or is
+    dropped unsent."""
+
+    def __init__(self, ingress: "Ingress", route: str, start: float) -> None:
+        self.ingress, self.route, self.start, self.released = ingress, route, start, False
+        ingress.inflight += 1
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.ingress.inflight -= 1
+        self.ingress.m.latency.observe(time.perf_counter() - self.start, tags={"route": self.route})
+
+    def hold_until_sent(self, resp: StreamingResponse) -> None:
+        """Keep the slot until ``resp``'s body ends. An unsent body, dropped (a client gone
+        before the first chunk: Starlette cancels it unstarted), releases it when collected."""
+        body = self._body(resp.body_iterator)
+        weakref.finalize(body, self.release).atexit = False
+        resp.body_iterator = body
+
+    async def _body(self, body: AsyncIterator) -> AsyncIterator:
+        try:
+            async for piece in body:
+                yield piece
+        finally:
+            try:
+                aclose = getattr(body, "aclose", None)
+                if aclose is not None:
+                    await aclose()  # its own clean-up first (stop generating for a client gone)
+            finally:
+                self.release()
+
+
+# ``serve.ingress`` pickles the app, and with it this class by value, while the module is still
+# loading: its methods see only the module's names defined above this point.
 @serve.deployment(
     name="Ingress",
     max_ongoing_requests=512,
@@ -114,7 +197,11 @@ class Ingress:
             info = read_info(checkpoint)
             self.context = int(info["towers"]["decoder"].get("max_position_embeddings") or 0)
         if embedding_model:
-            self.emb_image_size = read_config(f"{embedding_checkpoint}/config.yaml").model.vision.image_size
+            emc = read_config(f"{embedding_checkpoint}/config.yaml").model
+            self.emb_image_size, self.emb_dim, self.emb_max_tokens = (
+                emc.vision.image_size, emc.contrastive.embed_dim, emc.text.max_length)
+            self.emb_tokenizer = AutoTokenizer.from_pretrained(f"{embedding_checkpoint}/tokenizer",
+                                                               local_files_only=True)
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=httpx.Timeout(30.0),
                                       limits=httpx.Limits(max_connections=64), trust_env=False)
 
@@ -153,11 +240,12 @@ class Ingress:
         start = time.perf_counter()
         err: ApiError | None = None
         resp = None
+        slot: _Slot | None = None
         if self.inflight >= self.cfg.max_inflight_requests:
             err = ApiError(503, f"the server is at its limit of {self.cfg.max_inflight_requests} requests in flight; "
                            "retry later", code="overloaded")
         else:
-            self.inflight += 1
+            slot = _Slot(self, route, start)
             try:
                 body = await self._admit(request, route)
                 resp = await asyncio.wait_for(fn(body), self.cfg.request_timeout_s)
@@ -171,10 +259,14 @@ class Ingress:
                 log.exception("internal error on %s", route)
                 err = ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")
             finally:
-                self.inflight -= 1
+                if isinstance(resp, StreamingResponse):
+                    slot.hold_until_sent(resp)
+                else:
+                    slot.release()
         code = str(err.status if err else resp.status_code)
         self.m.requests.inc(tags={"route": route, "code": code})
-        self.m.latency.observe(time.perf_counter() - start, tags={"route": route})
+        if slot is None:
+            self.m.latency.observe(time.perf_counter() - start, tags={"route": route})
         if err is None:
             return resp
         self.m.errors.inc(tags={"route": route, "code": code})
@@ -186,14 +278,28 @@ class Ingress:
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    def _model_ids(self) -> list[str]:
+        return [m for m in (self.chat_model, self.embedding_model) if m]
+
+    def _model_card(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": self.created, "owned_by": "vlmforge"}
+
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         async def run(_: bytes) -> JSONResponse:
-            ids = [m for m in (self.chat_model, self.embedding_model) if m]
-            data = [{"id": m, "object": "model", "created": self.created, "owned_by": "vlmforge"} for m in ids]
-            return JSONResponse({"object": "list", "data": data})
+            return JSONResponse({"object": "list", "data": [self._model_card(m) for m in self._model_ids()]})
 
         return await self._handle(request, "/v1/models", run)
+
+    @api.get("/v1/models/{model:path}")
+    async def retrieve_model(self, model: str, request: Request) -> JSONResponse:
+        async def run(_: bytes) -> JSONResponse:
+            if model not in self._model_ids():
+                raise ApiError(404, f"model {model!r} does not exist; this server has {self._model_ids()}",
+                               param="model", code="model_not_found")
+            return JSONResponse(self._model_card(model))
+
+        return await self._handle(request, "/v1/models/{model}", run)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -261,15 +367,27 @@ class Ingress:
         return np.concatenate([f for f, _ in done]), sum(c for _, c in done)
 
     async def _convert(self, req: ChatRequest) -> tuple[list[dict], list[_Media]]:
-        """OpenAI messages -> our chat messages and their media parts in reading order."""
+        """OpenAI messages -> our chat messages and their media parts in reading order.
+
+        OpenAI takes system and developer messages anywhere; our chat format has one system turn,
+        first. Their texts, in order and joined by a blank line, become that turn. An assistant
+        turn without text (``null`` or empty content, e.g. beside tool calls) is left out: the
+        chat format refuses an assistant turn with no text (``encode_chat``'s ``empty_answer``,
+        a training rule: an answer must have tokens to learn from), and an empty answer tells the
+        model nothing it needs to continue."""
         lim = self.cfg.limits
         messages: list[dict] = []
+        system: list[str] = []
         jobs: list[Any] = []
         n_img = n_vid = 0
         for i, msg in enumerate(req.messages):
             role = "system" if msg.role == "developer" else msg.role
             if msg.content is None or isinstance(msg.content, str):
-                messages.append({"role": role, "content": msg.content or ""})
+                text = msg.content or ""
+                if role == "system":
+                    system.append(text)
+                elif role != "assistant" or text.strip():  # an assistant turn without text is left out
+                    messages.append({"role": role, "content": text})
                 continue
             parts: list[dict] = []
             for j, part in enumerate(msg.content):
@@ -302,7 +420,13 @@ class Ingress:
                 else:
                     raise ApiError(400, f"{where}.type: expected 'text', 'image_url' or 'video_url', got {kind!r}",
                                    param=where)
-            messages.append({"role": role, "content": parts})
+            text = "".join(p["text"] for p in parts if p["type"] == "text")
+            if role == "system":
+                system.append(text)  # text parts only: media in a system message was refused above
+            elif role != "assistant" or text.strip():
+                messages.append({"role": role, "content": parts})
+        if system:
+            messages.insert(0, {"role": "system", "content": "\n\n".join(t for t in system if t)})
         media = list(await asyncio.gather(*jobs)) if jobs else []
         it = iter(media)
         for msg in messages:
@@ -323,11 +447,14 @@ class Ingress:
         if req.model != self.chat_model:
             raise ApiError(404, f"model {req.model!r} does not exist; this server has {self.chat_model!r}",
                            param="model", code="model_not_found")
+        req.check_supported()
         lim = self.cfg.limits
-        max_tokens = req.max_completion_tokens or req.max_tokens or lim.default_max_tokens
+        asked = req.max_completion_tokens or req.max_tokens  # None: the default, cut to the room left
+        name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = asked or lim.default_max_tokens
         if max_tokens > lim.max_output_tokens:
-            raise ApiError(400, f"max_tokens {max_tokens} is over the limit of {lim.max_output_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
+            raise ApiError(400, f"{name} {max_tokens} is over the limit of {lim.max_output_tokens}",
+                           param=name, code="max_tokens_too_large")
         stops = req.stop_list()
         messages, media = await self._convert(req)
         n_frames = sum(m.count for m in media)
@@ -342,11 +469,21 @@ class Ingress:
             raise ApiError(400, f"the prompt has {n_prompt} tokens ({n_frames} images/frames x "
                            f"{self.tokens_per_image} tokens included), over the limit of {prompt_limit}",
                            param="messages", code="prompt_too_long")
+        if self.context:
+            room = self.context - n_prompt  # >= 1: the prompt limit leaves one position
+            if asked is not None and asked > room:
+                raise ApiError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
+                               f"{n_prompt} tokens ({n_frames} images/frames x {self.tokens_per_image} tokens "
+                               f"included) and {name} asks for {asked} more, {n_prompt + asked} in all. Shorten "
+                               f"the messages or ask for at most {room} tokens.", param=name,
+                               code="context_length_exceeded")
+            max_tokens = min(max_tokens, room)
         if n_frames:
             self.m.images.inc(n_frames)
         feats, cached = await self._encode(media)  # (N, T, D)
         gen = GenRequest(input_ids=list(enc.input_ids), image_features=feats, max_new_tokens=max_tokens,
-                         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or 0, stop=stops, seed=req.seed)
+                         temperature=req.temperature, top_p=req.top_p, top_k=req.top_k_or_off(), stop=stops,
+                         seed=req.seed)
         counts = {"image_tokens": n_frames * self.tokens_per_image, "num_images": n_frames,
                   "cached_images": cached}
         return req, gen, counts
@@ -393,7 +530,16 @@ class Ingress:
             out.append(SSE_DONE)
             return "".join(out), True
 
+        ended = False  # the answer's last event was sent, or generation for it was cancelled
+
+        def stop_generating() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                events.cancel()
+
         async def sse():
+            nonlocal ended
             done = False
             try:
                 text, done = sse_text(first)
@@ -410,13 +556,27 @@ class Ingress:
                 log.exception("stream failed")
                 yield sse_error(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")) + SSE_DONE
             finally:
-                if not done:  # client gone, timed out or failed: stop generating for it
-                    events.cancel()
+                ended = ended or done
+                stop_generating()  # client gone, timed out or failed: stop generating for it
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
+        body = sse()
+        weakref.finalize(body, stop_generating).atexit = False  # dropped unsent (a client gone at once)
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------ embeddings
+
+    def _check_text_lengths(self, texts: list[tuple[int, str]]) -> None:
+        """400 for a text longer than the text tower takes (the embedder would cut it), naming
+        the first such input, its token count and the limit."""
+        if not texts:
+            return
+        counts = [len(ids) for ids in self.emb_tokenizer([t for _, t in texts], verbose=False)["input_ids"]]
+        for (i, _), n in zip(texts, counts):
+            if n > self.emb_max_tokens:
+                raise ApiError(400, f"input[{i}]: the text has {n} tokens, over this model's limit of "
+                               f"{self.emb_max_tokens} tokens per input; shorten it", param="input",
+                               code="context_length_exceeded")
 
     async def _embeddings(self, body: bytes) -> JSONResponse:
         if self.embedder is None:
@@ -426,20 +586,28 @@ class Ingress:
         if req.model != self.embedding_model:
             raise ApiError(404, f"model {req.model!r} does not exist; embeddings use {self.embedding_model!r}",
                            param="model", code="model_not_found")
-        items = [req.input] if isinstance(req.input, str) or isinstance(req.input, dict) else list(req.input)
+        if _token_ids(req.input):
+            raise ApiError(400, "input: token ids (arrays of integers) are not supported by this server; send "
+                           "text: a string or a list of strings", param="input", code="unsupported_input")
+        items = [req.input] if isinstance(req.input, (str, dict)) else list(req.input)
         lim = self.cfg.limits
         if not items or len(items) > lim.max_embedding_inputs:
             raise ApiError(400, f"input: expected 1 to {lim.max_embedding_inputs} items, got {len(items)}", param="input")
+        if req.dimensions is not None and not 1 <= req.dimensions <= self.emb_dim:
+            raise ApiError(400, f"dimensions: expected an integer from 1 to {self.emb_dim} (this model's embedding "
+                           f"size), got {req.dimensions}", param="dimensions")
         texts: list[tuple[int, str]] = []
         images: list[tuple[int, Any]] = []
         for i, item in enumerate(items):
             where = f"input[{i}]"
+            if isinstance(item, dict) and item.get("type") == "text":
+                where, item = f"{where}.text", item.get("text")
+                if not isinstance(item, str):
+                    raise ApiError(400, f"{where}: expected a string, got {type(item).__name__}", param="input")
             if isinstance(item, str):
                 if not item:
                     raise ApiError(400, f"{where}: expected a non-empty string", param="input")
                 texts.append((i, item))
-            elif isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
-                texts.append((i, item["text"]))
             elif isinstance(item, dict) and item.get("type") == "image_url":
                 spec = item.get("image_url")
                 url = spec.get("url") if isinstance(spec, dict) else spec
@@ -449,6 +617,7 @@ class Ingress:
             else:
                 raise ApiError(400, f"{where}: expected a string, a text part or an image_url part, got "
                                f"{type(item).__name__}", param="input")
+        await asyncio.to_thread(self._check_text_lengths, texts)  # tokenizing long texts: off the event loop
         if len(images) > lim.max_images:
             raise ApiError(400, f"too many images: at most {lim.max_images} per request", param="input",
                            code="too_many_images")
@@ -465,7 +634,7 @@ class Ingress:
         data = []
         for i in range(len(items)):
             v = vecs[i].astype(np.float32)
-            if req.dimensions:
+            if req.dimensions is not None:
                 v = v[: req.dimensions]
                 v = v / max(float(np.linalg.norm(v)), 1e-12)
             emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \

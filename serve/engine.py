@@ -89,13 +89,29 @@ class _StreamRow(RowState):
             safe = safe[: max(0, len(safe) - self.hold)] if self.req.stop else safe
         else:
             res = self.result(tokenizer)
-            safe = res.text
+            res.text = self.text = safe = self._answer(tokenizer, res.text)
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
             self._send({"delta": safe[len(self.sent):]})
             self.sent = safe
         if self.finish is not None:
             self._send({"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
                         "completion_tokens": res.num_generated_tokens})
+
+    def _answer(self, tokenizer, whole: str) -> str:
+        """The final text, which must extend what was streamed so that a stream and the whole
+        answer agree. ``whole`` (one decode of every token) does so for byte-level BPE. A tokenizer
+        whose decode rewrites text across tokens (a clean-up of " ." into ".", say) can disagree
+        with the text decoded piece by piece; what was sent cannot be taken back, so the answer
+        is then the piecewise text completed by the tokens it has not covered yet."""
+        if whole.startswith(self.sent):
+            return whole
+        ids = self.ids[:-1] if isinstance(self.stop, int) else self.ids  # not the stop token
+        inc = self._incremental  # its text is what ``sent`` was cut from
+        before = tokenizer.decode(ids[inc.prefix : inc.read], skip_special_tokens=True)
+        after = tokenizer.decode(ids[inc.prefix :], skip_special_tokens=True)
+        rest = after[len(before) :] if after.startswith(before) else \
+            tokenizer.decode(ids[inc.read :], skip_special_tokens=True)
+        return inc.text + rest
 
 
 class BatchEngine:
@@ -145,7 +161,10 @@ class BatchEngine:
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(events: list[dict[str, Any]]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, events)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, events)
+            except RuntimeError:  # the consumer's event loop has closed: it is gone, and the row leaves
+                row.cancelled = True
 
         row = _StreamRow.open(self.model, self.tokenizer, req, emit, interval=self.stream_interval)
         with self._cv:

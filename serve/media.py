@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from serve.config import Limits, MediaOptions
 from serve.protocol import ApiError
@@ -102,14 +102,24 @@ async def resolve_checked(url: str, opts: MediaOptions, *, where: str) -> tuple[
 # ----------------------------------------------------------------------------- fetching
 
 
+_ASCII_WHITESPACE = str.maketrans("", "", " \t\n\r\f\v")
+
+
+def is_data_url(url: str) -> bool:
+    return url[:5].lower() == "data:"  # URL schemes are case-insensitive (RFC 3986)
+
+
 def parse_data_url(url: str, *, kind: str, max_bytes: int, where: str) -> Fetched:
-    """``data:<mime>;base64,<payload>`` -> bytes."""
+    """``data:<mime>;base64,<payload>`` -> bytes. The scheme and ``;base64`` may be in any case,
+    and the payload may be wrapped in lines (MIME-style base64): ASCII whitespace is dropped."""
     head, sep, payload = url.partition(",")
-    if not sep or not head.endswith(";base64"):
+    head = head.lower()
+    if not sep or not is_data_url(head) or not head.endswith(";base64"):
         raise ApiError(400, f"{where}: expected a data URL like 'data:{kind}/png;base64,...', got {url[:40]!r}", param=where)
-    mime = head[5:-7].lower()
+    mime = head[5:-7]
     if not (mime.startswith(kind + "/") or mime in ("application/octet-stream", "")):
         raise ApiError(400, f"{where}: expected a data:{kind}/... URL, got media type {mime!r}", param=where)
+    payload = payload.translate(_ASCII_WHITESPACE)
     if len(payload) * 3 // 4 > max_bytes:
         raise ApiError(413, f"{where}: the inlined {kind} is over {max_bytes} bytes", param=where, code="media_too_large")
     try:
@@ -121,7 +131,7 @@ def parse_data_url(url: str, *, kind: str, max_bytes: int, where: str) -> Fetche
 
 async def fetch(url: str, *, kind: str, opts: MediaOptions, limits: Limits, client, where: str) -> Fetched:
     """Fetch an image or video URL (http(s) or data:) within the kind's timeout."""
-    if url.startswith("data:"):
+    if is_data_url(url):
         return parse_data_url(url, kind=kind, max_bytes=limits.max_media_bytes, where=where)
     timeout = opts.video_fetch_timeout_s if kind == "video" else opts.image_fetch_timeout_s
     try:
@@ -175,8 +185,19 @@ async def _fetch(url: str, *, opts: MediaOptions, limits: Limits, client, where:
 # ----------------------------------------------------------------------------- decoding
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as it is displayed: rotated/flipped by its EXIF orientation tag (phone photos
+    store the sensor's pixels and the tag). An EXIF block Pillow cannot read leaves the pixels
+    as stored rather than refusing an image that decodes."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
 def decode_image(data: bytes, *, size: int, limits: Limits, where: str) -> np.ndarray:
-    """Image bytes -> (S, S, 3) uint8 at the model's size; 400 for anything not a sane image."""
+    """Image bytes -> (S, S, 3) uint8 at the model's size, upright by its EXIF orientation; 400
+    for anything not a sane image."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -191,7 +212,7 @@ def decode_image(data: bytes, *, size: int, limits: Limits, where: str) -> np.nd
                        param=where, code="image_too_large")
     try:
         img.load()
-        return to_uint8([img], size)[0]
+        return to_uint8([_upright(img)], size)[0]
     except Image.DecompressionBombError:
         raise ApiError(400, f"{where}: the image is a decompression bomb", param=where, code="image_too_large") from None
     except Exception as e:

@@ -1,7 +1,10 @@
 """The OpenAI wire format: request models, error bodies, response and SSE chunk builders.
 
-Requests are parsed leniently (unknown OpenAI fields are accepted and ignored) but every value
-we use is type-checked, and a bad one is a 400 whose message names the field.
+Requests are parsed leniently (unknown OpenAI fields are accepted and ignored, and an explicit
+``null`` for an optional field means its default) but every value we use is type-checked, and a
+bad one is a 400 whose message names the field. A feature this server does not implement
+(``response_format`` other than text, ``logprobs``, tool calls) is a 400 that says so, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -53,8 +56,30 @@ def _rebuild_api_error(status: int, message: str, param: str | None, code: str |
     return ApiError(status, message, param=param, code=code)
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value)[:80]
+
+
+def _unsupported(param: str, why: str) -> ApiError:
+    return ApiError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit ``null`` for an optional field is the field's default, as OpenAI reads it
+        (clients that serialise every field send ``"temperature": null``); required fields keep
+        their ``null`` and fail with their own message."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
 class ChatMessage(_Lenient):
@@ -73,12 +98,39 @@ class ChatRequest(_Lenient):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=-1)  # 0 and -1 (vLLM's spelling) disable it
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted only in the forms that ask for nothing beyond plain text (check_supported).
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def top_k_or_off(self) -> int:
+        """``top_k`` for the sampler: 0 (off) for absent, 0 or -1."""
+        return self.top_k if self.top_k and self.top_k > 0 else 0
+
+    def check_supported(self) -> None:
+        """400 for a feature this server does not implement, rather than an answer that
+        silently lacks it."""
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            raise _unsupported("response_format", f"{_short(fmt)} is not supported by this server; expected "
+                               '{"type": "text"} or no response_format')
+        if self.logprobs:
+            raise _unsupported("logprobs", "true is not supported by this server (it returns no log probabilities)")
+        if self.top_logprobs:
+            raise _unsupported("top_logprobs", f"{self.top_logprobs} is not supported by this server (it returns "
+                               "no log probabilities)")
+        if self.tools and self.tool_choice != "none":
+            choice = "absent (so 'auto')" if self.tool_choice is None else _short(self.tool_choice)
+            raise _unsupported("tools", f"tool calling is not supported by this server (tools given, tool_choice "
+                               f"{choice}); send no tools or tool_choice 'none'")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -91,7 +143,7 @@ class ChatRequest(_Lenient):
 
 class EmbeddingRequest(_Lenient):
     model: str
-    input: str | list[Any]
+    input: str | dict[str, Any] | list[Any]  # a dict: one content part
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
 

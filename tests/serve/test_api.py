@@ -46,8 +46,13 @@ def image_part(url: str) -> dict:
 
 
 def test_models_and_health(client, main_app):
+    import openai
+
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL, "tiny-clip"]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
     assert httpx.get(f"{main_app}/health").json() == {"status": "ok"}
 
 

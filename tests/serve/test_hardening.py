@@ -53,6 +53,22 @@ def test_request_shape_errors(main_app):
     expect(post(main_app, {**chat(), "model": "gpt-4o"}), 404, "does not exist")
     expect(post(main_app, chat({"type": "audio", "audio": "x"})), 400, "content[0].type")
     expect(post(main_app, chat(stop=["a", "b", "c", "d", "e"])), 400, "stop")
+    expect(post(main_app, chat(seed=2**64)), 400, "seed")
+    err = expect(post(main_app, chat(response_format={"type": "json_object"})), 400, "not supported by this server")
+    assert err["param"] == "response_format"
+    nulls = dict.fromkeys(("top_p", "top_k", "n", "stream", "stop", "seed", "stream_options", "logprobs", "tools"))
+    assert post(main_app, chat(**nulls)).status_code == 200  # null means the default
+
+
+def test_starlette_errors_and_the_model_route_are_openai_shaped(main_app):
+    err = expect(httpx.get(main_app + "/v1/chat/completions", headers=AUTH, timeout=30), 405, "expected POST")
+    assert err["code"] == "method_not_allowed"
+    err = expect(post(main_app, {}, path="/v1/nope"), 404, "no endpoint POST /v1/nope")
+    assert err["code"] == "not_found"
+    err = expect(httpx.get(main_app + "/v1/models/gpt-4o", headers=AUTH, timeout=30), 404, "does not exist")
+    assert err["code"] == "model_not_found"
+    r = httpx.get(main_app + f"/v1/models/{MODEL}", headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == MODEL and r.json()["object"] == "model"
 
 
 def test_limits(main_app, media):

@@ -1,8 +1,10 @@
-"""Pieces without Ray: the SSRF guard, media decoding, the batch engine against ``generate``."""
+"""Pieces without Ray: the SSRF guard, media decoding, the batch engine against ``generate``,
+the request models."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 
 import numpy as np
@@ -217,3 +219,149 @@ def test_engine_stream_coalesces_and_matches_generate(checkpoints):
         assert (last["text"], last["completion_tokens"], last["finish_reason"]) == (w.text, w.num_generated_tokens,
                                                                                   w.finish_reason)
         assert len(lists) <= 2 + (w.num_generated_tokens - 1) // 4 < w.num_generated_tokens, len(lists)
+
+
+# ----------------------------------------------------------------------------- request models
+
+
+def test_null_means_the_default():
+    """An explicit null for an optional field is its default (clients that send every field)."""
+    from serve.protocol import ChatRequest, EmbeddingRequest, parse
+
+    nulls = {k: None for k in ("temperature", "top_p", "top_k", "n", "stream", "stream_options", "max_tokens",
+                               "max_completion_tokens", "seed", "stop", "response_format", "logprobs",
+                               "top_logprobs", "tools", "tool_choice")}
+    req = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **nulls})
+    assert (req.temperature, req.top_p, req.n, req.stream, req.max_tokens, req.seed, req.stop_list()) == \
+        (1.0, 1.0, 1, False, None, None, [])
+    req.check_supported()
+    assert parse(EmbeddingRequest, {"model": "e", "input": "x", "encoding_format": None,
+                                    "dimensions": None}).encoding_format == "float"
+    with pytest.raises(ApiError, match="model") as e:  # a required field's null is still refused
+        parse(ChatRequest, {"model": None, "messages": [{"role": "user", "content": "hi"}]})
+    assert e.value.status == 400
+
+
+def test_seed_must_fit_the_generator():
+    from serve.protocol import SEED_MAX, SEED_MIN, ChatRequest, parse
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for seed in (SEED_MIN, -1, 0, SEED_MAX):
+        torch.Generator().manual_seed(parse(ChatRequest, {**base, "seed": seed}).seed)  # every accepted seed works
+    for seed in (SEED_MAX + 1, SEED_MIN - 1, 2**70):
+        with pytest.raises(ApiError, match=f"seed.*got {seed}") as e:
+            parse(ChatRequest, {**base, "seed": seed})
+        assert e.value.status == 400 and e.value.param == "seed"
+
+
+def test_top_k_zero_and_minus_one_disable_it():
+    from serve.protocol import ChatRequest, parse
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert [parse(ChatRequest, {**base, "top_k": k}).top_k_or_off() for k in (-1, 0, 5)] == [0, 0, 5]
+    assert parse(ChatRequest, base).top_k_or_off() == 0
+    with pytest.raises(ApiError, match="top_k"):
+        parse(ChatRequest, {**base, "top_k": -2})
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
+])
+def test_unsupported_features_are_refused_by_name(extra, param):
+    from serve.protocol import ChatRequest, parse
+
+    req = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra})
+    with pytest.raises(ApiError, match="not supported by this server") as e:
+        req.check_supported()
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_parameter")
+
+
+@pytest.mark.parametrize("extra", [{}, {"response_format": {"type": "text"}}, {"logprobs": False},
+                                   {"top_logprobs": 0}, {"tools": []},
+                                   {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "none"}])
+def test_plain_text_forms_of_those_features_pass(extra):
+    from serve.protocol import ChatRequest, parse
+
+    parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}).check_supported()
+
+
+# ----------------------------------------------------------------------------- media
+
+
+def test_data_urls_wrapped_base64_and_any_case():
+    from serve.media import fetch
+
+    png = scene_png(1)
+    b64 = base64.b64encode(png).decode()
+    wrapped = base64.encodebytes(png).decode()  # MIME-style: 76-character lines
+    assert "\n" in wrapped
+    for url in (f"data:image/png;base64,{wrapped}", f"data:image/png;base64,{b64[:40]}\r\n {b64[40:]}\t",
+                f"DATA:image/png;base64,{b64}", f"Data:IMAGE/PNG;BASE64,{b64}"):
+        assert parse_data_url(url, kind="image", max_bytes=len(png), where="w").data == png
+        got = asyncio.run(fetch(url, kind="image", opts=MediaOptions(), limits=Limits(), client=None, where="w"))
+        assert got.data == png  # a data URL in any case never reaches the http(s) path
+    with pytest.raises(ApiError, match="base64"):
+        parse_data_url("data:image/png;base64,aGk\u00a0=", kind="image", max_bytes=10, where="w")  # not ASCII space
+
+
+def test_decode_image_follows_exif_orientation():
+    """A photo stored sideways with an EXIF orientation tag is decoded as it is displayed."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    img = Image.new("RGB", (64, 32), (255, 0, 0))
+    img.paste((0, 0, 255), (32, 0, 64, 32))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: red on top, blue below
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    got = decode_image(buf.getvalue(), size=32, limits=Limits(), where="w")
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB")
+                      .resize((32, 32), Image.BICUBIC))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert got[2, 16, 0] > 200 and got[2, 16, 2] < 50  # top: red
+    assert got[29, 16, 2] > 200 and got[29, 16, 0] < 50  # bottom: blue
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def test_stream_and_whole_answer_agree_when_decoding_rewrites_text(checkpoints):
+    """A tokenizer whose one-shot decode rewrites text across tokens (a clean-up of " ." into
+    ".") disagrees with the text streamed piece by piece; the answer's tail must still be sent,
+    and the whole answer must be the streamed text."""
+    from vlm.checkpoint import load_checkpoint
+
+    from serve.engine import GenRequest, _StreamRow
+
+    ck = load_checkpoint(checkpoints["vlm"])
+    m, tok = ck.model, ck.tokenizer
+
+    class CleanUp:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def decode(self, ids, **kw):
+            return tok.decode(ids, **kw).replace(" .", ".").replace(" ,", ",")
+
+    clean = CleanUp()
+    answer = tok(" a . the cat , a")["input_ids"]
+    assert clean.decode(answer) != tok.decode(answer)
+    for stop_token, stops in ((False, []), (True, []), (False, ["zz"])):
+        tokens = answer + [tok.eos_token_id] if stop_token else answer
+        messages: list[list[dict]] = []
+        row = _StreamRow.open(m, clean, GenRequest(input_ids=[2, 60, 61], max_new_tokens=len(tokens), stop=stops),
+                              messages.append, interval=2)
+        for t in tokens:
+            row.push(t, clean)
+        assert row.finish == ("stop" if stop_token else "length")
+        streamed = "".join(e.get("delta", "") for msg in messages for e in msg)
+        assert streamed == messages[-1][-1]["text"], (streamed, messages[-1][-1]["text"])
+        assert streamed.replace(" ", "") == clean.decode(answer).replace(" ", "")  # nothing lost or doubled
