@@ -278,7 +278,8 @@ def ask(url: str, world: Path, base_url: str, *, questions: int, pool: int, log:
                 """In requests of ``chunk`` inputs: the endpoint's default limit is 8 images per request."""
                 vecs: list[list[float]] = []
                 for i in range(0, len(items), chunk):
-                    r = http.post(f"{url}/embeddings", json={"model": "vlmforge-flow-clip", "input": items[i:i + chunk]})
+                    r = http.post(f"{url}/embeddings", json={"model": "vlmforge-flow-clip", "input": items[i:i + chunk],
+                                                                "truncate_prompt_tokens": -1})  # as training cuts captions
                     if r.status_code != 200:
                         raise RuntimeError(f"POST /v1/embeddings answered {r.status_code}: {r.text[:300]}")
                     vecs += [d["embedding"] for d in sorted(r.json()["data"], key=lambda d: d["index"])]

@@ -575,7 +575,8 @@ class Ingress:
         for (i, _), n in zip(texts, counts):
             if n > self.emb_max_tokens:
                 raise ApiError(400, f"input[{i}]: the text has {n} tokens, over this model's limit of "
-                               f"{self.emb_max_tokens} tokens per input; shorten it", param="input",
+                               f"{self.emb_max_tokens} tokens per input; shorten it, or send "
+                               "truncate_prompt_tokens: -1 to have it cut to the limit", param="input",
                                code="context_length_exceeded")
 
     async def _embeddings(self, body: bytes) -> JSONResponse:
@@ -617,7 +618,13 @@ class Ingress:
             else:
                 raise ApiError(400, f"{where}: expected a string, a text part or an image_url part, got "
                                f"{type(item).__name__}", param="input")
-        await asyncio.to_thread(self._check_text_lengths, texts)  # tokenizing long texts: off the event loop
+        cut = req.truncate_prompt_tokens
+        if cut == 0:
+            raise ApiError(400, f"truncate_prompt_tokens: expected -1 (the model's limit of {self.emb_max_tokens}) or "
+                           "a positive number of tokens, got 0", param="truncate_prompt_tokens")
+        if cut is None:  # a text longer than the tower takes is refused, not silently cut
+            await asyncio.to_thread(self._check_text_lengths, texts)  # tokenizing long texts: off the event loop
+        max_tokens = self.emb_max_tokens if cut is None or cut == -1 else min(cut, self.emb_max_tokens)
         if len(images) > lim.max_images:
             raise ApiError(400, f"too many images: at most {lim.max_images} per request", param="input",
                            code="too_many_images")
@@ -628,7 +635,8 @@ class Ingress:
             return await asyncio.to_thread(decode_image, got.data, size=self.emb_image_size, limits=lim, where=where)
 
         pix = await asyncio.gather(*[one_image(i, u) for i, u in images])
-        t_emb, i_emb, n_tok = await self.embedder.embed.remote([t for _, t in texts], np.stack(pix) if pix else None)
+        t_emb, i_emb, n_tok = await self.embedder.embed.remote([t for _, t in texts], np.stack(pix) if pix else None,
+                                                               max_tokens=max_tokens)
         vecs: dict[int, np.ndarray] = {i: v for (i, _), v in zip(texts, t_emb)}
         vecs.update({i: v for (i, _), v in zip(images, i_emb)})
         data = []

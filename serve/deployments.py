@@ -223,12 +223,13 @@ class Embedder:
         self.model, self.tokenizer, self.cfg = loaded.model, loaded.tokenizer, loaded.config.model
         self.lock = asyncio.Lock()
 
-    async def embed(self, texts: list[str], images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
-        """Returns ``(text_embeddings (N_t, E), image_embeddings (N_i, E), text_tokens)``."""
+    async def embed(self, texts: list[str], images: np.ndarray | None, *, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Returns ``(text_embeddings (N_t, E), image_embeddings (N_i, E), text_tokens)``; each text
+        cut to ``max_tokens`` tokens (default and at most: the text tower's limit)."""
         async with self.lock:
-            return await asyncio.to_thread(self._run, texts, images)
+            return await asyncio.to_thread(self._run, texts, images, max_tokens)
 
-    def _run(self, texts: list[str], images: np.ndarray | None):
+    def _run(self, texts: list[str], images: np.ndarray | None, max_tokens: int | None = None):
         from vlm.image import normalize
 
         p = next(self.model.parameters())
@@ -236,7 +237,8 @@ class Embedder:
         t_emb, i_emb, n_tok = np.zeros((0, e), np.float32), np.zeros((0, e), np.float32), 0
         with torch.inference_mode():
             if texts:
-                enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.text.max_length,
+                enc = self.tokenizer(texts, padding=True, truncation=True,
+                                     max_length=min(max_tokens or self.cfg.text.max_length, self.cfg.text.max_length),
                                      return_tensors="pt")
                 n_tok = int(enc["attention_mask"].sum())
                 t_emb = self.model.encode_text(enc["input_ids"].to(p.device), enc["attention_mask"].to(p.device))

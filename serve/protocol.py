@@ -146,6 +146,9 @@ class EmbeddingRequest(_Lenient):
     input: str | dict[str, Any] | list[Any]  # a dict: one content part
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    # vLLM's option: cut each text to this many tokens (-1: the text tower's limit) instead of
+    # refusing a longer one
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:

@@ -17,13 +17,13 @@ MODEL, EMB = "tiny-vlm", "tiny-clip"
 
 
 class _Call:
-    """``handle.method``: ``.remote(*args)`` gives what a DeploymentHandle call awaits."""
+    """``handle.method``: ``.remote(*args, **kwargs)`` gives what a DeploymentHandle call awaits."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
 
-    def remote(self, *args):
-        return self.fn(*args)
+    def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
 
 
 class _Stream:
@@ -101,8 +101,8 @@ def ingress(checkpoints):
     embedder = object.__new__(Embedder.func_or_class)
     embedder.model, embedder.tokenizer, embedder.cfg = clip.model, clip.tokenizer, clip.config.model
 
-    async def embed(texts, images):
-        return embedder._run(texts, images)
+    async def embed(texts, images, max_tokens=None):
+        return embedder._run(texts, images, max_tokens)
 
     cls = Ingress.func_or_class.__mro__[1]  # the class under Serve's ASGI wrapper
     assert cls.__name__ == "Ingress"
@@ -397,3 +397,15 @@ def test_embedding_text_past_the_text_tower_is_a_400(ingress):
     fits = ingress.emb_tokenizer.decode(ingress.emb_tokenizer(long, verbose=False)["input_ids"][: limit // 2],
                                         skip_special_tokens=True)
     assert call(ingress, emb(input=fits), "embeddings")[0] == 200
+    # vLLM's truncate_prompt_tokens: -1 cuts to the limit (as training cuts captions), k to k tokens
+    def vec(**kw):
+        status, body = call(ingress, emb(**kw), "embeddings")
+        assert status == 200, body
+        return np.array(body["data"][0]["embedding"]), body["usage"]["prompt_tokens"]
+
+    cut, n_cut = vec(input=long, truncate_prompt_tokens=-1)
+    assert n_cut == limit and np.allclose(cut, vec(input=long, truncate_prompt_tokens=limit + 100)[0])
+    short, n_short = vec(input=long, truncate_prompt_tokens=5)
+    assert n_short == 5 and not np.allclose(short, cut)
+    error(call(ingress, emb(input=long, truncate_prompt_tokens=0), "embeddings"), 400, "truncate_prompt_tokens", "got 0")
+    error(call(ingress, emb(input=long, truncate_prompt_tokens=-2), "embeddings"), 400, "truncate_prompt_tokens")
