@@ -21,7 +21,7 @@ from vlm.chat import encode_chat
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of
-from vlm.evaluate import caption_recall, exact_match, retrieval_metrics, zero_shot_accuracy
+from vlm.evaluate import caption_recall, exact_match, pair_ids, retrieval_metrics, zero_shot_accuracy
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
 from vlm.llava import VisionLanguageModel
@@ -154,7 +154,7 @@ def zero_shot(
     cfg, dev = model.cfg, _device(model)
     class_emb = []
     for name in classnames:
-        tok = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+        tok = tokenizer([t.format(name) for t in templates], padding=True, truncation=True, max_length=cfg.text.max_length, return_tensors="pt")
         e = model.encode_text(tok["input_ids"].to(dev), tok["attention_mask"].to(dev)).float().mean(0)
         class_emb.append(torch.nn.functional.normalize(e, dim=-1).cpu())
     img = torch.cat([
@@ -240,7 +240,7 @@ def train_contrastive(
     metrics: dict[str, float] = {"train_seconds": seconds}
     if eval_pixels is not None and eval_captions is not None:
         img, txt = embed_pairs(model, eval_pixels, eval_captions, tokenizer)
-        metrics.update(retrieval_metrics(img, txt))
+        metrics.update(retrieval_metrics(img, txt, **pair_ids(eval_pixels, eval_captions)))  # repeated images or captions: any match counts
         metrics["pool"] = float(len(eval_captions))
     return RunResult(model=model, history=history, metrics=metrics, seconds=seconds)
 

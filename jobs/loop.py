@@ -39,7 +39,7 @@ from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import collate_pairs, collate_sft
 from vlm.llava import VisionLanguageModel
-from vlm.losses import supervised_tokens, torch_distributed_gather
+from vlm.losses import Gather, supervised_count, supervised_tokens, torch_distributed_gather
 from vlm.optim import build_optimizer, build_scheduler
 from vlm.tokenizer import special_token_ids
 
@@ -147,6 +147,20 @@ def skip_lone_allreduce(engine: Any, *, world_size: int, zero_stage: int) -> boo
     return True
 
 
+def contrastive_gather(cfg: Config) -> Gather:
+    """Stage 1's all-gather of the embeddings, with gradient as ``contrastive.gather_with_grad``
+    says."""
+    return torch_distributed_gather(with_grad=cfg.model.contrastive.gather_with_grad)
+
+
+def loss_normaliser(labels: torch.Tensor, cfg: Config, device: torch.device) -> float:
+    """Stage 2's ``loss_normaliser`` (collective): the mean over ranks of what
+    ``llava.loss_average`` averages in this rank's (B, L) ``labels``, supervised tokens or answer
+    turns, so that the ranks' mean loss is the global batch's token or turn mean."""
+    n = supervised_count(labels, average=cfg.model.llava.loss_average)
+    return _all_reduce_mean(float(n), device) or 1.0  # no rank has any: every loss is 0 anyway
+
+
 def _all_reduce_mean(x: float, device: torch.device) -> float:
     import torch.distributed as dist
 
@@ -211,10 +225,10 @@ def evaluate(stage: str, model: torch.nn.Module, cfg: Config, job: JobConfig, to
         if stage == "contrastive":
             pix, caps = evals.get("pixels"), evals.get("captions")
             if caps:
-                from vlm.evaluate import retrieval_metrics
+                from vlm.evaluate import pair_ids, retrieval_metrics
 
                 img, txt = local.embed_pairs(model, pix, caps, tokenizer)
-                out.update({f"eval_{k}": v for k, v in retrieval_metrics(img, txt).items()})
+                out.update({f"eval_{k}": v for k, v in retrieval_metrics(img, txt, **pair_ids(pix, caps)).items()})
                 zs = evals.get("zero_shot")
                 if zs:
                     out["eval_zero_shot_acc"] = local.zero_shot(model, zs["pixels"], zs["labels"], zs["classnames"], zs["templates"], tokenizer)
@@ -339,7 +353,7 @@ def train_loop(config: dict[str, Any]) -> None:
     it = stream
     if stage == "sft" and job.group_by_length:
         it = _grouped(stream, job.group_by_length, key=lambda r: len(r["messages"]) + 400 * int(r["num_images"]))
-    gather = torch_distributed_gather(with_grad=True)
+    gather = contrastive_gather(cfg)
     metrics_log = MetricsLog(run_dir, resume_step=start, tensorboard=job.tensorboard) if rank == 0 else None
     trace = None
     if job.trace_samples:
@@ -391,21 +405,22 @@ def train_loop(config: dict[str, Any]) -> None:
                     engine.backward(dummy)
                     own_norm = _engine_step(engine, own_clip)
                     continue
-                n_lab = supervised_tokens(batch["labels"])  # host copies: no device sync
+                host_labels = batch["labels"]
+                n_lab = supervised_tokens(host_labels)  # host copies: no device sync
                 tokens += int(batch["attention_mask"].sum())
                 images += int(batch["pixel_values"].shape[0])
                 supervised += n_lab
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
                 labels = batch.pop("labels")
-                mean_lab = max(_all_reduce_mean(float(n_lab), device), 1.0)
+                mean_lab = loss_normaliser(host_labels, cfg, device)
                 loss = engine(**batch, labels=labels, loss_normaliser=mean_lab, return_logits=False)["loss"]
                 samples += len(examples) - len(bad)
                 loss_sum = loss_sum + loss.detach()
             engine.backward(loss)
             own_norm = _engine_step(engine, own_clip)
         # one collective per step: the global loss (a mean over ranks; stage 2's per-rank losses are
-        # already token-weighted), samples, tokens, images and supervised tokens
+        # already token- or turn-weighted), samples, tokens, images and supervised tokens
         loss_tot, g_samples, g_tokens, g_images, g_sup = _all_reduce_sums([loss_sum, samples, tokens, images, supervised], device)
         loss_val = loss_tot / (world * job.grad_accum)
         t_now = time.perf_counter()

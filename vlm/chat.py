@@ -326,10 +326,13 @@ def encode_chat(
     """Tokenize a conversation and mask its labels; raise ``SampleError`` for a bad sample.
 
     Truncation drops whole trailing turns only: it keeps the longest prefix of turns that ends
-    with an assistant turn and fits ``max_length`` (turns after the last answer are dropped even
-    without ``max_length``: they supervise nothing). If even the first answer does not fit, the
-    sample raises ``image_truncated``, ``prompt_truncated`` or ``answer_truncated`` by where the
-    cut falls. With ``add_generation_prompt`` nothing is dropped: the whole prompt must fit.
+    with an assistant turn and fits ``max_length`` up to that answer's ``<|im_end|>`` (the
+    newline after it, unsupervised, is cut when it alone does not fit; turns after the last
+    answer are dropped even without ``max_length``: they supervise nothing). If even the first
+    answer does not fit, the sample raises ``image_truncated``, ``prompt_truncated`` (the cut
+    falls before the answer text, its ``<|im_start|>assistant`` header included) or
+    ``answer_truncated``. With ``add_generation_prompt`` nothing is dropped: the whole prompt
+    must fit.
 
     Args:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str | [parts]}]`` with
@@ -376,8 +379,7 @@ def encode_chat(
         keep = _turns_that_fit(turns, pieces, assistants, max_length=max_length)
         tail = []
     flat = [(i, p) for i in range(keep) for p in pieces[i]] + [(keep, p) for p in tail]
-    if max_length is not None and sum(len(p.ids) for _, p in flat) > max_length:
-        # Only reachable with add_generation_prompt (training keeps a prefix that fits).
+    if add_generation_prompt and max_length is not None and sum(len(p.ids) for _, p in flat) > max_length:
         _raise_cut(flat, max_length=max_length, answer_turn=None)
 
     input_ids: list[int] = []
@@ -390,6 +392,10 @@ def encode_chat(
         labels += piece.ids if piece.supervised else [IGNORE_INDEX] * len(piece.ids)
         if piece.supervised:
             spans[-1] = (spans[-1][0], len(input_ids))
+    if max_length is not None and len(input_ids) > max_length:
+        # training only: the kept prefix fits up to its last <|im_end|>; what is over is the
+        # newline after it, unsupervised and last, so it carries no loss (``_turns_that_fit``)
+        del input_ids[max_length:], labels[max_length:]
 
     kept = turns[:keep]
     _check_labels(
@@ -616,17 +622,34 @@ def _tokenize_pieces(tokenizer: PreTrainedTokenizerFast, pieces: list[_Piece]) -
 def _turns_that_fit(
     turns: list[_Turn], pieces: list[list[_Piece]], assistants: list[int], *, max_length: int | None
 ) -> int:
-    """How many leading turns to keep: the longest fitting prefix that ends with an answer."""
+    """How many leading turns to keep: the longest prefix that ends with an answer and fits,
+    up to and including that answer's <|im_end|> (the unsupervised newline after it is the
+    sequence's last token, carries no loss, and may be cut)."""
     ends = [0]
     for ps in pieces:
         ends.append(ends[-1] + sum(len(p.ids) for p in ps))
-    fitting = [a for a in assistants if max_length is None or ends[a + 1] <= max_length]
+    fitting = [a for a in assistants if max_length is None or ends[a + 1] - _trailer(pieces[a]) <= max_length]
     if fitting:
         return fitting[-1] + 1
     first = assistants[0]
     flat = [(i, p) for i in range(first + 1) for p in pieces[i]]
+    flat = flat[: len(flat) - _trailer_pieces(pieces[first])]  # what the answer needs: up to its <|im_end|>
     _raise_cut(flat, max_length=max_length, answer_turn=first)  # type: ignore[arg-type]
     raise AssertionError("unreachable")
+
+
+def _trailer_pieces(pieces: list[_Piece]) -> int:
+    """How many pieces follow an answer turn's last supervised piece (its <|im_end|>)."""
+    n = 0
+    while n < len(pieces) and not pieces[len(pieces) - 1 - n].supervised:
+        n += 1
+    return n if n < len(pieces) else 0
+
+
+def _trailer(pieces: list[_Piece]) -> int:
+    """How many tokens follow an answer turn's <|im_end|> (the unsupervised turn separator)."""
+    k = _trailer_pieces(pieces)
+    return sum(len(p.ids) for p in pieces[len(pieces) - k :]) if k else 0
 
 
 def _raise_cut(flat: list[tuple[int, _Piece]], *, max_length: int, answer_turn: int | None) -> None:
@@ -644,7 +667,7 @@ def _raise_cut(flat: list[tuple[int, _Piece]], *, max_length: int, answer_turn: 
             "image_truncated",
             f"{detail}; the cut falls in the media at tokens [{start}, {start + len(piece.ids)})",
         )
-    if turn == answer_turn:
+    if turn == answer_turn and piece.supervised:  # a cut in the answer's header is the prompt's
         raise SampleError("answer_truncated", detail)
     raise SampleError("prompt_truncated", detail)
 

@@ -3,9 +3,10 @@
 ```
 DIR/
   config.yaml        the resolved run config (presets and overrides applied)
-  checkpoint.json    format version, stage, each tower's transformers config, token ids, meta
+  checkpoint.json    format version, stage, each tower's transformers config, token ids, the
+                     weights' dtype, meta
   model.safetensors  every weight (shared tensors such as tied embeddings handled)
-  tokenizer/         the tokenizer in Hugging Face format, chat template included
+  tokenizer/         the tokenizer in Hugging Face format (stage 2: with our chat template)
 ```
 Towers are rebuilt from their saved transformers configs (never from ``pretrained`` paths,
 which may not exist where the checkpoint is loaded), then the weights are loaded strictly.
@@ -25,6 +26,7 @@ from torch import nn
 from vlm.config import Config, read_config, save_config
 from vlm.contrastive import ContrastiveModel
 from vlm.llava import VisionLanguageModel
+from vlm.tokenizer import save_tokenizer
 from vlm.towers import hf_config_from_dict, model_from_hf_config
 
 FORMAT = "vlmforge"
@@ -51,6 +53,25 @@ def _towers(model: nn.Module) -> dict[str, dict]:
     raise TypeError(f"expected a ContrastiveModel or VisionLanguageModel, got {type(model).__name__}")
 
 
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of most of ``model``'s floating-point parameter elements (fp32 if it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def _dtype(value: torch.dtype | str) -> torch.dtype:
+    """A torch floating dtype from itself or its name (``"bfloat16"``, ``"torch.bfloat16"``)."""
+    if isinstance(value, torch.dtype):
+        return value
+    got = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(got, torch.dtype) or not got.is_floating_point:
+        raise ValueError(f"expected a floating-point torch dtype (e.g. 'float32', 'bfloat16'), got {value!r}")
+    return got
+
+
 def stage_of(model: nn.Module) -> str:
     return "contrastive" if isinstance(model, ContrastiveModel) else "vlm"
 
@@ -69,7 +90,8 @@ def save_checkpoint(
         model: a ``ContrastiveModel`` (stage 1) or ``VisionLanguageModel`` (stage 2).
         path: the checkpoint directory.
         config: the resolved run config.
-        tokenizer: the model's tokenizer (stage 1: the text tower's; stage 2: the decoder's).
+        tokenizer: the model's tokenizer (stage 1: the text tower's; stage 2: the decoder's,
+            whose ``chat_template`` is set to ``vlm.tokenizer.CHAT_TEMPLATE`` in place).
         meta: free-form JSON-able facts (step, metrics, data) kept in ``checkpoint.json``.
     """
     out = Path(path)
@@ -80,6 +102,7 @@ def save_checkpoint(
         "version": VERSION,
         "stage": stage_of(model),
         "towers": _towers(model),
+        "dtype": str(weights_dtype(model)).removeprefix("torch."),
         "meta": meta or {},
     }
     if isinstance(model, VisionLanguageModel):
@@ -93,7 +116,10 @@ def save_checkpoint(
     info["vocab_size"] = len(tokenizer)
     (out / "checkpoint.json").write_text(json.dumps(info, indent=2, default=str))
     save_model(model, str(out / "model.safetensors"))
-    tokenizer.save_pretrained(out / "tokenizer")
+    if isinstance(model, VisionLanguageModel):
+        save_tokenizer(tokenizer, out / "tokenizer")  # sets our chat template: the format the model was trained on
+    else:
+        tokenizer.save_pretrained(out / "tokenizer")  # a text encoder's tokenizer: no chat format
     return out
 
 
@@ -134,12 +160,22 @@ def build_from_info(info: dict[str, Any], config: Config) -> nn.Module:
     )
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Loaded:
-    """Load a checkpoint written by ``save_checkpoint`` (strict: every weight must match)."""
+def load_checkpoint(
+    path: str | Path, *, map_location: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+) -> Loaded:
+    """Load a checkpoint written by ``save_checkpoint`` (strict: every weight must match).
+
+    Args:
+        path: the checkpoint directory.
+        map_location: the device the weights load onto.
+        dtype: the weights' dtype (a torch dtype or its name); None: the dtype they were saved
+            in (fp32 for checkpoints that do not record one).
+    """
     p = Path(path)
     info = read_info(p)
     config = read_config(p / "config.yaml")
     model = build_from_info(info, config)
+    model.to(_dtype(dtype if dtype is not None else info.get("dtype", "float32")))
     missing, unexpected = load_model(model, str(p / "model.safetensors"), strict=False, device=str(map_location))
     if missing or unexpected:
         raise ValueError(f"{p}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -111,6 +111,13 @@ class ContrastiveConfig:
         bad = [k for k in self.hard_negative_kinds if k not in ("shape", "swap", "position")]
         if bad or not self.hard_negative_kinds:
             raise ConfigError(f"contrastive.hard_negative_kinds: expected a non-empty list from ['shape', 'swap', 'position'], got {self.hard_negative_kinds!r}")
+        if self.local_loss and not self.gather_with_grad:
+            # each rank scores only its own rows: the gradient of its features through the other
+            # ranks' rows comes back only through a gather with gradient
+            raise ConfigError(
+                "contrastive.gather_with_grad: expected true with contrastive.local_loss=true (without it the "
+                "gradient misses every other rank's scores), got false; set local_loss=false to gather without gradient"
+            )
 
 
 @dataclass
@@ -120,6 +127,10 @@ class ProjectorConfig:
     hidden_size: int | None = None  # None: the decoder's hidden size
     pixel_shuffle: int = 1  # >1 merges s x s patches into one token (tokens / s^2)
     grid_position: bool = False  # learned row + column embeddings added to the projected tokens (no HF LLaVA export)
+
+    def __post_init__(self) -> None:
+        if self.pixel_shuffle < 1:
+            raise ConfigError(f"projector.pixel_shuffle: expected an integer >= 1, got {self.pixel_shuffle}")
 
 
 @dataclass
@@ -137,6 +148,13 @@ class DecoderConfig:
     tie_embeddings: bool = False
     vocab_size: int | None = None  # None: the tokenizer's length
     pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pretrained is None and (self.num_heads % self.num_kv_heads or self.hidden_size % self.num_heads):
+            raise ConfigError(
+                f"decoder.num_kv_heads / decoder.num_heads: expected num_kv_heads to divide num_heads and num_heads "
+                f"to divide hidden_size, got {self.num_kv_heads} / {self.num_heads} heads for hidden_size {self.hidden_size}"
+            )
 
 
 @dataclass
@@ -196,6 +214,20 @@ class ModelConfig:
     llava: LlavaConfig = field(default_factory=LlavaConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
+    def __post_init__(self) -> None:
+        # Checks across sections; a pretrained tower's own sizes are checked when it is built.
+        layer, n = self.llava.vision_feature_layer, self.vision.num_layers
+        if self.vision.pretrained is None and not -(n + 1) <= layer <= n:
+            raise ConfigError(
+                f"llava.vision_feature_layer: expected an index into the vision tower's {n + 1} hidden states "
+                f"(vision.num_layers={n}), from {-(n + 1)} to {n}, got {layer}"
+            )
+        if self.decoder.pretrained is None and self.llava.max_length > self.decoder.max_position:
+            raise ConfigError(
+                f"llava.max_length: expected at most decoder.max_position ({self.decoder.max_position}), "
+                f"got {self.llava.max_length}"
+            )
+
     @property
     def image_tokens(self) -> int:
         """Decoder tokens per image after feature selection and pixel shuffle."""
@@ -239,6 +271,19 @@ class OptimConfig:
     grad_clip: float = 1.0
     eval_every: int = 0  # 0: only at the end
     log_every: int = 20
+
+    def __post_init__(self) -> None:
+        # one class for stage1 and stage2: the messages name the key in both sections
+        for key, low in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("eval_every", 0), ("log_every", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"stage1/stage2.{key}: expected an integer >= {low}, got {getattr(self, key)!r}")
+        for key in ("lr", "weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"stage1/stage2.{key}: expected a number >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"stage1/stage2.min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"stage1/stage2.betas: expected two numbers in [0, 1), got {list(self.betas)!r}")
 
 
 @dataclass

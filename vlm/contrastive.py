@@ -12,7 +12,34 @@ from torch import nn
 from vlm.config import ModelConfig
 from vlm.losses import Gather, clip_loss, no_gather, siglip_loss
 from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
-from vlm.towers import build_text_encoder, build_vision_tower, pool_text, text_width, vision_width
+from vlm.towers import build_text_encoder, build_vision_tower, check_feature_layer, pool_text, text_width, vision_width
+
+
+class _ClampMaxReturning(torch.autograd.Function):
+    """``x.clamp(max=cap)`` whose gradient still brings ``x`` back under ``cap``.
+
+    Plain ``clamp`` gives zero gradient above the cap, so a parameter that momentum carried past
+    it stays there for good (its optimizer state keeps pushing it up). Here the gradient passes
+    unchanged where ``x <= cap``; above it only a positive gradient passes (one that a descent
+    step turns into a lower ``x``), a negative one (asking for a larger value, which the clamp
+    cannot give) is zeroed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cap: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.cap = cap
+        return x.clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        keep = (x <= ctx.cap) | (grad > 0)
+        return torch.where(keep, grad, torch.zeros_like(grad)), None
+
+
+def clamp_max_returning(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``x.clamp(max=cap)`` in the forward; see ``_ClampMaxReturning`` for its gradient."""
+    return _ClampMaxReturning.apply(x, cap)
 
 
 class ContrastiveModel(nn.Module):
@@ -50,6 +77,8 @@ class ContrastiveModel(nn.Module):
             self.logit_scale.data.fill_(math.log(10.0))  # SigLIP's init: t' = log 10
         # per cell: kind logits then colour logits (class 0: empty cell)
         self.cell_head = nn.Linear(vision_width(self.vision), NUM_CELL_KINDS + NUM_CELL_COLOURS) if c.cell_loss_weight > 0 else None
+        if self.cell_head is not None:
+            check_feature_layer(cfg.llava.vision_feature_layer, self.vision)
 
     def encode_image(self, pixel_values: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
         """(N, 3, S, S) -> (N, E)."""
@@ -83,8 +112,12 @@ class ContrastiveModel(nn.Module):
         return F.normalize(z, dim=-1) if normalize else z
 
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale), clamped at ``max_logit_scale`` as CLIP does (scale <= 100)."""
-        return self.logit_scale.clamp(max=self.cfg.contrastive.max_logit_scale).exp().squeeze(0)
+        """exp(logit_scale), clamped at ``max_logit_scale`` as CLIP does (scale <= 100).
+
+        The clamp is in the forward pass (``clamp_max_returning``), not an in-place clamp of the
+        parameter after the optimizer step: under ZeRO the step updates partitioned (and, with
+        bf16 weights, fp32 master) copies that such a clamp would not reach."""
+        return clamp_max_returning(self.logit_scale, self.cfg.contrastive.max_logit_scale).exp().squeeze(0)
 
     def forward(
         self,

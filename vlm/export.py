@@ -42,7 +42,7 @@ from transformers import (
 
 from vlm.image import norm_stats
 from vlm.llava import VisionLanguageModel
-from vlm.tokenizer import IM_END, IMAGE
+from vlm.tokenizer import CHAT_TEMPLATE, IM_END, IMAGE
 
 VERIFY_ATOL = 1e-4
 
@@ -112,6 +112,15 @@ def check_exportable(model: VisionLanguageModel) -> None:
         raise ValueError(f"image_token_id={model.image_token_id}: expected an id in [0, {vocab})")
 
 
+def hf_feature_layer(model: VisionLanguageModel) -> int:
+    """transformers' ``vision_feature_layer`` for ours: the same index, except that layer 0 (the
+    embeddings' output) is written as its negative twin, -(layers + 1). transformers' LLaVA asks
+    its vision tower for hidden states with ``output_hidden_states=vision_feature_layer``, which
+    is falsy for 0: it would get none and fail."""
+    layer = model.cfg.llava.vision_feature_layer
+    return layer if layer != 0 else -(int(model.vision.config.num_hidden_layers) + 1)
+
+
 def llava_hf_config(model: VisionLanguageModel) -> LlavaConfig:
     """The ``LlavaConfig`` that describes ``model`` (see ``check_exportable``)."""
     check_exportable(model)
@@ -122,7 +131,7 @@ def llava_hf_config(model: VisionLanguageModel) -> LlavaConfig:
         image_token_id=model.image_token_id,
         image_seq_length=model.tokens_per_image,
         projector_hidden_act="gelu",  # torch's nn.GELU() default: the exact erf form
-        vision_feature_layer=model.cfg.llava.vision_feature_layer,
+        vision_feature_layer=hf_feature_layer(model),
         vision_feature_select_strategy=hf_feature_strategy(model),
         multimodal_projector_bias=model.projector.linear_1.bias is not None,
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
@@ -247,8 +256,9 @@ def export_llava_hf(
     """Write ``model`` as a transformers ``LlavaForConditionalGeneration`` directory.
 
     The directory holds ``config.json`` (a ``LlavaConfig``), ``model.safetensors``,
-    ``generation_config.json`` (stop on ``<|im_end|>`` and eos), the tokenizer with its chat
-    template, and a ``LlavaProcessor`` (tokenizer + image processor matching our preprocessing).
+    ``generation_config.json`` (stop on ``<|im_end|>`` and eos), the tokenizer with our chat
+    template (``vlm.tokenizer.CHAT_TEMPLATE``, set on ``tokenizer`` in place), and a
+    ``LlavaProcessor`` (tokenizer + image processor matching our preprocessing) with it too.
 
     Args:
         model: a stage-2 model; ``ValueError`` if transformers' LLaVA cannot represent it
@@ -288,12 +298,13 @@ def export_llava_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE  # the format the model was trained on, whatever the tokenizer had
     processor = LlavaProcessor(
         image_processor=image_processor_for(model),
         tokenizer=tokenizer,
         patch_size=model.cfg.vision.patch_size,
         vision_feature_select_strategy=hf_feature_strategy(model),
-        chat_template=getattr(tokenizer, "chat_template", None),
+        chat_template=CHAT_TEMPLATE,
         image_token=IMAGE,
         num_additional_image_tokens=1 if model.cfg.vision.kind == "clip" else 0,  # CLIP's CLS
     )

@@ -22,7 +22,7 @@ from vlm.config import ModelConfig
 from vlm.losses import lm_loss, supervised_loss
 from vlm.projector import Projector
 from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
-from vlm.towers import build_decoder, build_vision_tower, set_trainable, vision_width
+from vlm.towers import build_decoder, build_vision_tower, check_feature_layer, set_trainable, vision_width
 
 
 class VisionLanguageModel(nn.Module):
@@ -59,6 +59,14 @@ class VisionLanguageModel(nn.Module):
         self.decoder = decoder if decoder is not None else build_decoder(
             cfg.decoder, vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id
         )
+        n_embed = int(self.decoder.get_input_embeddings().num_embeddings)
+        if n_embed < vocab_size:
+            key = f"decoder.vocab_size={cfg.decoder.vocab_size}" if cfg.decoder.vocab_size else "the decoder's vocabulary"
+            raise ValueError(
+                f"{key} has {n_embed} embeddings but the tokenizer has {vocab_size} tokens; expected at least "
+                f"{vocab_size} (decoder.vocab_size: None takes the tokenizer's length)"
+            )
+        check_feature_layer(cfg.llava.vision_feature_layer, self.vision)
         d_model = int(self.decoder.config.hidden_size)
         self.projector = Projector(
             in_dim=vision_width(self.vision),
@@ -182,8 +190,9 @@ class VisionLanguageModel(nn.Module):
     ) -> CausalLMOutputWithPast:
         """Logits, and with ``labels`` the next-token loss over ``labels != -100``, averaged per
         token or per answer turn (``llava.loss_average``), or with ``loss_normaliser`` their sum
-        over it (a training job's mean labelled-token count per rank, so that the gradient mean
-        over ranks is that of the global token mean). With ``cell_labels`` ((N, 2, 9) per
+        over it (a training job's mean count per rank of the supervised tokens or turns,
+        ``vlm.losses.supervised_count``, so that the gradient mean over ranks is that of the
+        global token or turn mean). With ``cell_labels`` ((N, 2, 9) per
         image: each world cell's kind and colour class, -100 where unknown) the grounding loss
         (``llava.ground_loss_weight``) is added to it and returned as ``loss_ground``.
 

@@ -4,7 +4,8 @@
   From Natural Language Supervision", eq. in Fig. 3).
 - ``siglip_loss``: pairwise sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image
   Pre-Training", Algorithm 1).
-- ``lm_loss``: the stage-2 next-token loss, averaged over supervised tokens or over answer turns;
+- ``lm_loss``: the stage-2 next-token loss, averaged over supervised tokens or over answer turns
+  (or normalised by a data-parallel job's mean count of either per rank, ``supervised_count``);
   ``supervised_loss`` the same from hidden states, projecting only the supervised positions.
 
 Distributed context is passed in, never read from the environment: ``rank``, ``world_size`` and
@@ -185,6 +186,19 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
+def supervised_turns(labels: torch.Tensor) -> int:
+    """How many answer turns of a (B, L) label batch carry loss: the runs of supervised
+    positions, counted as ``lm_loss(average="turn")`` counts them."""
+    return int(_turn_starts(labels[:, 1:] != -100).sum())
+
+
+def supervised_count(labels: torch.Tensor, *, average: str) -> int:
+    """What ``lm_loss(..., average=average)`` averages over: supervised tokens or answer turns.
+    A data-parallel job passes the mean of this count over its ranks as the ``normaliser``."""
+    _check_average(average)
+    return supervised_turns(labels) if average == "turn" else supervised_tokens(labels)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token", normaliser: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the positions whose label is not -100.
 
@@ -194,7 +208,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, average: str = "token
         average: ``token`` (the mean over supervised tokens, as transformers' causal LMs) or
             ``turn``: each answer turn (a run of supervised positions) weighs the same whatever
             its length, so a one-word answer counts as much as a caption.
-        normaliser: as in ``supervised_loss`` (the sum over supervised tokens divided by it).
+        normaliser: as in ``supervised_loss``.
     """
     return supervised_loss(logits, labels, nn.Identity(), average=average, normaliser=normaliser)
 
@@ -222,19 +236,20 @@ def supervised_loss(
         hidden: (B, L, D) the decoder's final hidden states (after its last norm).
         labels: (B, L) target ids, -100 where there is no loss.
         head: the output projection, (N, D) -> (N, V).
-        average: as in ``lm_loss``; ignored when ``normaliser`` is given.
+        average: as in ``lm_loss``.
         chunked: score the rows with ``linear_cross_entropy`` where the head allows.
-        normaliser: when given, return the sum over supervised tokens divided by it (a data-
-            parallel job's mean count per rank); a batch without supervised tokens then gives 0
-            (with a graph, so every rank's backward still runs), not an error.
+        normaliser: when given, the loss is the sum of what ``average`` averages (per-token
+            losses; or per-turn mean losses for ``turn``) divided by it instead of by their
+            count: a data-parallel job passes the mean over ranks of that count
+            (``supervised_count``), so that the mean of the ranks' losses is the loss of the
+            whole global batch. A batch without supervised tokens then gives 0 (with a graph,
+            so every rank's backward still runs), not an error.
     """
     mask = labels[:, 1:] != -100  # (B, L-1)
-    if normaliser is not None:
-        if not bool(mask.any()):
-            return hidden.sum() * 0.0
-        weights = torch.full((int(mask.sum()),), 1.0 / normaliser, device=hidden.device)
-    else:
-        weights = _row_weights(mask, average)
+    if normaliser is not None and not bool(mask.any()):
+        _check_average(average)
+        return hidden.sum() * 0.0
+    weights = _row_weights(mask, average, normaliser=normaliser)
     h = hidden[:, :-1][mask]  # (N_supervised, D)
     target = labels[:, 1:][mask]  # (N_supervised,)
     weight = getattr(head, "weight", None)
@@ -243,22 +258,32 @@ def supervised_loss(
     return (F.cross_entropy(head(h).float(), target, reduction="none") * weights).sum()
 
 
-def _row_weights(mask: torch.Tensor, average: str) -> torch.Tensor:
-    """(N_supervised,) weights of the supervised positions (``mask``'s True ones, row-major) whose
-    weighted sum of per-token losses is their token mean or their turn mean."""
+def _check_average(average: str) -> None:
     if average not in ("token", "turn"):
         raise ValueError(f"expected average to be 'token' or 'turn', got {average!r}")
+
+
+def _turn_starts(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L-1) supervised mask -> (B, L-1) True at the first position of each answer turn."""
+    return mask & ~F.pad(mask[:, :-1], (1, 0), value=False)
+
+
+def _row_weights(mask: torch.Tensor, average: str, *, normaliser: float | None = None) -> torch.Tensor:
+    """(N_supervised,) weights of the supervised positions (``mask``'s True ones, row-major) whose
+    weighted sum of per-token losses is their token mean or their turn mean; with
+    ``normaliser``, the sum of the per-token (or per-turn mean) losses divided by it."""
+    _check_average(average)
     if not bool(mask.any()):
         raise ValueError("expected at least one supervised label (labels != -100), got none")
     n = int(mask.sum())
     if average == "token":
-        return torch.full((n,), 1.0 / n, device=mask.device)
-    start = mask & ~F.pad(mask[:, :-1], (1, 0), value=False)  # (B, L-1) first position of each turn
+        return torch.full((n,), 1.0 / (n if normaliser is None else normaliser), device=mask.device)
+    start = _turn_starts(mask)  # (B, L-1) first position of each turn
     turn = torch.cumsum(start.reshape(-1).long(), 0).view_as(mask) - 1  # (B, L-1) turn index
     ids = turn[mask]  # (N_supervised,)
     n_turns = int(start.sum())
     sizes = torch.bincount(ids, minlength=n_turns)  # (N_turns,)
-    return 1.0 / (sizes[ids].float() * n_turns)
+    return 1.0 / (sizes[ids].float() * (n_turns if normaliser is None else normaliser))
 
 
 def linear_cross_entropy(

@@ -4,7 +4,10 @@
 - text encoder (stage 1): any ``AutoModel`` encoder, pooled by ``pool_text``
 - decoder (stage 2): any ``AutoModelForCausalLM``
 
-Loading never touches a hub: every ``from_pretrained`` call is ``local_files_only``.
+Loading never touches a hub: every ``from_pretrained`` call is ``local_files_only``. Weights
+load in fp32 whatever dtype they were saved in (``LOAD_DTYPE``): a tower saved in bf16 would
+otherwise train in pure bf16, where most small optimizer updates round away; mixed precision is
+the training job's business (autocast, DeepSpeed bf16), on top of fp32 weights.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from transformers import (
 from vlm.config import DecoderConfig, TextConfig, VisionConfig
 
 ATTN_IMPLEMENTATION = "sdpa"  # torch's scaled_dot_product_attention (flash kernels on GPU)
+LOAD_DTYPE = torch.float32  # transformers 5.x keeps a checkpoint's saved dtype unless told (``dtype=``)
 
 
 def _pretrained_dir(path: str, what: str) -> Path:
@@ -79,7 +83,7 @@ def build_vision_tower(cfg: VisionConfig) -> PreTrainedModel:
             f"vision.pretrained: expected a {cfg.kind} checkpoint (vision.kind={cfg.kind!r}), "
             f"got model_type {mtype!r} in {path}"
         )
-    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION)
+    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION, dtype=LOAD_DTYPE)
     vc = model.config
     if (vc.image_size, vc.patch_size) != (cfg.image_size, cfg.patch_size):
         raise ValueError(
@@ -93,11 +97,28 @@ def vision_width(model: PreTrainedModel) -> int:
     return int(model.config.hidden_size)
 
 
+def check_feature_layer(layer: int, vision: PreTrainedModel) -> None:
+    """Refuse a ``llava.vision_feature_layer`` that indexes none of ``vision``'s hidden states
+    (the embeddings' output, then one per layer)."""
+    n = int(vision.config.num_hidden_layers)
+    if not -(n + 1) <= layer <= n:
+        raise ValueError(
+            f"llava.vision_feature_layer={layer}: expected an index into the vision tower's {n + 1} "
+            f"hidden states, from {-(n + 1)} to {n}"
+        )
+
+
 # ----------------------------------------------------------------------------- text encoder
 
 
 def build_text_encoder(cfg: TextConfig, *, vocab_size: int, pad_token_id: int) -> PreTrainedModel:
-    """A BERT-shaped encoder from ``cfg`` or any ``AutoModel`` encoder from ``cfg.pretrained``."""
+    """A BERT-shaped encoder from ``cfg`` or any ``AutoModel`` encoder from ``cfg.pretrained``.
+
+    A pretrained encoder must fit the tokenizer (``vocab_size``, ``pad_token_id``: its length and
+    pad id): ``ValueError`` when the tokenizer has more ids than the encoder's embedding table,
+    another pad id, or another length than the tokenizer saved beside the encoder (the usual
+    mistake: ``text.pretrained`` without ``tokenizer.path`` pointing at its tokenizer).
+    """
     if cfg.pretrained is None:
         hf = BertConfig(
             vocab_size=vocab_size,
@@ -110,10 +131,41 @@ def build_text_encoder(cfg: TextConfig, *, vocab_size: int, pad_token_id: int) -
         )
         return BertModel(hf, add_pooling_layer=False)
     path = _pretrained_dir(cfg.pretrained, "text")
+    kwargs = dict(local_files_only=True, dtype=LOAD_DTYPE)
     try:
-        return AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
+        model = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs)
     except TypeError:  # encoders without a pooler take no such argument
-        return AutoModel.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, **kwargs)
+    _check_text_tokenizer(model, path, vocab_size=vocab_size, pad_token_id=pad_token_id)
+    return model
+
+
+def _check_text_tokenizer(model: PreTrainedModel, path: Path, *, vocab_size: int, pad_token_id: int) -> None:
+    """Refuse a tokenizer that does not fit the pretrained encoder at ``path`` (see above)."""
+    n_embed = int(model.get_input_embeddings().num_embeddings)
+    if vocab_size > n_embed:
+        raise ValueError(
+            f"text.pretrained {path}: the tokenizer has {vocab_size} tokens but the encoder's vocabulary "
+            f"is {n_embed}; expected the encoder's own tokenizer (model.tokenizer.path={str(path)!r})"
+        )
+    own_pad = getattr(model.config, "pad_token_id", None)
+    if own_pad is not None and pad_token_id != own_pad:
+        raise ValueError(
+            f"text.pretrained {path}: the tokenizer pads with id {pad_token_id} but the encoder with "
+            f"{own_pad}; expected the encoder's own tokenizer (model.tokenizer.path={str(path)!r})"
+        )
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            own = len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        except Exception:  # a tokenizer this transformers cannot load: nothing to compare with
+            return
+        if own != vocab_size:
+            raise ValueError(
+                f"text.pretrained {path}: the tokenizer has {vocab_size} tokens but the encoder's own "
+                f"tokenizer has {own}; expected that tokenizer (model.tokenizer.path={str(path)!r})"
+            )
 
 
 def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, *, pooling: str) -> torch.Tensor:
@@ -161,7 +213,7 @@ def build_decoder(
         return AutoModelForCausalLM.from_config(hf, attn_implementation=ATTN_IMPLEMENTATION)
     path = _pretrained_dir(cfg.pretrained, "decoder")
     model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION
+        path, local_files_only=True, attn_implementation=ATTN_IMPLEMENTATION, dtype=LOAD_DTYPE
     )
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)

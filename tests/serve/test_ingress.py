@@ -225,6 +225,34 @@ def test_system_and_developer_messages_anywhere_become_one_first_turn(ingress):
                    {"role": "user", "content": "describe the picture."}]
 
 
+def test_a_model_trained_with_a_system_prompt_is_served_with_it(tmp_path):
+    import tinymodels
+
+    from serve import metrics
+    from serve.app import Ingress
+    from vlm.chat import encode_chat
+    from vlm.checkpoint import save_checkpoint
+
+    prompt = "Answer in one word."
+    tok = tinymodels.tokenizer()
+    save_checkpoint(tinymodels.vlm_model(tok), tmp_path / "vlm", config=tinymodels.config(f"model.llava.system_prompt={prompt}"), tokenizer=tok)
+    cls = Ingress.func_or_class.__mro__[1]
+    ing = object.__new__(cls)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "get", lambda: Recorder())
+        lm = type("LM", (), {"options": lambda self, **_: self})()  # _prepare generates nothing
+        cls.__init__(ing, None, lm, None, chat_model=MODEL, embedding_model=None,
+                     checkpoint=str(tmp_path / "vlm"), embedding_checkpoint=None)
+    ing.reconfigure({})
+    n = ing.tokens_per_image
+    user = [{"role": "user", "content": "describe the picture."}]
+    _, gen, _ = asyncio.run(ing._prepare(json.dumps(chat(messages=user)).encode()))
+    assert gen.input_ids == encode_chat(user, tok, num_image_tokens=n, add_generation_prompt=True, system_prompt=prompt).input_ids
+    own = [{"role": "system", "content": "be brief."}, *user]  # a request's own system message wins
+    _, gen, _ = asyncio.run(ing._prepare(json.dumps(chat(messages=own)).encode()))
+    assert gen.input_ids == encode_chat(own, tok, num_image_tokens=n, add_generation_prompt=True).input_ids
+
+
 def test_assistant_turn_without_text_is_left_out(ingress):
     from serve.protocol import ChatRequest
 

@@ -209,13 +209,30 @@ def test_truncation_drops_whole_trailing_turns(tok):
     messages = _multi_turn()
     full = encode_chat(messages, tok, num_image_tokens=N)
     first_end = full.assistant_spans[0][1] + 1  # the first answer, its <|im_end|> and "\n"
-    for max_length in (first_end, len(full) - 1):
+    last_im_end = full.assistant_spans[-1][1]
+    for max_length in (first_end, last_im_end - 1):
         enc = encode_chat(messages, tok, num_image_tokens=N, max_length=max_length)
         assert enc.input_ids == full.input_ids[:first_end]
         assert enc.labels == full.labels[:first_end]
         assert enc.num_dropped_turns == 2
         assert enc.num_images == 1 and enc.num_frames_per_media == [1]  # the second image went too
     assert encode_chat(messages, tok, num_image_tokens=N, max_length=len(full)) == full
+
+
+def test_an_answer_that_fits_up_to_its_im_end_is_kept_without_the_newline_after_it(tok, sp):
+    messages = _multi_turn()
+    full = encode_chat(messages, tok, num_image_tokens=N)
+    start, end = full.assistant_spans[-1]
+    assert full.input_ids[end - 1] == sp.im_end and len(full) > end  # the "\n" after it is unsupervised
+    for max_length in range(end, len(full)):
+        enc = encode_chat(messages, tok, num_image_tokens=N, max_length=max_length)
+        assert enc.input_ids == full.input_ids[:max_length]
+        assert enc.labels == full.labels[:max_length]  # every supervised token kept
+        assert enc.assistant_spans == full.assistant_spans and enc.num_dropped_turns == 0
+    # a one-answer chat: fits up to its <|im_end|>, the newline cut, every answer token kept
+    one = encode_chat(_image_chat(), tok, num_image_tokens=N)
+    enc = encode_chat(_image_chat(), tok, num_image_tokens=N, max_length=len(one) - 1)
+    assert enc.input_ids == one.input_ids[:-1] and enc.labels == one.labels[:-1] and enc.num_supervised == one.num_supervised
 
 
 def test_trailing_user_turn_is_dropped_in_training(tok):
@@ -233,6 +250,8 @@ def test_trailing_user_turn_is_dropped_in_training(tok):
         ("inside_image", "image_truncated"),
         ("inside_answer", "answer_truncated"),
         ("before_im_end", "answer_truncated"),
+        ("inside_answer_header", "prompt_truncated"),
+        ("before_answer", "answer_truncated"),
     ],
 )
 def test_first_answer_that_does_not_fit_raises(tok, sp, cut, reason):
@@ -245,6 +264,8 @@ def test_first_answer_that_does_not_fit_raises(tok, sp, cut, reason):
         "inside_image": first_image + N // 2,
         "inside_answer": start + 1,
         "before_im_end": end - 1,
+        "inside_answer_header": start - 2,  # in <|im_start|>assistant\n
+        "before_answer": start,  # the header fits, no answer token does
     }[cut]
     with pytest.raises(SampleError) as err:
         encode_chat(_image_chat(), tok, num_image_tokens=N, max_length=max_length)

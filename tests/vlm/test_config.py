@@ -92,3 +92,30 @@ def test_stage1_scene_target_options_are_checked(override, message):
         load_config(preset="tiny", overrides=[override])
     with pytest.raises(ConfigError, match="supported with loss 'clip'"):
         load_config(preset="tiny", overrides=["model.contrastive.hard_negatives=1", "model.contrastive.loss=siglip"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.projector.pixel_shuffle=0"], "projector.pixel_shuffle: expected an integer >= 1, got 0"),
+        (["model.llava.vision_feature_layer=-6"], "llava.vision_feature_layer: .* from -5 to 4, got -6"),
+        (["model.llava.vision_feature_layer=5"], "llava.vision_feature_layer: .* got 5"),
+        (["model.llava.max_length=4096", "model.decoder.max_position=1024"], r"llava.max_length: expected at most decoder.max_position \(1024\), got 4096"),
+        (["model.contrastive.gather_with_grad=false"], "contrastive.gather_with_grad: expected true with contrastive.local_loss=true"),
+        (["model.decoder.num_kv_heads=3"], "decoder.num_kv_heads / decoder.num_heads: .* got 3 / 4 heads"),
+    ],
+)
+def test_model_sizes_that_cannot_work_are_config_errors_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset="tiny", overrides=["model.vision.num_layers=4", *overrides])
+
+
+def test_checks_that_need_a_pretrained_towers_own_sizes_wait_for_the_build():
+    cfg = load_config(preset="tiny", overrides=[
+        "model.vision.pretrained=/models/vit", "model.llava.vision_feature_layer=-30",
+        "model.decoder.pretrained=/models/lm", "model.llava.max_length=100000",
+    ])  # fmt: skip
+    assert cfg.model.llava.vision_feature_layer == -30
+    assert load_config(preset="tiny", overrides=["model.llava.vision_feature_layer=0", "model.llava.vision_feature_layer=-5"]).model.llava.vision_feature_layer == -5
+    both = ["model.contrastive.gather_with_grad=false", "model.contrastive.local_loss=false"]
+    assert load_config(preset="tiny", overrides=both).model.contrastive.gather_with_grad is False

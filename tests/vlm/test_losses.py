@@ -231,3 +231,35 @@ def test_linear_cross_entropy_under_autocast_runs_its_products_in_bf16():
     # and bf16 matters: the exact fp32 loss differs from both by bf16 rounding, not more
     exact = (F.cross_entropy(h @ w.T, t, reduction="none") * rw).sum()
     assert abs(float(got) - float(exact)) < 0.05 * float(exact)
+
+
+@pytest.mark.parametrize("average", ["token", "turn"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ranks_losses_with_the_mean_count_as_normaliser_average_to_the_whole_batchs_loss(average, chunked):
+    """A data-parallel step: each rank's loss is normalised by the mean over ranks of its
+    supervised count (tokens or turns); the mean of the ranks' losses, and of their gradients,
+    is then the single-process loss of the whole batch, for either average."""
+    from vlm.losses import supervised_count, supervised_loss, supervised_turns
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 12, 8, generator=g, requires_grad=True)  # (B, L, D)
+    head = torch.nn.Linear(8, 20, bias=False)
+    labels = torch.full((4, 12), -100)
+    labels[0, 2:3] = 1  # rank 0: one one-token turn and one five-token turn, then a three-token turn
+    labels[0, 5:10] = 2
+    labels[1, 4:7] = 3
+    labels[2, 9:11] = 4  # rank 1: a two-token turn and an eight-token turn
+    labels[3, 1:9] = 5
+    assert supervised_turns(labels) == 5 and supervised_turns(labels[:2]) == 3
+    loss_fn = lambda h, lab, **kw: supervised_loss(h, lab, head, average=average, chunked=chunked, **kw)  # noqa: E731
+    whole = loss_fn(hidden, labels)
+    (grad_whole,) = torch.autograd.grad(whole, hidden)
+    ranks = [slice(0, 2), slice(2, 4)]  # rank 0 has 3 turns / 9 tokens, rank 1 2 turns / 10 tokens
+    mean = sum(supervised_count(labels[r], average=average) for r in ranks) / len(ranks)
+    per_rank = [loss_fn(hidden[r], labels[r], normaliser=mean) for r in ranks]
+    assert torch.allclose(sum(per_rank) / len(ranks), whole, atol=1e-6)
+    (grad_ranks,) = torch.autograd.grad(sum(per_rank) / len(ranks), hidden)
+    assert torch.allclose(grad_ranks, grad_whole, atol=1e-7)
+    # no supervised token on a rank: zero, with a graph
+    empty = loss_fn(hidden[:1], torch.full((1, 12), -100), normaliser=mean)
+    assert float(empty) == 0.0 and empty.requires_grad

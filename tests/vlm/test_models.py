@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib.util
 import subprocess
 import sys
@@ -67,8 +68,8 @@ def test_real_minilm_loads_embeds_and_ranks_a_paraphrase_first(cfg):
     from transformers import AutoTokenizer
 
     text_cfg = dataclasses.replace(cfg.model.text, pretrained=str(minilm_dir()))
-    enc = build_text_encoder(text_cfg, vocab_size=0, pad_token_id=0).eval()
     t = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    enc = build_text_encoder(text_cfg, vocab_size=len(t), pad_token_id=t.pad_token_id).eval()
     sents = ["A man is playing a guitar on stage.", "Someone performs music with a guitar.", "The stock market fell sharply today."]
     b = t(sents, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -88,6 +89,116 @@ def test_pretrained_dir_errors_are_precise(cfg, tmp_path):
     assert torch.allclose(vt(pixel_values=x).pooler_output, loaded(pixel_values=x).pooler_output)
     with pytest.raises(ValueError, match="image_size"):
         build_vision_tower(dataclasses.replace(cfg.model.vision, pretrained=str(tmp_path / "vit"), image_size=32))
+
+
+def test_pretrained_towers_saved_in_bf16_load_in_fp32_with_their_values(cfg, tok, tmp_path):
+    from transformers import BertConfig, BertModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from vlm.towers import build_decoder, vision_hf_config
+
+    torch.manual_seed(0)
+    saved = {
+        "vision": CLIPVisionModel(vision_hf_config(cfg.model.vision)),
+        "text": BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, pad_token_id=tok.pad_token_id), add_pooling_layer=False),
+        "decoder": LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1)),
+    }  # fmt: skip
+    for name, model in saved.items():
+        model.to(torch.bfloat16).save_pretrained(tmp_path / name)
+    m = cfg.model
+    ids = special_token_ids(tok)
+    built = {
+        "vision": build_vision_tower(dataclasses.replace(m.vision, pretrained=str(tmp_path / "vision"))),
+        "text": build_text_encoder(dataclasses.replace(m.text, pretrained=str(tmp_path / "text")), vocab_size=len(tok), pad_token_id=tok.pad_token_id),
+        "decoder": build_decoder(dataclasses.replace(m.decoder, pretrained=str(tmp_path / "decoder")), vocab_size=len(tok),
+                                 pad_token_id=ids.pad, eos_token_id=ids.im_end),
+    }  # fmt: skip
+    for name, model in built.items():
+        theirs = dict(saved[name].named_parameters())
+        ours = dict(model.named_parameters())
+        assert ours.keys() == theirs.keys(), name
+        for key, p in ours.items():
+            assert p.dtype == torch.float32, (name, key, p.dtype)
+            assert torch.equal(p, theirs[key].float()), (name, key)
+
+
+def test_a_pretrained_text_tower_refuses_a_tokenizer_that_is_not_its_own(cfg, tok):
+    from vlm.tokenizer import ensure_special_tokens, load_tokenizer
+
+    text_cfg = dataclasses.replace(cfg.model.text, pretrained=str(minilm_dir()))
+    own = load_tokenizer(minilm_dir())
+    assert build_text_encoder(text_cfg, vocab_size=len(own), pad_token_id=own.pad_token_id).config.vocab_size == len(own)
+    with pytest.raises(ValueError, match=f"the tokenizer has {len(tok)} tokens but the encoder's own tokenizer has {len(own)}"):
+        build_text_encoder(text_cfg, vocab_size=len(tok), pad_token_id=tok.pad_token_id)  # a BPE of our own, not BERT's
+    grown = load_tokenizer(minilm_dir())
+    assert ensure_special_tokens(grown) > 0
+    with pytest.raises(ValueError, match=f"the tokenizer has {len(grown)} tokens but the encoder's vocabulary is {len(own)}"):
+        build_text_encoder(text_cfg, vocab_size=len(grown), pad_token_id=grown.pad_token_id)
+    with pytest.raises(ValueError, match="pads with id 7 but the encoder with 0"):
+        build_text_encoder(text_cfg, vocab_size=len(own), pad_token_id=7)
+    c = dataclasses.replace(cfg.model, text=text_cfg)
+    with pytest.raises(ValueError, match="model.tokenizer.path="):
+        ContrastiveModel(c, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+
+
+def test_build_refuses_a_decoder_vocabulary_or_a_feature_layer_the_towers_do_not_have(cfg, tok, tmp_path):
+    small = load_config(preset="tiny", overrides=SMALL + ["model.decoder.vocab_size=200"])
+    with pytest.raises(ValueError, match=f"decoder.vocab_size=200 has 200 embeddings but the tokenizer has {len(tok)} tokens"):
+        _vlm(small, tok)
+    build_vision_tower(cfg.model.vision).save_pretrained(tmp_path / "vit")  # 2 layers: 3 hidden states
+    for layer in (-4, 3):
+        c = load_config(preset="tiny", overrides=SMALL + [f"model.vision.pretrained={tmp_path / 'vit'}", f"model.llava.vision_feature_layer={layer}"])
+        with pytest.raises(ValueError, match=f"llava.vision_feature_layer={layer}: expected an index into the vision tower's 3 hidden states, from -3 to 2"):
+            _vlm(c, tok)
+    ok = load_config(preset="tiny", overrides=SMALL + [f"model.vision.pretrained={tmp_path / 'vit'}", "model.llava.vision_feature_layer=-3"])
+    assert _vlm(ok, tok).image_features(torch.randn(1, 3, 64, 64)).shape[1] == ok.model.image_tokens
+
+
+def test_clamp_max_returning_passes_only_gradients_that_bring_the_value_back_under_the_cap():
+    from vlm.contrastive import clamp_max_returning
+
+    cap = 2.0
+    for value, below in ((1.5, True), (2.5, False)):
+        for sign in (1.0, -1.0):  # +: the loss wants a lower value (positive gradient), -: a higher one
+            x = torch.tensor([value], requires_grad=True)
+            y = clamp_max_returning(x, cap)
+            assert torch.equal(y, x.detach().clamp(max=cap))
+            (sign * y.exp()).sum().backward()
+            plain = torch.tensor([value], requires_grad=True)
+            (sign * plain.clamp(max=cap).exp()).sum().backward()
+            if below:
+                assert torch.equal(x.grad, plain.grad)  # the plain clamp's gradient
+            elif sign > 0:
+                assert float(x.grad) == pytest.approx(math.exp(cap))  # lowers x: passes, as if unclamped at the cap
+                assert float(plain.grad) == 0.0  # where the plain clamp freezes it
+            else:
+                assert float(x.grad) == 0.0  # asks for more than the cap gives: nothing
+
+
+def test_a_logit_scale_pushed_past_its_cap_comes_back(cfg, tok):
+    model = ContrastiveModel(cfg.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    cap = cfg.model.contrastive.max_logit_scale
+    b = tok(CORPUS[:4], padding=True, return_tensors="pt")
+    pix = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def grad(value: float, sign: float) -> float:
+        model.logit_scale.data.fill_(value)
+        model.zero_grad()
+        (sign * model(pix, b["input_ids"], b["attention_mask"])["loss"]).backward()
+        return float(model.logit_scale.grad)
+
+    lower = 1.0 if grad(cap - 0.5, 1.0) > 0 else -1.0  # the sign of the loss that wants a lower scale
+    assert grad(cap + 0.05, -lower) == 0.0  # wants a higher scale than the cap gives: no gradient
+    model.logit_scale.data.fill_(cap + 0.05)  # momentum carried it past the cap
+    opt = torch.optim.AdamW([model.logit_scale], lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(8):
+        opt.zero_grad()
+        (lower * model(pix, b["input_ids"], b["attention_mask"])["loss"]).backward()
+        first = float(model.logit_scale.grad) if first is None else first
+        opt.step()
+    assert first > 0 and float(model.logit_scale) < cap  # a gradient that brought it back
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
@@ -341,6 +452,29 @@ def test_checkpoints_round_trip_and_stage1_feeds_stage2(cfg, tok, tmp_path):
         load_vision_from_stage1(tmp_path / "s2")
     with pytest.raises(FileNotFoundError, match="checkpoint.json"):
         load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_loads_in_the_dtype_it_was_saved_in_unless_told(cfg, tok, tmp_path):
+    import json
+
+    m = _vlm(cfg, tok).to(torch.bfloat16).eval()
+    save_checkpoint(m, tmp_path / "bf16", config=cfg, tokenizer=tok)
+    info_path = tmp_path / "bf16" / "checkpoint.json"
+    assert json.loads(info_path.read_text())["dtype"] == "bfloat16"
+    saved = m.state_dict()
+    loaded = load_checkpoint(tmp_path / "bf16").model
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+    for dtype in ("float32", torch.float32):
+        wide = load_checkpoint(tmp_path / "bf16", dtype=dtype).model
+        assert {p.dtype for p in wide.parameters()} == {torch.float32}
+        assert all(torch.equal(v, saved[k].float() if v.is_floating_point() else saved[k]) for k, v in wide.state_dict().items())
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        load_checkpoint(tmp_path / "bf16", dtype="int8")
+    info = json.loads(info_path.read_text())
+    del info["dtype"]  # a checkpoint written before the dtype was recorded: fp32
+    info_path.write_text(json.dumps(info))
+    assert {p.dtype for p in load_checkpoint(tmp_path / "bf16").model.parameters()} == {torch.float32}
 
 
 def test_tied_embeddings_survive_a_checkpoint(cfg, tok, tmp_path):
