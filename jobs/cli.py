@@ -28,13 +28,30 @@ def _cmd_presets(argv: list[str]) -> int:
 
 
 def _cmd_config(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="vlm config", description="Print a resolved config (preset + file + overrides) as YAML.")
+    p = argparse.ArgumentParser(
+        prog="vlm config",
+        description="Print a resolved config (preset + file + overrides) as YAML. A training config (a file with a job: "
+        "section, or a run's job.yaml) or job.* overrides resolve as `vlm train` does, the job: section printed too.",
+    )
     p.add_argument("--preset", default=None)
     p.add_argument("--config", default=None)
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value")
     a = p.parse_args(argv)
     import yaml
 
+    file_data = {}
+    if a.config:
+        try:
+            file_data = yaml.safe_load(Path(a.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{a.config}: expected a readable YAML file ({e})") from e
+    if (isinstance(file_data, dict) and ("job" in file_data or "stage" in file_data)) or any(o.startswith("job.") for o in a.overrides):
+        from jobs.job_config import load_job
+
+        cfg, job = load_job(preset=a.preset, path=a.config, overrides=a.overrides)
+        stage = file_data.get("stage") if isinstance(file_data, dict) else None
+        print(yaml.safe_dump({**({"stage": stage} if stage else {}), "job": to_dict(job), **to_dict(cfg)}, sort_keys=False), end="")
+        return 0
     cfg = load_config(preset=a.preset or (None if a.config else "tiny"), path=a.config, overrides=a.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0

@@ -87,7 +87,7 @@ def score_contrastive(model: Any, tokenizer: Any, data: str, *, limit: int, ks: 
 
     from jobs import local
     from jobs.data import read_heldout_pairs, read_zero_shot
-    from vlm.evaluate import retrieval_metrics
+    from vlm.evaluate import pair_ids, retrieval_metrics
 
     size = model.cfg.vision.image_size
     pixels, captions = read_heldout_pairs(data, size=size, limit=limit)
@@ -96,8 +96,12 @@ def score_contrastive(model: Any, tokenizer: Any, data: str, *, limit: int, ks: 
     out: dict[str, Any] = {"pairs": len(captions)}
     with torch.no_grad():
         img, txt = local.embed_pairs(model, pixels, captions, tokenizer)
-        out.update(retrieval_metrics(img, txt, ks=ks))
+        out.update(retrieval_metrics(img, txt, ks=ks, **pair_ids(pixels, captions)))  # a repeated image or caption: any match hits
     log(f"retrieval on {len(captions)} held-out pairs: " + ", ".join(f"{k} {out[k]:.3f}" for k in out if k != "pairs"))
+    trivial = [k for k in ks if k >= len(captions)]
+    if trivial:
+        log(f"note: Recall@{','.join(map(str, trivial))} is 1.0 whatever the model: k is not below the pool of {len(captions)} "
+            "pairs (--samples more, or a smaller --recall)")
     for kind in kinds:
         zs = read_zero_shot(data, size=size, label_kind=kind, limit=limit)
         if zs is None:
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None, *, log: Callable[[str], None] = print) -
             raise ValueError(f"--samples: expected 0 (all) or more, got {a.samples}")
         if not Path(a.data).is_dir():
             raise ValueError(f"--data {a.data}: not a directory")
+        if a.output and Path(a.output).is_dir():
+            raise ValueError(f"--output: expected a file to write the metrics to (JSON), got the directory {a.output!r}")
+        if a.output and any(d.exists() and not d.is_dir() for d in Path(a.output).parents):
+            raise ValueError(f"--output {a.output}: a file stands where its directory would be")
         device = pick_device(a.device)
         from vlm.checkpoint import load_checkpoint
 

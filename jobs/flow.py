@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="stop after training (serve the exports elsewhere: `vlm serve`)")
     p.add_argument("--port", type=int, default=0, help="the endpoint's HTTP port (default: a free one)")
     p.add_argument(
-        "overrides", nargs="*", metavar="key.sub=value",
+        "overrides", nargs="*", default=[], metavar="key.sub=value",
         help="model/optimiser/world keys for both stages (e.g. data.num_train=2000 stage1.batch_size=64); job.* keys go to both jobs",
     )
     return p
@@ -140,10 +140,23 @@ class Flow:
 
     # ------------------------------------------------------------------ training
 
-    def train(self, step: str) -> dict[str, Any]:
-        """``step``: stage1 (contrastive), align (stage 2's first phase) or stage2 (SFT, instruct)."""
-        from jobs.train import resolve, run
+    def training_steps(self) -> list[str]:
+        return ["stage1", *(["align"] if self.a.align_steps > 0 else []), "stage2"]
 
+    def check(self) -> None:
+        """Resolve every training step's command line (``jobs.train.resolve_config``: the job
+        config, the overrides, the batch split) before anything runs: a typo in a ``job.*`` key
+        or a bad flag fails at once, not after the world and its curation."""
+        from jobs.train import resolve_config
+
+        for step in self.training_steps():
+            try:
+                resolve_config(self.train_argv(step))
+            except ConfigError as e:
+                raise ConfigError(f"the {step} step's `vlm train`: {e}") from None
+
+    def train_argv(self, step: str) -> list[str]:
+        """The `vlm train` command line of a training step."""
         stage = "contrastive" if step == "stage1" else "sft"
         steps, data, out = {
             "stage1": (self.a.stage1_steps, self.shards, self.out / "stage1"),
@@ -165,7 +178,14 @@ class Flow:
             argv += ["--eval-data", str(self.world)]
         if self.a.gpu:
             argv.append("--gpu")
-        _, cfg, job, _ = resolve(argv)
+        return argv
+
+    def train(self, step: str) -> dict[str, Any]:
+        """``step``: stage1 (contrastive), align (stage 2's first phase) or stage2 (SFT, instruct)."""
+        from jobs.train import resolve, run
+
+        stage, cfg, job, _ = resolve(self.train_argv(step))
+        out = Path(job.output)
         t = time.perf_counter()
         result = run(stage, cfg, job, log=self.log)  # resumes a partial run; a finished one is skipped
         metrics = {k: v for k, v in (result.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
@@ -292,7 +312,9 @@ def ask(url: str, world: Path, base_url: str, *, questions: int, pool: int, log:
             from vlm.evaluate import retrieval_metrics
 
             # The endpoint returns unit vectors, as retrieval_metrics expects.
-            retrieval = {"pool": len(rows), **retrieval_metrics(torch.from_numpy(img), torch.from_numpy(txt))}
+            retrieval = {"pool": len(rows), **retrieval_metrics(torch.from_numpy(img), torch.from_numpy(txt),
+                                                                image_ids=[r["image"] for r in rows],
+                                                                text_ids=[r["caption"] for r in rows])}
     em = {task: round(sum(v) / len(v), 3) for task, v in scores.items()}
     asked = sum(len(v) for v in scores.values())
     log(f"[ask] {asked} held-out questions in {chat_seconds:.1f}s; exact match by task {em}")
@@ -318,6 +340,7 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
         if val < low:
             raise ConfigError(f"{flag}: expected at least {low}, got {val}")
     flow = Flow.from_args(a, log=log)
+    flow.check()  # both stages' configs, before the world is written and curated
     flow.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"preset": a.preset, "output": str(flow.out), "steps": {}}
     cpus = os.cpu_count() or 1
@@ -329,6 +352,11 @@ def run_flow(argv: list[str] | None = None, *, log: Callable[[str], None] = prin
         ray.init(num_cpus=max(cpus, a.num_workers + 2), log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}})
         started_ray = True
+    if a.gpu:
+        from jobs.job_config import JobConfig
+        from jobs.train import check_gpus
+
+        check_gpus(JobConfig(num_workers=a.num_workers, gpu=True), local=started_ray, log=log)
     t_all = time.perf_counter()
     try:
         for name, step in (("world", flow.write_world), ("tokenizer", flow.train_tokenizer), ("curate", flow.curate),

@@ -10,6 +10,7 @@ The DeepSpeed JSON is never kept by hand: ``deepspeed_config`` derives it from t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,18 @@ class JobConfig:
             raise ConfigError("job.checkpoint_order: needs job.checkpoint_score (the metric to order by)")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("job.offload_params: parameter offload needs job.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("job.offload_optimizer: optimizer offload needs job.zero_stage >= 1, got zero_stage=0")
+        for key, low in (("keep_checkpoints", 1), ("checkpoint_every", 0), ("max_failures", -1), ("shuffle_buffer", 0),
+                         ("prefetch_batches", 0), ("group_by_length", 0), ("eval_samples", 0), ("sample_generations", 0),
+                         ("kill_rank_at_step", 0)):
+            if getattr(self, key) < low:
+                what = " (-1: unlimited)" if key == "max_failures" else ""
+                raise ConfigError(f"job.{key}: expected an integer >= {low}{what}, got {getattr(self, key)!r}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"job.cpus_per_worker: expected a number > 0, got {self.cpus_per_worker!r}")
+        if self.peak_tflops < 0:
+            raise ConfigError(f"job.peak_tflops: expected a number >= 0 (0: the device's default), got {self.peak_tflops!r}")
 
 
 def score_order(job: JobConfig) -> str:
@@ -169,9 +182,7 @@ def deepspeed_config(optim: OptimConfig, job: JobConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": job.zero_stage}
     if job.zero_stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=int(5e7))
-    if job.offload_optimizer:
-        if job.zero_stage == 0:
-            raise ConfigError("job.offload_optimizer: optimizer offload needs job.zero_stage >= 1")
+    if job.offload_optimizer:  # zero_stage >= 1 (JobConfig checks)
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": job.gpu}
     if job.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": job.gpu}
@@ -249,41 +260,109 @@ def load_job(
     return cfg, job
 
 
+RAY_DIR = "ray_train"  # Ray Train's storage in a run directory: checkpoint_*/ and its snapshot
+
+
+def last_checkpoint(run_dir: str | Path) -> int | None:
+    """The step of the checkpoint a resume in ``run_dir`` starts from (its ``state.json``), None
+    where there is none. Ray Train restores the latest checkpoint its snapshot registered; without
+    a readable snapshot every complete ``checkpoint_*`` directory counts (the latest of them)."""
+    ray_dir = Path(run_dir) / RAY_DIR
+    try:
+        latest = json.loads((ray_dir / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result")
+        dirs = [ray_dir / latest["checkpoint_dir_name"]] if latest else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        dirs = sorted(ray_dir.glob("checkpoint_*"))
+    steps = []
+    for d in dirs:
+        try:
+            steps.append(int(json.loads((d / "state.json").read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return max(steps, default=None)
+
+
+def has_progress(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds training a re-run would keep: a checkpoint to resume from or a
+    finished run's ``result.json``."""
+    return last_checkpoint(run_dir) is not None or (Path(run_dir) / "result.json").is_file()
+
+
+def _stream(stage: str, cfg: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """What a resume must keep to load its checkpoint and continue its data where it stopped:
+    DeepSpeed's ZeRO checkpoint is partitioned per rank and stage (no conversion is done here),
+    and each rank's saved stream position counts micro-batches of one order of one data set."""
+    optim = cfg.get("stage1" if stage == "contrastive" else "stage2") or {}
+    section = "stage1" if stage == "contrastive" else "stage2"
+    try:
+        micro = optim["batch_size"] // (job["num_workers"] * job["grad_accum"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        micro = None
+    out = {
+        "job.data": job.get("data"),
+        "job.num_workers": job.get("num_workers"),
+        "job.zero_stage": job.get("zero_stage"),
+        f"the micro-batch ({section}.batch_size / (job.num_workers * job.grad_accum))": micro,
+        "job.shuffle_buffer": job.get("shuffle_buffer"),
+        "seed": cfg.get("seed"),
+    }
+    if stage == "sft":
+        mix = cfg.get("mix") or {}
+        out.update({"mix.questions_per_conversation": mix.get("questions_per_conversation"),
+                    "mix.caption_alone_every": mix.get("caption_alone_every"), "job.group_by_length": job.get("group_by_length")})
+    return out
+
+
 def check_resumable(cfg: Config, job: JobConfig, stage: str, path: str | Path) -> None:
     """Refuse to resume a run directory written by another kind of run: its ``job.yaml``
-    (``save_job``) names another stage, stage-2 phase, model config or stage-2 starting
-    checkpoint. Its checkpoints would otherwise load into the wrong engine (another stage's
-    model) or pass for this run's own progress (an align phase's steps taken as the instruct
-    phase's; a run from one start taken for a run from another)."""
+    (``save_job``) names another stage, stage-2 phase, model config, stage-2 starting checkpoint,
+    or another data stream or partitioning (``_stream``). Its checkpoints would otherwise load
+    into the wrong engine (another stage's model, another ZeRO layout) or pass for this run's own
+    progress (an align phase's steps taken as the instruct phase's; a run from one start taken
+    for a run from another; a data position counted in other rows).
+
+    Only a directory with progress (``has_progress``: a checkpoint or a ``result.json``) is
+    compared: a run that stopped before its first checkpoint left nothing a re-run would restore,
+    so the new command starts afresh there and its own ``job.yaml`` replaces the old one."""
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file() or not has_progress(p.parent):
         return
     saved = yaml.safe_load(p.read_text()) or {}
-    where = f"{p.parent} holds a run of"
+    saved_job = saved.get("job") or {}
+    where = f"{p.parent} holds a run"
     if saved.get("stage") != stage:
-        raise ConfigError(f"job.output: {where} stage {saved.get('stage')!r}, not {stage!r}; give this run its own --output")
-    phase = (saved.get("job") or {}).get("phase")
+        raise ConfigError(f"job.output: {where} of stage {saved.get('stage')!r}, not {stage!r}; give this run its own --output")
+    phase = saved_job.get("phase")
     if stage == "sft" and phase != job.phase:
-        raise ConfigError(f"job.output: {where} phase {phase!r}, not {job.phase!r}; give each phase its own --output")
-    before = (saved.get("job") or {}).get("init_from")
-    if stage == "sft" and before and job.init_from and Path(before) != Path(job.init_from):
+        raise ConfigError(f"job.output: {where} of phase {phase!r}, not {job.phase!r}; give each phase its own --output")
+    before = saved_job.get("init_from")
+    if stage == "sft" and job.init_from and (before is None or Path(before) != Path(job.init_from)):
         # a resume restores the run's own weights: a new starting point would be silently ignored
+        start = f"started from {before}, not {job.init_from}" if before else f"started without --init-from, not from {job.init_from}"
         raise ConfigError(
-            f"job.output: {where} a run started from {before}, not {job.init_from}; resume it with the same "
-            "--init-from (or none), or give a run from the new start its own --output"
+            f"job.output: {where} {start}; resume it without --init-from "
+            f"{'or with the same one ' if before else ''}(the run's checkpoint holds its weights), or give a run "
+            "from the new start its own --output"
         )
-    diff = sorted(_differing(saved.get("model") or {}, to_dict(cfg)["model"], "model"))
+    diff = sorted(differing_keys(saved.get("model") or {}, to_dict(cfg)["model"], "model"))
     if diff:
         raise ConfigError(
-            f"job.output: {where} another model config ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''} differ); "
+            f"job.output: {where} of another model config ({', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''} differ); "
             "resume with the same model, or give a new run its own --output"
+        )
+    was, now = _stream(stage, saved, saved_job), _stream(stage, to_dict(cfg), to_dict(job))
+    changed = [f"{k} {was[k]!r} -> {now[k]!r}" for k in now if k in was and was[k] is not None and was[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            f"job.output: {where} with other data or partitioning ({'; '.join(changed)}): its checkpoint holds each rank's "
+            "ZeRO partition and data position for those; resume with the same settings, or give a new run its own --output"
         )
 
 
-def _differing(a: Any, b: Any, prefix: str) -> list[str]:
+def differing_keys(a: Any, b: Any, prefix: str) -> list[str]:
     """Dotted keys whose values differ between two nested dicts."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in a.keys() | b.keys() for k in _differing(a.get(key), b.get(key), f"{prefix}.{key}")]
+        return [k for key in a.keys() | b.keys() for k in differing_keys(a.get(key), b.get(key), f"{prefix}.{key}")]
     return [] if a == b else [prefix]
 
 

@@ -160,6 +160,10 @@ class MetricsLog:
 
     A restarted run truncates the CSV to the checkpoint it resumed from, so each step appears
     exactly once however many times the workers died.
+
+    A row's ``time`` (the Unix time, in the CSV) goes to TensorBoard as ``elapsed_s``, the seconds
+    since the run's first step: TensorBoard keeps scalars as float32, which holds a Unix time only
+    to a couple of minutes, so every step would read the same value.
     """
 
     def __init__(self, run_dir: str | Path, *, resume_step: int, tensorboard: bool = True) -> None:
@@ -194,8 +198,11 @@ class MetricsLog:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(rec)
         if self.tb is not None:
+            t0 = next((r["time"] for r in self.rows if isinstance(r.get("time"), (int, float))), None)
             for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                if k == "time" and t0 is not None and isinstance(v, (int, float)):
+                    k, v = "elapsed_s", v - t0
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, int(rec["step"]))
 
     def close(self) -> None:

@@ -46,6 +46,14 @@ def runtime_env(args: argparse.Namespace) -> dict[str, Any]:
         wd = Path(args.working_dir)
         if not wd.is_dir():
             raise ValueError(f"--working-dir: expected a directory, got {args.working_dir!r}")
+        if wd.name in ("site-packages", "dist-packages"):
+            # the default is the directory above the jobs package: with the project installed as a
+            # package (not editable) that is the whole environment's packages, not the project
+            raise ValueError(
+                f"--working-dir: expected the project's directory to upload as the job's working_dir, got {str(wd)!r} "
+                "(the installed packages: this project is installed, not checked out); give --working-dir PROJECT_DIR, "
+                "or --no-working-dir when the cluster's image has the code"
+            )
         env["working_dir"] = str(wd)
         env["excludes"] = list(EXCLUDES)
     env_vars = {}
@@ -72,6 +80,26 @@ def entrypoint(command: list[str]) -> str:
     if cmd[0] == "vlm":
         cmd = ["python", "-m", "jobs.cli", *cmd[1:]]
     return shlex.join(cmd)
+
+
+PATH_FLAGS = ("--output", "--data", "--eval-data", "--init-from")  # not --config: the upload carries it
+PATH_KEYS = ("job.output", "job.data", "job.eval_data", "job.init_from")
+
+
+def relative_paths(command: list[str]) -> list[str]:
+    """The paths of a ``vlm`` command that are relative (``--output runs/s1``, ``job.data=data``):
+    on the cluster they resolve against the job's working directory, a temporary copy of the
+    uploaded project on the head node, not a shared volume the workers and later jobs see."""
+    found = []
+    for i, arg in enumerate(command):
+        flag, eq, value = arg.partition("=")
+        if flag in PATH_FLAGS and not eq and i + 1 < len(command):
+            flag, value = arg, command[i + 1]
+        elif not (eq and (flag in PATH_FLAGS or flag in PATH_KEYS)):
+            continue
+        if value and not value.startswith("-") and not Path(value).is_absolute():
+            found.append(f"{flag} {value}")
+    return found
 
 
 async def _stream(client: Any, job_id: str) -> None:
@@ -111,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"vlm submit: {e}", file=sys.stderr)
         return 2
+    for item in relative_paths(args.command):
+        print(f"vlm submit: WARNING {item} is a relative path: the job resolves it in its working directory on the head "
+              "node (a temporary copy of the upload), which the workers and later jobs do not share; give an absolute "
+              "path on the cluster's shared volume (e.g. /runs/..., /data/...)", file=sys.stderr)
     from ray.job_submission import JobSubmissionClient
 
     address = args.address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS

@@ -194,6 +194,7 @@ class Ingress:
             mc = read_config(f"{checkpoint}/config.yaml").model
             self.tokenizer = AutoTokenizer.from_pretrained(f"{checkpoint}/tokenizer", local_files_only=True)
             self.image_size, self.tokens_per_image = mc.vision.image_size, mc.image_tokens
+            self.system_prompt = mc.llava.system_prompt  # the model's default system turn, as in training
             info = read_info(checkpoint)
             self.context = int(info["towers"]["decoder"].get("max_position_embeddings") or 0)
         if embedding_model:
@@ -460,7 +461,7 @@ class Ingress:
         n_frames = sum(m.count for m in media)
         try:
             enc = encode_chat(messages, self.tokenizer, num_image_tokens=self.tokens_per_image,
-                              add_generation_prompt=True)
+                              add_generation_prompt=True, system_prompt=self.system_prompt)
         except SampleError as e:
             raise ApiError(400, f"messages: {e}", param="messages", code=e.reason) from None
         n_prompt = len(enc.input_ids)
@@ -499,7 +500,15 @@ class Ingress:
         req, gen, counts = await self._prepare(body)
         rid, created = new_id("chatcmpl"), now()
         if not req.stream:
-            out = await self.lm.generate.remote(gen)
+            call = self.lm.generate.remote(gen)
+            try:
+                out = await call
+            except asyncio.CancelledError:
+                # Past request_timeout_s (the 504) or the client gone: awaiting a DeploymentResponse
+                # does not cancel the call when the awaiting task is cancelled, so the replica would
+                # decode to max_tokens for nobody; cancel() stops it (the engine drops the row).
+                call.cancel()
+                raise
             u = usage(out["prompt_tokens"], out["completion_tokens"], **counts)
             self._count(out["prompt_tokens"], out["completion_tokens"], counts["image_tokens"])
             return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created))
