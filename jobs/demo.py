@@ -145,7 +145,7 @@ def _reuse_stage1(path: Path, cfg: Config, log) -> tuple[RunResult, Any]:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="vlm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model/data preset (default: tiny; see `vlm presets`)")
+    p.add_argument("--preset", default=None, help="model/data preset (default: the --config file's preset:, else tiny; see `vlm presets`)")
     p.add_argument("--config", default=None, help="a YAML experiment file applied on top of the preset")
     p.add_argument("--output", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--no-world-files", action="store_true", help="do not write the generated world to disk")
@@ -155,9 +155,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The preset, then the --config file on top, then the overrides, as `vlm config` resolves
+    them: with no --preset, the file's own ``preset:`` (or none), and ``tiny`` without a file."""
+    return load_config(preset=args.preset or (None if args.config else "tiny"), path=args.config, overrides=args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(preset=args.preset if not args.config else None, path=args.config, overrides=args.overrides)
+    cfg = resolve_config(args)
     run_demo(cfg, output=Path(args.output), write_world=not args.no_world_files, progress=not args.no_progress,
              stage1=Path(args.stage1) if args.stage1 else None)
     return 0

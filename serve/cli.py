@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="a stage-2 checkpoint (chat); a stage-1 one serves only embeddings")
     p.add_argument("--embedding-checkpoint", help="a stage-1 checkpoint for /v1/embeddings")
     p.add_argument("--config", help="YAML: AppArgs, or a serve config whose first application's args are used")
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name, "
+                   "or the run's for a run's final/ export: runs/s2/final -> s2)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")

@@ -93,7 +93,7 @@ class AppArgs(_Strict):
         model_name: the id clients pass as ``model``; default: the checkpoint directory's name
             (the run directory's for a run's ``final`` export: ``runs/s2/final`` -> ``s2``).
         embedding_model_name: the id for embeddings; default: its directory's name.
-        dtype: ``float32`` or ``bfloat16`` (GPU).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (the last two on a GPU).
         device: ``cpu``, ``cuda`` or ``auto``.
     """
 

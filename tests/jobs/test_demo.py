@@ -79,6 +79,27 @@ def test_cli_help_and_errors(capsys):
     assert "llava-7b" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("preset", [None, "tiny", "small"])
+@pytest.mark.parametrize("with_file", [False, True])
+def test_demo_resolves_its_config_as_vlm_config_does(tmp_path, capsys, preset, with_file):
+    """--preset, then --config on top, then the overrides (no training: the resolution only)."""
+    import yaml
+
+    from jobs.demo import build_parser, resolve_config
+    from vlm.config import to_dict
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("preset: small\nstage1: {steps: 7}\nstage2: {steps: 9}\n")
+    argv = [*(["--preset", preset] if preset else []), *(["--config", str(exp)] if with_file else []), "stage2.steps=11"]
+    cfg = resolve_config(build_parser().parse_args(argv))
+    assert main(["config", *argv]) == 0
+    assert to_dict(cfg) == yaml.safe_load(capsys.readouterr().out)
+    assert cfg.name == (preset or ("small" if with_file else "tiny"))
+    assert cfg.stage2.steps == 11
+    if with_file:  # the file applies on top of the preset, whichever it is
+        assert cfg.stage1.steps == 7
+
+
 def test_in_process_stage2_with_the_grounding_loss(capsys):
     from jobs.demo import corpus
     from jobs.local import train_sft

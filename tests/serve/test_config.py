@@ -40,6 +40,17 @@ def test_rayservice_embeds_the_serve_yaml_unchanged():
     assert manifest["spec"]["serveConfigV2"] == (INFRA / "base.yaml").read_text()
 
 
+def test_rayservice_pods_that_may_build_the_app_mount_its_checkpoints():
+    """build_app reads each checkpoint directory when the app is built, on the head or a worker."""
+    spec = yaml.safe_load((INFRA / "rayservice.yaml").read_text())["spec"]
+    args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+    paths = [args[k] for k in ("checkpoint", "embedding_checkpoint") if args.get(k)]
+    groups = [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        mounts = [m["mountPath"] for c in group["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])]
+        assert all(any(p.startswith(m.rstrip("/") + "/") for m in mounts) for p in paths), (paths, mounts)
+
+
 def test_cli_writes_a_serve_config(tmp_path, checkpoints):
     from ray.serve.schema import ServeDeploySchema
 
