@@ -35,6 +35,7 @@ VALUE_DIRECTIVES = frozenset({
 })  # fmt: skip
 _AGENT = re.compile(r"[a-z][a-z0-9_.\-]*")  # a user-agent product token: no spaces, starts with a letter
 # getaddrinfo's answers that a retry will not change: no such name, or a name with no address.
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 _DNS_NOT_FOUND = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
@@ -182,7 +183,9 @@ def url_problem(url: str) -> str | None:
         return "expected a host name, got none"
     if ":" in host:  # an IPv6 literal ("[::1]"): the HTTP client checks it
         return None
-    name = host[:-1] if host.endswith(".") else host  # a trailing dot (a rooted name) is allowed
+    # IDNA reads the ideographic and full-width full stops as dots too (UTS #46)
+    name = host.translate(_IDNA_DOTS)
+    name = name[:-1] if name.endswith(".") else name  # a trailing dot (a rooted name) is allowed
     if len(name) > 253:
         return f"expected a host name of at most 253 characters, got {len(name)}"
     for label in name.split("."):

@@ -230,7 +230,11 @@ def _same_input(a: str, b: str) -> bool:
 
 def _check_resume(meta: dict, input_path: str, out: Path, *, config: InputConfig, shard_size: int) -> None:
     """Refuse to resume ``out`` with an input or columns other than those its shards were cut with."""
-    if "input" in meta and not _same_input(meta["input"], input_path):
+    # an output cut before the input was recorded absolute holds the path as it was typed, relative
+    # to a working directory not known now: only an absolute path or a URL can be compared
+    recorded = meta.get("input")
+    comparable = recorded is not None and ("://" in recorded or os.path.isabs(os.path.expanduser(recorded)))
+    if comparable and not _same_input(recorded, input_path):
         raise ValueError(
             f"expected --input {meta['input']} to resume {out} (its shards were cut from it), got {input_path}: "
             f"run with --input {meta['input']} to resume it, or give a new --output (or delete {out}) to start fresh"

@@ -432,6 +432,16 @@ def test_malformed_hosts_fail_their_url_only():
     ]
 
 
+def test_valid_url_forms_pass_the_url_check():
+    from pipelines.download import url_problem
+
+    ok = ["http://m\u00fcnchen.de/a.jpg", "http://" + "a" * 40 + "\u3002" + "b" * 40 + ".com/a.jpg",  # IDNA's 。 is a dot
+          "http://" + "a" * 63 + ".com./a.jpg", "HTTPS://user:p%40ss@example.com:8443/a.jpg", "http://[::1]:8080/a.jpg",
+          "http://127.0.0.1:80/a.jpg", "http://a_b.example.com/a.jpg"]
+    assert [url_problem(u) for u in ok] == [None] * len(ok)
+    assert url_problem("http://" + "a" * 40 + "\u3002" + "b" * 64 + ".com/") == "expected host labels of 1 to 63 characters, got one of 64"
+
+
 def test_a_host_the_resolver_cannot_encode_is_an_invalid_url(monkeypatch):
     monkeypatch.setattr(download, "url_problem", lambda url: None)  # let it reach the resolver's IDNA encoding
     r = fetch_all(["http://a..b/x.jpg"], config=DownloadConfig(timeout=2.0, retries=2, backoff=0.01))[0]
@@ -659,6 +669,16 @@ def test_resume_with_another_input_is_refused(tmp_path, capsys, monkeypatch):
         prepare_shards(str(tmp_path / "a.csv"), out, config=InputConfig(url_col="image_url"), shard_size=10)
     assert main(["--input", str(tmp_path / "b.csv"), "--output", str(out)]) == 2  # refused before Ray starts
     assert "a new --output" in capsys.readouterr().err
+
+    # an output cut before the input was recorded absolute (the path as typed): resumes from anywhere
+    import json as _json
+
+    state = out / "_inputs" / "_SUCCESS"
+    state.write_text(_json.dumps({**_json.loads(state.read_text()), "input": "a.csv"}))
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert len(prepare_shards("../a.csv", out, config=cfg, shard_size=10)) == 1
+    monkeypatch.chdir(tmp_path)
 
     (tmp_path / "i2d").mkdir()
     _tar(tmp_path / "i2d" / "00000.tar", [("000000000.jpg", _jpeg(8, 8))])
