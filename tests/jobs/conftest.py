@@ -85,3 +85,9 @@ def ray_local():
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny generated world, one per test module that asks for it."""
+    return write_tiny_world(tmp_path_factory.mktemp("parts") / "world", num_train=4)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the test modules import _curation_helpers
 
 from pipelines.local_server import LocalServer
 from pipelines.world import write_world
