@@ -328,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.precision]
+    if not gpu:
+        from jobs.loop import skip_inference_comm_op
+
+        skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 

@@ -270,10 +270,32 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed's CPU communicator from building its shared-memory all-reduce.
+
+    On the CPU accelerator, DeepSpeed's communicator compiles a C++/OpenMP extension the first
+    time it starts on a machine (about 30 s of both cores, and a compiler it needs), yet only
+    its inference all-reduce (tensor-parallel inference) ever calls it: training's collectives
+    go through the gloo process group. Marking the op unavailable makes the communicator skip
+    it. Call before ``deepspeed.init_distributed`` / ``deepspeed.initialize``; a no-op on a GPU.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of the ``TorchTrainer`` (both stages)."""
     import deepspeed  # imported inside the loop: the driver never needs it
     import ray.train
+
+    skip_inference_comm_op()
 
     stage: str = config["stage"]
     cfg: Config = config["cfg"]

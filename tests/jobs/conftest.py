@@ -47,6 +47,9 @@ def init_gloo_rank(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import deepspeed
 
+    from jobs.loop import skip_inference_comm_op
+
+    skip_inference_comm_op()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
