@@ -21,6 +21,7 @@ from vlm.chat import encode_chat
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of
+from vlm.embed import class_embeddings, encode_images, encode_texts
 from vlm.evaluate import caption_recall, exact_match, pair_ids, retrieval_metrics, zero_shot_accuracy
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
@@ -127,41 +128,23 @@ def scoring_on(model: torch.nn.Module, device: torch.device, *, bf16: bool):
             torch.cuda.empty_cache()
 
 
-@torch.no_grad()
 def embed_pairs(
     model: ContrastiveModel, pixels: np.ndarray, captions: Sequence[str], tokenizer: Any, *, batch_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, E) image and text embeddings of a pool, in fp32 on the CPU; batches run on the
-    model's device."""
-    model.eval()
-    cfg, dev = model.cfg, _device(model)
-    imgs, txts = [], []
-    for i in range(0, len(captions), batch_size):
-        b = collate_pairs(pixels[i : i + batch_size], captions[i : i + batch_size], tokenizer, vision_kind=cfg.vision.kind, max_length=cfg.text.max_length)
-        imgs.append(model.encode_image(b["pixel_values"].to(dev)).float().cpu())
-        txts.append(model.encode_text(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu())
-    return torch.cat(imgs), torch.cat(txts)
+    model's device (``vlm.embed``, as `vlm classify` and `vlm search` embed)."""
+    return encode_images(model, pixels, batch_size=batch_size), encode_texts(model, tokenizer, captions, batch_size=batch_size)
 
 
-@torch.no_grad()
 def zero_shot(
     model: ContrastiveModel, pixels: np.ndarray, labels: Sequence[int], classnames: Sequence[str], templates: Sequence[str], tokenizer: Any,
     *, batch_size: int = 256,
 ) -> float:
-    """Top-1 zero-shot accuracy with prompt-template ensembling (CLIP, Sec. 3.1.4); batches run
-    on the model's device."""
-    model.eval()
-    cfg, dev = model.cfg, _device(model)
-    class_emb = []
-    for name in classnames:
-        tok = tokenizer([t.format(name) for t in templates], padding=True, truncation=True, max_length=cfg.text.max_length, return_tensors="pt")
-        e = model.encode_text(tok["input_ids"].to(dev), tok["attention_mask"].to(dev)).float().mean(0)
-        class_emb.append(torch.nn.functional.normalize(e, dim=-1).cpu())
-    img = torch.cat([
-        model.encode_image(normalize(pixels[i : i + batch_size], kind=cfg.vision.kind).to(dev)).float().cpu()
-        for i in range(0, len(pixels), batch_size)
-    ])  # (N, E)
-    return zero_shot_accuracy(img, torch.stack(class_emb), torch.tensor(list(labels)))
+    """Top-1 zero-shot accuracy with prompt-template ensembling (CLIP, Sec. 3.1.4; ``vlm.embed``);
+    batches run on the model's device."""
+    img = encode_images(model, pixels, batch_size=batch_size)  # (N, E)
+    classes = class_embeddings(model, tokenizer, classnames, templates, batch_size=batch_size)  # (C, E)
+    return zero_shot_accuracy(img, classes, torch.tensor(list(labels)))
 
 
 def train_contrastive(
