@@ -48,6 +48,7 @@ from serve.protocol import (
     EmbeddingRequest,
     chunk,
     completion_body,
+    logprobs_body,
     new_id,
     now,
     parse,
@@ -457,6 +458,7 @@ class Ingress:
             raise ApiError(400, f"{name} {max_tokens} is over the limit of {lim.max_output_tokens}",
                            param=name, code="max_tokens_too_large")
         stops = req.stop_list()
+        bias = req.logit_bias_ids(len(self.tokenizer))
         messages, media = await self._convert(req)
         n_frames = sum(m.count for m in media)
         try:
@@ -484,10 +486,14 @@ class Ingress:
         feats, cached = await self._encode(media)  # (N, T, D)
         gen = GenRequest(input_ids=list(enc.input_ids), image_features=feats, max_new_tokens=max_tokens,
                          temperature=req.temperature, top_p=req.top_p, top_k=req.top_k_or_off(), stop=stops,
-                         seed=req.seed)
+                         seed=req.seed, frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                         repetition_penalty=req.repetition_penalty, logit_bias=bias, logprobs=req.logprobs_k())
         counts = {"image_tokens": n_frames * self.tokens_per_image, "num_images": n_frames,
                   "cached_images": cached}
         return req, gen, counts
+
+    def _logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        return logprobs_body(entries, lambda i: self.tokenizer.decode([i]))
 
     def _count(self, prompt: int, completion: int, image_tokens: int) -> None:
         # Ray's Counter.inc rejects 0 (an image-only embedding, an answer that stops at once).
@@ -511,7 +517,8 @@ class Ingress:
                 raise
             u = usage(out["prompt_tokens"], out["completion_tokens"], **counts)
             self._count(out["prompt_tokens"], out["completion_tokens"], counts["image_tokens"])
-            return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created))
+            lps = self._logprobs(out["logprobs"]) if "logprobs" in out else None
+            return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created, logprobs=lps))
 
         events = self.lm_stream.generate_stream.remote(gen).__aiter__()
         first = await events.__anext__()  # a list of events; errors before it are still HTTP errors
@@ -524,14 +531,20 @@ class Ingress:
             """The SSE events for one message of the language model (the steps since the last
             one) as one string, so each message costs one write downstream; and whether it ends
             the answer."""
+            nonlocal lp_sent
             out = []
             text = "".join(e.get("delta", "") for e in batch)
+            lps = [lp for e in batch if "delta" in e for lp in e.get("logprobs", ())]
             if text:
-                out.append(chunk(rid, req.model, created, delta={"content": text}))
+                lp_sent += len(lps)
+                out.append(chunk(rid, req.model, created, delta={"content": text},
+                                 logprobs=self._logprobs(lps) if gen.logprobs is not None else None))
             event = batch[-1]
             if "finish_reason" not in event:
                 return "".join(out), False
-            out.append(chunk(rid, req.model, created, delta={}, finish=event["finish_reason"]))
+            rest = event.get("logprobs", [])[lp_sent:]  # tokens that added no text of their own
+            out.append(chunk(rid, req.model, created, delta={}, finish=event["finish_reason"],
+                             logprobs=self._logprobs(rest) if rest else None))
             p, c = event["prompt_tokens"], event["completion_tokens"]
             self._count(p, c, counts["image_tokens"])
             if include_usage:
@@ -540,6 +553,7 @@ class Ingress:
             return "".join(out), True
 
         ended = False  # the answer's last event was sent, or generation for it was cancelled
+        lp_sent = 0  # log probabilities streamed so far
 
         def stop_generating() -> None:
             nonlocal ended

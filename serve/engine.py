@@ -45,10 +45,23 @@ class GenRequest:
     top_k: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k >= 0: each token's and the k most likely (GenerationConfig)
 
     def config(self) -> GenerationConfig:
         return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k or None, stop_strings=list(self.stop), seed=self.seed)
+                                top_k=self.top_k or None, stop_strings=list(self.stop), seed=self.seed,
+                                frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                                repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
+                                logprobs=self.logprobs)
+
+
+def _plain(lps) -> list[dict[str, Any]]:
+    """``TokenLogprob``s as plain data for the trip to the ingress."""
+    return [{"id": lp.token_id, "logprob": lp.logprob, "top": [[i, v] for i, v in lp.top]} for lp in lps]
 
 
 class _StreamRow(RowState):
@@ -64,6 +77,7 @@ class _StreamRow(RowState):
     interval: int  # pieces per message after the first
     pending: list[dict[str, Any]]  # pieces not yet sent
     started: bool  # the first piece has been sent
+    lp_sent: int  # log probabilities sent with pieces so far
 
     @classmethod
     def open(cls, model, tokenizer, req: GenRequest, emit: Callable[[list[dict[str, Any]]], None], *,
@@ -74,6 +88,7 @@ class _StreamRow(RowState):
         row.sent = ""
         row.hold = max((len(s) for s in req.stop), default=1) - 1
         row.interval, row.pending, row.started = max(1, int(interval)), [], False
+        row.lp_sent = 0  # log probabilities already sent with a piece
         return row
 
     def _send(self, event: dict[str, Any]) -> None:
@@ -91,11 +106,18 @@ class _StreamRow(RowState):
             res = self.result(tokenizer)
             res.text = self.text = safe = self._answer(tokenizer, res.text)
         if len(safe) > len(self.sent) and safe.startswith(self.sent):
-            self._send({"delta": safe[len(self.sent):]})
+            piece: dict[str, Any] = {"delta": safe[len(self.sent):]}
+            if self.req.logprobs is not None:  # the tokens pushed since the last piece (a stop token has none)
+                upto = len(self.content_logprobs()) if self.finish is not None else len(self.logprobs)
+                piece["logprobs"], self.lp_sent = _plain(self.logprobs[self.lp_sent : upto]), upto
+            self._send(piece)
             self.sent = safe
         if self.finish is not None:
-            self._send({"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
-                        "completion_tokens": res.num_generated_tokens})
+            final = {"finish_reason": res.finish_reason, "text": res.text, "prompt_tokens": res.num_prompt_tokens,
+                     "completion_tokens": res.num_generated_tokens}
+            if res.logprobs is not None:
+                final["logprobs"] = _plain(res.logprobs)
+            self._send(final)
 
     def _answer(self, tokenizer, whole: str) -> str:
         """The final text, which must extend what was streamed so that a stream and the whole
@@ -153,7 +175,8 @@ class BatchEngine:
 
     async def stream(self, req: GenRequest) -> AsyncIterator[list[dict[str, Any]]]:
         """Yield lists of events: ``{"delta": text}`` ones, then one ``{"finish_reason", "text",
-        "prompt_tokens", "completion_tokens"}`` that ends the stream. The first list holds the
+        "prompt_tokens", "completion_tokens"}`` that ends the stream (with ``req.logprobs`` set,
+        each piece also holds ``"logprobs"`` of its tokens, and the final event all of them). The first list holds the
         first piece of text alone; later ones ``stream_interval`` pieces each (the last one what
         is left, with the final event), more when the consumer falls behind: a list holds every
         event made since the last one. Leaving the loop early cancels the row."""

@@ -3,8 +3,9 @@
 Requests are parsed leniently (unknown OpenAI fields are accepted and ignored, and an explicit
 ``null`` for an optional field means its default) but every value we use is type-checked, and a
 bad one is a 400 whose message names the field. A feature this server does not implement
-(``response_format`` other than text, ``logprobs``, tool calls) is a 400 that says so, never
-silently ignored.
+(``response_format`` other than text, tool calls, ``n`` > 1) is a 400 that says so, never
+silently ignored. ``logprobs``/``top_logprobs``, ``logit_bias``, ``frequency_penalty``, ``presence_penalty`` and
+vLLM's ``repetition_penalty`` are implemented (``vlm.generation``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vlm.generation import MAX_LOGPROBS
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -107,7 +110,11 @@ class ChatRequest(_Lenient):
     # Accepted only in the forms that ask for nothing beyond plain text (check_supported).
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's extra parameter
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key: a string) -> -100..100
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -122,15 +129,33 @@ class ChatRequest(_Lenient):
         if fmt is not None and fmt.get("type") != "text":
             raise _unsupported("response_format", f"{_short(fmt)} is not supported by this server; expected "
                                '{"type": "text"} or no response_format')
-        if self.logprobs:
-            raise _unsupported("logprobs", "true is not supported by this server (it returns no log probabilities)")
-        if self.top_logprobs:
-            raise _unsupported("top_logprobs", f"{self.top_logprobs} is not supported by this server (it returns "
-                               "no log probabilities)")
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, f"top_logprobs: {self.top_logprobs} needs logprobs: true", param="top_logprobs")
         if self.tools and self.tool_choice != "none":
             choice = "absent (so 'auto')" if self.tool_choice is None else _short(self.tool_choice)
             raise _unsupported("tools", f"tool calling is not supported by this server (tools given, tool_choice "
                                f"{choice}); send no tools or tool_choice 'none'")
+
+    def logit_bias_ids(self, vocab_size: int) -> dict[int, float]:
+        """``logit_bias`` with integer token ids; 400 for a key that is no token id of the
+        model's vocabulary or a bias outside -100..100."""
+        out: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                t = int(key)
+            except ValueError:
+                t = -1
+            if not 0 <= t < vocab_size or str(t) != key.strip():
+                raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                               param="logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise ApiError(400, f"logit_bias: the bias of token {t} is {value}, expected -100 to 100", param="logit_bias")
+            out[t] = float(value)
+        return out
+
+    def logprobs_k(self) -> int | None:
+        """The engine's ``logprobs``: None (none asked), else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -181,27 +206,40 @@ def usage(prompt: int, completion: int, *, image_tokens: int = 0, num_images: in
     }
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, usage_: dict[str, Any], created: int) -> dict[str, Any]:
+def completion_body(rid: str, model: str, text: str, finish: str, usage_: dict[str, Any], created: int,
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
         ],
         "usage": usage_,
     }
 
 
 def chunk(rid: str, model: str, created: int, *, delta: dict[str, Any] | None, finish: str | None = None,
-          usage_: dict[str, Any] | None = None) -> str:
+          usage_: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> str:
     """One SSE event of a streamed chat completion."""
     body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
     if usage_ is not None:
         body["usage"] = usage_
     return f"data: {json.dumps(body)}\n\n"
+
+
+def logprobs_body(entries: list[dict[str, Any]], token_text) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object from the engine's entries (``{"id", "logprob", "top"}``);
+    ``token_text(id)`` gives a token's text (its ``bytes`` are that text's UTF-8)."""
+
+    def one(i: int, lp: float) -> dict[str, Any]:
+        text = token_text(i)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(e["id"], e["logprob"]), "top_logprobs": [one(i, v) for i, v in e["top"]]} for e in entries],
+            "refusal": None}
 
 
 def sse_error(err: ApiError) -> str:

@@ -7,7 +7,9 @@ Three layers, so that serving can drive its own batches with the same pieces:
   attention mask so far, each row's next position id).
 - ``decode_step``: one new token per row -> the next logits; the cache grows by one position.
 - ``sample_next``: logits -> token ids, per-row temperature / top-k / top-p (nucleus: Holtzman
-  et al. 2020, "The Curious Case of Neural Text Degeneration") and per-row ``torch.Generator``.
+  et al. 2020, "The Curious Case of Neural Text Degeneration") and per-row ``torch.Generator``,
+  after ``apply_penalties`` (per-row repetition, frequency and presence penalties); a row that
+  asks for them gets its tokens' log probabilities (``token_logprobs``).
 
 ``decode_tokens`` is the step-wise loop on top: it prefills a batch, then yields each live row's
 next token per step; a row whose ``RowState`` is done (a stop token id, a stop string,
@@ -39,6 +41,7 @@ from vlm.tokenizer import IM_END
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 # ----------------------------------------------------------------------------- config / result
@@ -59,6 +62,19 @@ class GenerationConfig:
             ``<|im_end|>`` and its eos token.
         seed: seeds the row's own ``torch.Generator`` (reproducible sampling). When one config
             is shared by a batch, row ``i`` uses ``seed + i``. None: the global torch RNG.
+        frequency_penalty: subtracted from a token's logit once per time the row has generated
+            it (OpenAI's definition; -2 to 2, 0 is off).
+        presence_penalty: subtracted from the logit of every token the row has generated at
+            least once (-2 to 2, 0 is off).
+        repetition_penalty: CTRL's penalty (Keskar et al. 2019), as transformers and vLLM apply
+            it: the logit of every token of the prompt or the answer so far is divided by it
+            when positive, multiplied when negative (> 0; 1 is off). The penalties apply to the
+            logits before temperature, top-k and top-p.
+        logit_bias: token id -> a number from -100 to 100 added to its logit at every step
+            (OpenAI's ``logit_bias``; -100 in effect bans a token, 100 forces it).
+        logprobs: None: none; 0: each generated token's log probability; k > 0: also the k most
+            likely tokens at that step (at most 20). Log probabilities are the model's own
+            (log-softmax of its logits, before penalties and temperature), as vLLM reports them.
     """
 
     max_new_tokens: int = 64
@@ -68,6 +84,11 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -86,6 +107,31 @@ class GenerationConfig:
             )
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}: expected a number from -2 to 2, got {getattr(self, name)!r}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty: expected a number > 0, got {self.repetition_penalty!r}")
+        for t, v in self.logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or not -100.0 <= v <= 100.0:
+                raise ValueError(f"logit_bias: expected token ids >= 0 mapped to numbers from -100 to 100, got {t!r}: {v!r}")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs: expected None or an integer from 0 to {MAX_LOGPROBS}, got {lp!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log probability and, when asked, the most likely tokens at its
+    step (``(token_id, logprob)``, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +141,8 @@ class GenerationResult:
     ``token_ids`` holds every generated id, the stop token included; ``text`` is their decoded
     text without special tokens, the stop token, or anything from a stop string on.
     ``stop`` is what stopped the row (a token id or a stop string), None for "length".
+    ``logprobs`` (``GenerationConfig.logprobs``) covers the tokens of ``token_ids`` but a stop
+    token; a stop string cuts the text, not the tokens that held it.
     """
 
     text: str
@@ -103,6 +151,7 @@ class GenerationResult:
     num_prompt_tokens: int
     num_generated_tokens: int
     stop: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of the text (not the stop token); None unless asked
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -180,6 +229,42 @@ def sample_next(
     idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).clamp_max(v - 1)  # (B, 1)
     sampled_ids = order.gather(-1, idx).squeeze(-1)  # (B,)
     return torch.where(sampled, sampled_ids, greedy_ids)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """(B, V) logits with each row's repetition, frequency and presence penalties and its logit
+    bias applied, in that order (see ``GenerationConfig``); the input itself when no row has one."""
+    which = [i for i, r in enumerate(rows) if r.cfg.penalized]
+    if not which:
+        return logits
+    logits = logits.float().clone()
+    for i in which:
+        row, cfg = rows[i], rows[i].cfg
+        if cfg.repetition_penalty != 1.0:
+            seen = row.seen_mask(logits.shape[1], logits.device)  # (V,) the prompt's and the answer's tokens
+            x = logits[i]
+            logits[i] = torch.where(seen, torch.where(x > 0, x / cfg.repetition_penalty, x * cfg.repetition_penalty), x)
+        if row.counts and (cfg.frequency_penalty or cfg.presence_penalty):
+            ids = torch.tensor(list(row.counts), device=logits.device)
+            n = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[i, ids] -= cfg.frequency_penalty * n + cfg.presence_penalty
+        bias = {t: v for t, v in cfg.logit_bias.items() if t < logits.shape[1]}
+        if bias:
+            logits[i, torch.tensor(list(bias), device=logits.device)] += torch.tensor(list(bias.values()), device=logits.device)
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """(B, V) raw logits and the (B,) chosen ids -> each row's ``TokenLogprob`` with its ``k``
+    most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    picked = lp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()  # (B,)
+    if k:
+        top_v, top_i = lp.topk(k, dim=-1)  # (B, k)
+        tops = [list(zip(ids, vals)) for ids, vals in zip(top_i.tolist(), top_v.tolist())]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(int(t), float(v), top) for t, v, top in zip(chosen.tolist(), picked, tops)]
 
 
 # ----------------------------------------------------------------------------- prefill / step
@@ -453,13 +538,19 @@ class RowState:
         generator: torch.Generator | None,
         num_prompt: int,
         max_new: int,
+        prompt: Sequence[int] = (),
     ) -> None:
         self.cfg = cfg
         self.stop_ids = stop_ids
         self.generator = generator
         self.num_prompt = num_prompt
         self.max_new = max_new
+        self.prompt = list(prompt) if cfg.repetition_penalty != 1.0 else []  # kept for the repetition penalty only
         self.ids: list[int] = []
+        self.counts: dict[int, int] = {}  # generated token id -> times (frequency/presence penalties)
+        self.logprobs: list[TokenLogprob] = []  # filled by decode_tokens when cfg.logprobs is set
+        self._seen: torch.Tensor | None = None
+        self._seen_upto = 0
         self.text = ""
         self.finish: str | None = None
         self.stop: int | str | None = None
@@ -489,7 +580,19 @@ class RowState:
         gen = torch.Generator().manual_seed(cfg.seed + seed_offset) if cfg.seed is not None else None
         max_new = cfg.max_new_tokens if not max_pos else min(cfg.max_new_tokens, max_pos - len(prompt))
         stops = set(cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_token_ids(tokenizer))
-        return cls(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(prompt), max_new=max_new)
+        return cls(cfg=cfg, stop_ids=stops, generator=gen, num_prompt=len(prompt), max_new=max_new, prompt=prompt)
+
+    def seen_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """(V,) True at every token id of the prompt and of the answer so far (kept up to date
+        a token at a time)."""
+        if self._seen is None:
+            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self._seen[torch.tensor([t for t in self.prompt if 0 <= t < vocab], dtype=torch.long, device=device)] = True
+        if self._seen_upto < len(self.ids):
+            new = [t for t in self.ids[self._seen_upto :] if 0 <= t < vocab]
+            self._seen[torch.tensor(new, dtype=torch.long, device=device)] = True
+            self._seen_upto = len(self.ids)
+        return self._seen
 
     @property
     def done(self) -> bool:
@@ -498,6 +601,7 @@ class RowState:
     def push(self, token: int, tokenizer: PreTrainedTokenizerBase) -> None:
         """Append ``token``; set ``finish`` if the row is done."""
         self.ids.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
         if token in self.stop_ids:
             self.finish, self.stop = FINISH_STOP, token
             self.text = tokenizer.decode(self.ids[:-1], skip_special_tokens=True)
@@ -531,7 +635,12 @@ class RowState:
             num_prompt_tokens=self.num_prompt,
             num_generated_tokens=len(self.ids),
             stop=self.stop,
+            logprobs=self.content_logprobs() if self.cfg.logprobs is not None else None,
         )
+
+    def content_logprobs(self) -> list[TokenLogprob]:
+        """The log probabilities of the answer's tokens: all but a stop token."""
+        return self.logprobs[: len(self.ids) - 1] if isinstance(self.stop, int) else list(self.logprobs)
 
 
 @dataclass
@@ -603,12 +712,18 @@ def decode_tokens(
             return
         with torch.inference_mode():
             next_ids = sample_next(
-                logits,
+                apply_penalties(logits, live),
                 temperature=torch.tensor([r.cfg.temperature for r in live]),
                 top_p=torch.tensor([r.cfg.top_p for r in live]),
                 top_k=torch.tensor([r.cfg.top_k or 0 for r in live]),
                 generators=[r.generator for r in live],
             )  # (B_live,)
+            asked = [j for j, r in enumerate(live) if r.cfg.logprobs is not None]
+            if asked:
+                k = max(live[j].cfg.logprobs or 0 for j in asked)
+                for j, lp in zip(asked, token_logprobs(logits[asked], next_ids[asked], k)):
+                    lp.top = lp.top[: live[j].cfg.logprobs]
+                    live[j].logprobs.append(lp)
         yield list(zip(live, next_ids.tolist()))
         keep = [j for j, r in enumerate(live) if not r.done]
         if len(keep) < len(live):

@@ -30,7 +30,6 @@ def checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("retrieve-ckpt")
     tok = tinymodels.tokenizer()
-    out = {}
     for name, overrides, seed in (("clip", [], 0), ("clip-other", [], 1), ("siglip", ["model.contrastive.loss=siglip"], 0)):
         model = tinymodels.clip_model(tok, *overrides, seed=seed)
         if model.logit_bias is not None:  # SigLIP's initial bias (-10) puts every probability near 0: move it

@@ -158,6 +158,22 @@ def test_stop_strings_and_seed(client):
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
+def test_logprobs_and_penalties_through_the_openai_client(client):
+    """The OpenAI client reads our log probabilities into its types; a penalty changes the answer."""
+    messages = [{"role": "user", "content": "say something long"}]
+    plain = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0, messages=messages,
+                                           logprobs=True, top_logprobs=3)
+    content = plain.choices[0].logprobs.content
+    assert 1 <= len(content) <= plain.usage.completion_tokens
+    assert "".join(c.token for c in content).startswith(plain.choices[0].message.content[:1])
+    for c in content:  # greedy: the chosen token is the most likely one, listed first
+        assert c.logprob <= 0 and len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == c.logprob
+    penalised = client.chat.completions.create(model=MODEL, max_tokens=10, temperature=0, messages=messages,
+                                               frequency_penalty=2.0)
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+    assert penalised.choices[0].logprobs is None
+
+
 def test_repeated_image_hits_the_caches(client):
     """The same bytes again: the ingress cache; the same pixels in other bytes: the encoder's."""
     png = scene_png(99)

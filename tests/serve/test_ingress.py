@@ -201,7 +201,7 @@ def test_top_k_minus_one_is_off(ingress):
 def test_unsupported_feature_is_a_400(ingress):
     err = error(call(ingress, chat(response_format={"type": "json_object"})), 400, "not supported by this server")
     assert err["param"] == "response_format"
-    error(call(ingress, chat(logprobs=True, top_logprobs=2)), 400, "logprobs")
+    error(call(ingress, chat(top_logprobs=2)), 400, "top_logprobs: 2 needs logprobs: true")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert error(call(ingress, chat(tools=tools)), 400, "tool")["param"] == "tools"
     assert call(ingress, chat(tools=tools, tool_choice="none"))[0] == 200
@@ -384,6 +384,52 @@ def test_streamed_text_equals_the_whole_answer(ingress):
     for extra in ({}, {"stop": ["e"]}, {"temperature": 0.9, "seed": 3}):
         whole = call(ingress, chat(max_tokens=20, **extra))[1]["choices"][0]["message"]["content"]
         assert streamed_text(call(ingress, chat(max_tokens=20, stream=True, **extra))[1]) == whole
+
+
+@pytest.mark.parametrize("knobs", [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 1.8}],
+                         ids=["frequency", "presence", "repetition"])
+def test_logprobs_and_penalties_reach_the_model(ingress, knobs):
+    """The answer and its log probabilities are the library's for the same prompt and knobs,
+    whole or streamed; the penalty changes what greedy decoding picks."""
+    from vlm.chat import encode_chat
+    from vlm.generation import GenerationConfig, generate
+
+    body = chat(max_tokens=12, logprobs=True, top_logprobs=2, **knobs)
+    status, got = call(ingress, body)
+    assert status == 200, got
+    enc = encode_chat(body["messages"], ingress.tokenizer, num_image_tokens=ingress.tokens_per_image, add_generation_prompt=True,
+                      system_prompt=ingress.system_prompt)
+    lm = ingress.lm.generate.fn.__self__.model  # the engine's model
+    want = generate(lm, input_ids=[enc.input_ids], tokenizer=ingress.tokenizer,
+                    config=GenerationConfig(max_new_tokens=12, logprobs=2, **knobs))[0]
+    choice = got["choices"][0]
+    assert choice["message"]["content"] == want.text
+    content = choice["logprobs"]["content"]
+    assert [c["logprob"] for c in content] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+    assert [c["token"] for c in content] == [ingress.tokenizer.decode([lp.token_id]) for lp in want.logprobs]
+    assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
+    plain = call(ingress, chat(max_tokens=12))[1]["choices"][0]
+    assert plain["logprobs"] is None and plain["message"]["content"] != want.text  # the penalty was applied
+    # streamed: the chunks' log probabilities, in order, are the whole answer's
+    sse = call(ingress, {**body, "stream": True})[1]
+    streamed = [e for line in sse.split("\n\n") if line.startswith("data: {")
+                for c in json.loads(line[6:]).get("choices", []) if c.get("logprobs") for e in c["logprobs"]["content"]]
+    assert [e["logprob"] for e in streamed] == pytest.approx([c["logprob"] for c in content], abs=1e-6)
+    assert streamed_text(sse) == want.text
+
+
+def test_logit_bias_reaches_the_model_and_is_checked(ingress):
+    plain = call(ingress, chat(max_tokens=6, logprobs=True))[1]["choices"][0]
+    first = plain["logprobs"]["content"][0]["token"]
+    first_id = ingress.tokenizer.encode(first, add_special_tokens=False)
+    assert len(first_id) == 1
+    status, got = call(ingress, chat(max_tokens=6, logprobs=True, logit_bias={str(first_id[0]): -100}))
+    assert status == 200 and got["choices"][0]["logprobs"]["content"][0]["token"] != first
+    vocab = len(ingress.tokenizer)
+    err = error(call(ingress, chat(logit_bias={str(vocab): 5})), 400, f"{vocab}", "not a token id of this model")
+    assert err["param"] == "logit_bias"
+    error(call(ingress, chat(logit_bias={"abc": 5})), 400, "'abc' is not a token id")
+    error(call(ingress, chat(logit_bias={"5": 150})), 400, "the bias of token 5 is 150")
 
 
 # ----------------------------------------------------------------------------- embeddings

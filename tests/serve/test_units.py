@@ -230,7 +230,8 @@ def test_null_means_the_default():
 
     nulls = {k: None for k in ("temperature", "top_p", "top_k", "n", "stream", "stream_options", "max_tokens",
                                "max_completion_tokens", "seed", "stop", "response_format", "logprobs",
-                               "top_logprobs", "tools", "tool_choice")}
+                               "top_logprobs", "tools", "tool_choice", "frequency_penalty", "presence_penalty",
+                               "repetition_penalty")}
     req = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **nulls})
     assert (req.temperature, req.top_p, req.n, req.stream, req.max_tokens, req.seed, req.stop_list()) == \
         (1.0, 1.0, 1, False, None, None, [])
@@ -267,8 +268,6 @@ def test_top_k_zero_and_minus_one_disable_it():
 @pytest.mark.parametrize("extra, param", [
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),
@@ -280,6 +279,23 @@ def test_unsupported_features_are_refused_by_name(extra, param):
     with pytest.raises(ApiError, match="not supported by this server") as e:
         req.check_supported()
     assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_parameter")
+
+
+def test_log_probabilities_and_penalties_are_checked():
+    from serve.protocol import ChatRequest, parse
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert [parse(ChatRequest, {**base, **x}).logprobs_k() for x in
+            ({}, {"logprobs": False}, {"logprobs": True}, {"logprobs": True, "top_logprobs": 5})] == [None, None, 0, 5]
+    req = parse(ChatRequest, {**base, "top_logprobs": 3})
+    with pytest.raises(ApiError, match="top_logprobs: 3 needs logprobs: true") as e:
+        req.check_supported()
+    assert (e.value.status, e.value.param) == (400, "top_logprobs")
+    for bad, param in (({"top_logprobs": 21, "logprobs": True}, "top_logprobs"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
+                       ({"presence_penalty": -2.1}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty")):
+        with pytest.raises(ApiError, match=param) as e:
+            parse(ChatRequest, {**base, **bad})
+        assert e.value.status == 400
 
 
 @pytest.mark.parametrize("extra", [{}, {"response_format": {"type": "text"}}, {"logprobs": False},

@@ -299,3 +299,93 @@ def test_bad_inputs_raise(model, tokenizer):
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0.0)
+
+
+def _textbook_greedy(model, prompt: list[int], *, steps: int, stop_ids: set[int], rep: float = 1.0, freq: float = 0.0,
+                     pres: float = 0.0) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding one full forward pass per token (no cache), the penalties written out as
+    CTRL / OpenAI define them; returns the tokens and each step's raw (V,) logits."""
+    ids: list[int] = []
+    raws = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            raw = model.decoder(input_ids=torch.tensor([prompt + ids])).logits[0, -1].float()  # (V,)
+            raws.append(raw)
+            x = raw.clone()
+            for t in set(prompt + ids):
+                x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+            for t in set(ids):
+                x[t] -= freq * ids.count(t) + pres
+            ids.append(int(x.argmax()))
+            if ids[-1] in stop_ids:
+                break
+    return ids, raws
+
+
+@pytest.mark.parametrize("knobs", [dict(freq=1.5), dict(pres=1.0), dict(rep=1.8), dict(rep=1.3, freq=0.7, pres=-0.5)],
+                         ids=["frequency", "presence", "repetition", "all"])
+def test_penalties_follow_their_definitions_row_by_row(model, tokenizer, knobs):
+    prompt = [2, 70, 71, 72, 3, 2, 73]
+    cfg = GenerationConfig(max_new_tokens=12, repetition_penalty=knobs.get("rep", 1.0), frequency_penalty=knobs.get("freq", 0.0),
+                           presence_penalty=knobs.get("pres", 0.0), stop_token_ids=[])
+    want, _ = _textbook_greedy(model, prompt, steps=12, stop_ids=set(), **knobs)
+    plain, _ = _textbook_greedy(model, prompt, steps=12, stop_ids=set())
+    assert want != plain, "the penalty changed nothing here: the test would not see it ignored"
+    # batched beside an unpenalised row (another prompt), each row keeps its own knobs
+    other = [2, 40, 41, 50, 51]
+    got = generate(model, input_ids=[prompt, other], tokenizer=tokenizer,
+                   config=[cfg, GenerationConfig(max_new_tokens=12, stop_token_ids=[])])
+    assert got[0].token_ids == want
+    assert got[1].token_ids == _textbook_greedy(model, other, steps=12, stop_ids=set())[0]
+
+
+def test_logprobs_are_the_models_log_softmax(model, tokenizer):
+    prompt = [2, 70, 71, 72, 3, 2, 73]
+    cfg = GenerationConfig(max_new_tokens=8, logprobs=3, frequency_penalty=2.0, stop_token_ids=[])
+    out = generate(model, input_ids=[prompt], tokenizer=tokenizer, config=cfg)[0]
+    ids, raws = _textbook_greedy(model, prompt, steps=8, stop_ids=set(), freq=2.0)
+    assert out.token_ids == ids and len(out.logprobs) == len(ids)
+    for lp, t, raw in zip(out.logprobs, ids, raws):
+        ref = torch.log_softmax(raw, -1)  # the model's own distribution: before the penalty
+        assert lp.token_id == t and lp.logprob == pytest.approx(float(ref[t]), abs=1e-4)
+        best = torch.topk(ref, 3)
+        assert [i for i, _ in lp.top] == best.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    # a stop token ends the text and has no entry; without the knob there are none
+    stop = ids[3]
+    cut = generate(model, input_ids=[prompt], tokenizer=tokenizer,
+                   config=GenerationConfig(max_new_tokens=8, logprobs=0, frequency_penalty=2.0, stop_token_ids=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == ids[: ids.index(stop) + 1]
+    assert [lp.token_id for lp in cut.logprobs] == ids[: ids.index(stop)] and all(lp.top == [] for lp in cut.logprobs)
+    assert generate(model, input_ids=[prompt], tokenizer=tokenizer, config=GenerationConfig(max_new_tokens=2))[0].logprobs is None
+
+
+def test_logit_bias_bans_and_forces_tokens(model, tokenizer):
+    prompt = [2, 70, 71, 72, 3, 2, 73]
+    plain = generate(model, input_ids=[prompt], tokenizer=tokenizer, config=GenerationConfig(max_new_tokens=6, stop_token_ids=[]))[0]
+    banned = generate(model, input_ids=[prompt], tokenizer=tokenizer,
+                      config=GenerationConfig(max_new_tokens=6, stop_token_ids=[], logit_bias={t: -100.0 for t in plain.token_ids}))[0]
+    assert not set(banned.token_ids) & set(plain.token_ids)
+    forced = generate(model, input_ids=[prompt], tokenizer=tokenizer,
+                      config=GenerationConfig(max_new_tokens=4, stop_token_ids=[], temperature=1.0, seed=0, logit_bias={77: 100.0}))[0]
+    assert forced.token_ids == [77] * 4
+    # a small bias moves the logits by exactly its value: the first greedy step equals the textbook one
+    ids, raws = _textbook_greedy(model, prompt, steps=1, stop_ids=set())
+    runner_up = int(torch.topk(raws[0], 2).indices[1])
+    gap = float(raws[0][ids[0]] - raws[0][runner_up])
+    nudged = generate(model, input_ids=[prompt], tokenizer=tokenizer,
+                      config=GenerationConfig(max_new_tokens=1, stop_token_ids=[], logit_bias={runner_up: gap + 1e-3}))[0]
+    assert nudged.token_ids == [runner_up]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(logit_bias={5: 101.0}), "logit_bias: expected token ids >= 0 mapped to numbers from -100 to 100"),
+    (dict(frequency_penalty=2.5), "frequency_penalty: expected a number from -2 to 2"),
+    (dict(presence_penalty=-3), "presence_penalty: expected a number from -2 to 2"),
+    (dict(repetition_penalty=0.0), "repetition_penalty: expected a number > 0"),
+    (dict(logprobs=21), "logprobs: expected None or an integer from 0 to 20"),
+    (dict(logprobs=True), "logprobs: expected None or an integer from 0 to 20"),
+])
+def test_penalty_and_logprob_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**kwargs)
