@@ -17,6 +17,7 @@ stream, until the stream ends.
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import logging
 import os
@@ -42,11 +43,13 @@ from serve.deployments import LRU, Embedder, ImageEncoder, LanguageModel
 from serve.engine import GenRequest
 from serve.media import decode_image, decode_video, fetch
 from serve.protocol import (
+    SEED_MAX,
     SSE_DONE,
     ApiError,
     ChatRequest,
     EmbeddingRequest,
     chunk,
+    choice,
     completion_body,
     logprobs_body,
     new_id,
@@ -106,6 +109,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = (exc.errors() or [{}])[0]
     loc = ".".join(str(x) for x in first.get("loc", ()))
     return _error_response(ApiError(400, f"{loc or 'request'}: {first.get('msg', 'invalid value')}", param=loc or None))
+
+
+def _nth_seed(seed: int | None, i: int) -> int | None:
+    """Answer ``i``'s seed of a request for ``n``: ``seed + i``, wrapped into the 64 bits a
+    ``torch.Generator`` takes (None stays None: each answer draws from the replica's RNG)."""
+    if seed is None:
+        return None
+    s = seed + i
+    return s - 2**64 if s > SEED_MAX else s
 
 
 def _token_ids(value: Any) -> bool:
@@ -457,6 +469,8 @@ class Ingress:
         if max_tokens > lim.max_output_tokens:
             raise ApiError(400, f"{name} {max_tokens} is over the limit of {lim.max_output_tokens}",
                            param=name, code="max_tokens_too_large")
+        if req.n > lim.max_choices:
+            raise ApiError(400, f"n {req.n} is over the limit of {lim.max_choices} answers per request", param="n")
         stops = req.stop_list()
         bias = req.logit_bias_ids(len(self.tokenizer))
         messages, media = await self._convert(req)
@@ -493,7 +507,9 @@ class Ingress:
         return req, gen, counts
 
     def _logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        return logprobs_body(entries, lambda i: self.tokenizer.decode([i]))
+        from vlm.tokenizer import token_bytes
+
+        return logprobs_body(entries, lambda i: (self.tokenizer.decode([i]), token_bytes(self.tokenizer, i)))
 
     def _count(self, prompt: int, completion: int, image_tokens: int) -> None:
         # Ray's Counter.inc rejects 0 (an image-only embedding, an answer that stops at once).
@@ -505,73 +521,92 @@ class Ingress:
         start = time.perf_counter()
         req, gen, counts = await self._prepare(body)
         rid, created = new_id("chatcmpl"), now()
+        gens = [gen] + [dataclasses.replace(gen, seed=_nth_seed(gen.seed, i)) for i in range(1, req.n)]
         if not req.stream:
-            call = self.lm.generate.remote(gen)
+            calls = [self.lm.generate.remote(g) for g in gens]
             try:
-                out = await call
-            except asyncio.CancelledError:
-                # Past request_timeout_s (the 504) or the client gone: awaiting a DeploymentResponse
-                # does not cancel the call when the awaiting task is cancelled, so the replica would
-                # decode to max_tokens for nobody; cancel() stops it (the engine drops the row).
-                call.cancel()
+                outs = await asyncio.gather(*calls)
+            except BaseException:
+                # Past request_timeout_s (the 504), the client gone, or one answer failed: awaiting a
+                # DeploymentResponse does not cancel the call when the awaiting task is cancelled, so
+                # the replica would decode to max_tokens for nobody; cancel() stops it (the engine
+                # drops the row).
+                for call in calls:
+                    call.cancel()
                 raise
-            u = usage(out["prompt_tokens"], out["completion_tokens"], **counts)
-            self._count(out["prompt_tokens"], out["completion_tokens"], counts["image_tokens"])
-            lps = self._logprobs(out["logprobs"]) if "logprobs" in out else None
-            return JSONResponse(completion_body(rid, req.model, out["text"], out["finish_reason"], u, created, logprobs=lps))
+            p, c = outs[0]["prompt_tokens"], sum(o["completion_tokens"] for o in outs)  # the prompt counts once
+            self._count(p, c, counts["image_tokens"])
+            choices = [choice(i, o["text"], o["finish_reason"], self._logprobs(o["logprobs"]) if "logprobs" in o else None)
+                       for i, o in enumerate(outs)]
+            return JSONResponse(completion_body(rid, req.model, choices, usage(p, c, **counts), created))
 
-        events = self.lm_stream.generate_stream.remote(gen).__aiter__()
-        first = await events.__anext__()  # a list of events; errors before it are still HTTP errors
+        streams = [self.lm_stream.generate_stream.remote(g).__aiter__() for g in gens]
+        try:  # every answer's first message: errors before them are still HTTP errors
+            firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            raise
         self.m.ttft.observe(time.perf_counter() - start)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         deadline = asyncio.get_running_loop().time() + max(0.001, start + self.cfg.request_timeout_s
                                                            - time.perf_counter())
+        lp_sent = [0] * len(streams)  # log probabilities streamed so far, per answer
+        finals: dict[int, dict[str, Any]] = {}
 
-        def sse_text(batch: list[dict[str, Any]]) -> tuple[str, bool]:
-            """The SSE events for one message of the language model (the steps since the last
-            one) as one string, so each message costs one write downstream; and whether it ends
-            the answer."""
-            nonlocal lp_sent
+        def sse_text(i: int, batch: list[dict[str, Any]]) -> str:
+            """The SSE events for one message of answer ``i``'s language model stream (the steps
+            since the last one) as one string, so each message costs one write downstream."""
             out = []
             text = "".join(e.get("delta", "") for e in batch)
             lps = [lp for e in batch if "delta" in e for lp in e.get("logprobs", ())]
             if text:
-                lp_sent += len(lps)
-                out.append(chunk(rid, req.model, created, delta={"content": text},
+                lp_sent[i] += len(lps)
+                out.append(chunk(rid, req.model, created, delta={"content": text}, index=i,
                                  logprobs=self._logprobs(lps) if gen.logprobs is not None else None))
             event = batch[-1]
-            if "finish_reason" not in event:
-                return "".join(out), False
-            rest = event.get("logprobs", [])[lp_sent:]  # tokens that added no text of their own
-            out.append(chunk(rid, req.model, created, delta={}, finish=event["finish_reason"],
-                             logprobs=self._logprobs(rest) if rest else None))
-            p, c = event["prompt_tokens"], event["completion_tokens"]
-            self._count(p, c, counts["image_tokens"])
-            if include_usage:
-                out.append(chunk(rid, req.model, created, delta=None, usage_=usage(p, c, **counts)))
-            out.append(SSE_DONE)
-            return "".join(out), True
+            if "finish_reason" in event:
+                finals[i] = event
+                rest = event.get("logprobs", [])[lp_sent[i]:]  # tokens that added no text of their own
+                out.append(chunk(rid, req.model, created, delta={}, finish=event["finish_reason"], index=i,
+                                 logprobs=self._logprobs(rest) if rest else None))
+            return "".join(out)
 
-        ended = False  # the answer's last event was sent, or generation for it was cancelled
-        lp_sent = 0  # log probabilities streamed so far
+        def the_end() -> str:
+            """After every answer's last message: the usage chunk (when asked) and [DONE]."""
+            p, c = finals[0]["prompt_tokens"], sum(e["completion_tokens"] for e in finals.values())
+            self._count(p, c, counts["image_tokens"])
+            tail = chunk(rid, req.model, created, delta=None, usage_=usage(p, c, **counts)) if include_usage else ""
+            return tail + SSE_DONE
+
+        ended = False  # every answer's last event was sent, or generation was cancelled
 
         def stop_generating() -> None:
             nonlocal ended
             if not ended:
                 ended = True
-                events.cancel()
+                for s in streams:
+                    s.cancel()
 
         async def sse():
             nonlocal ended
-            done = False
+            waiting: dict[asyncio.Future, int] = {}
             try:
-                text, done = sse_text(first)
-                yield chunk(rid, req.model, created, delta={"role": "assistant", "content": ""}) + text
-                while not done:
-                    async with asyncio.timeout_at(deadline):  # around the wait only, never a yield
-                        batch = await events.__anext__()
-                    text, done = sse_text(batch)
+                text = "".join(chunk(rid, req.model, created, delta={"role": "assistant", "content": ""}, index=i)
+                               + sse_text(i, batch) for i, batch in enumerate(firsts))
+                while True:
+                    if len(finals) == len(streams):
+                        ended = True  # before the last write: a client gone during it cancels nothing
+                        yield text + the_end()
+                        return
                     yield text
+                    for i, s in enumerate(streams):  # one pending read per unfinished answer
+                        if i not in finals and i not in waiting.values():
+                            waiting[asyncio.ensure_future(s.__anext__())] = i
+                    async with asyncio.timeout_at(deadline):  # around the wait only, never a yield
+                        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    ready = sorted(done, key=waiting.get)  # answers in index order
+                    text = "".join(sse_text(waiting.pop(f), f.result()) for f in ready)
             except TimeoutError:
                 yield sse_error(ApiError(504, f"the request took longer than {self.cfg.request_timeout_s:g}s",
                                          code="timeout")) + SSE_DONE
@@ -579,7 +614,8 @@ class Ingress:
                 log.exception("stream failed")
                 yield sse_error(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")) + SSE_DONE
             finally:
-                ended = ended or done
+                for f in waiting:
+                    f.cancel()
                 stop_generating()  # client gone, timed out or failed: stop generating for it
 
         body = sse()

@@ -32,6 +32,7 @@ class Limits(_Strict):
     max_output_tokens: int = Field(512, ge=1, description="largest accepted max_tokens")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request gives none")
     max_embedding_inputs: int = Field(64, ge=1, description="inputs per /v1/embeddings request")
+    max_choices: int = Field(8, ge=1, description="largest accepted n (answers per chat request)")
 
 
 class MediaOptions(_Strict):

@@ -3,7 +3,7 @@
 Requests are parsed leniently (unknown OpenAI fields are accepted and ignored, and an explicit
 ``null`` for an optional field means its default) but every value we use is type-checked, and a
 bad one is a 400 whose message names the field. A feature this server does not implement
-(``response_format`` other than text, tool calls, ``n`` > 1) is a 400 that says so, never
+(``response_format`` other than text, tool calls) is a 400 that says so, never
 silently ignored. ``logprobs``/``top_logprobs``, ``logit_bias``, ``frequency_penalty``, ``presence_penalty`` and
 vLLM's ``repetition_penalty`` are implemented (``vlm.generation``).
 """
@@ -104,7 +104,7 @@ class ChatRequest(_Lenient):
     top_k: int | None = Field(None, ge=-1)  # 0 and -1 (vLLM's spelling) disable it
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted only in the forms that ask for nothing beyond plain text (check_supported).
@@ -206,37 +206,33 @@ def usage(prompt: int, completion: int, *, image_tokens: int = 0, num_images: in
     }
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, usage_: dict[str, Any], created: int,
-                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
-        ],
-        "usage": usage_,
-    }
+def choice(index: int, text: str, finish: str, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One answer of a chat completion (``n`` of them per response)."""
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": logprobs}
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], usage_: dict[str, Any], created: int) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage_}
 
 
 def chunk(rid: str, model: str, created: int, *, delta: dict[str, Any] | None, finish: str | None = None,
-          usage_: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None) -> str:
-    """One SSE event of a streamed chat completion."""
+          usage_: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None, index: int = 0) -> str:
+    """One SSE event of a streamed chat completion (for answer ``index`` of ``n``)."""
     body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
+    body["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
     if usage_ is not None:
         body["usage"] = usage_
     return f"data: {json.dumps(body)}\n\n"
 
 
-def logprobs_body(entries: list[dict[str, Any]], token_text) -> dict[str, Any]:
+def logprobs_body(entries: list[dict[str, Any]], token) -> dict[str, Any]:
     """OpenAI's ``logprobs`` object from the engine's entries (``{"id", "logprob", "top"}``);
-    ``token_text(id)`` gives a token's text (its ``bytes`` are that text's UTF-8)."""
+    ``token(id)`` gives a token's text and its bytes (for a byte-level BPE, the raw bytes, which
+    may be part of a character its text shows as U+FFFD)."""
 
     def one(i: int, lp: float) -> dict[str, Any]:
-        text = token_text(i)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        text, raw = token(i)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
 
     return {"content": [{**one(e["id"], e["logprob"]), "top_logprobs": [one(i, v) for i, v in e["top"]]} for e in entries],
             "refusal": None}

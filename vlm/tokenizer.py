@@ -12,6 +12,7 @@ bytes first, so there is no unknown token and ``decode(encode(x)) == x`` for any
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,3 +249,24 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int | None:
     if i is None or tokenizer.convert_ids_to_tokens(i) != token:
         return None
     return i
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (every byte as one printable character), inverted."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerFast, token_id: int) -> bytes:
+    """The bytes a token stands for: for a byte-level BPE (GPT-2, Qwen, ours) its raw bytes,
+    which may be part of a multi-byte character; otherwise the UTF-8 of its decoded text."""
+    special = token_id in set(tokenizer.all_special_ids) or token_id in tokenizer.added_tokens_decoder
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if not special and type(decoder).__name__ == "ByteLevel":
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        table = _byte_level_decoder()
+        if piece is not None and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")

@@ -172,6 +172,11 @@ def test_logprobs_and_penalties_through_the_openai_client(client):
                                                frequency_penalty=2.0)
     assert penalised.choices[0].message.content != plain.choices[0].message.content
     assert penalised.choices[0].logprobs is None
+    two = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=1.0, seed=5, n=2, messages=messages)
+    assert [c.index for c in two.choices] == [0, 1]
+    second = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=1.0, seed=6, messages=messages)
+    assert two.choices[1].message.content == second.choices[0].message.content  # answer 1 is seeded seed + 1
+    assert two.usage.prompt_tokens == second.usage.prompt_tokens  # the prompt counts once
 
 
 def test_repeated_image_hits_the_caches(client):

@@ -407,7 +407,13 @@ def test_logprobs_and_penalties_reach_the_model(ingress, knobs):
     content = choice["logprobs"]["content"]
     assert [c["logprob"] for c in content] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
     assert [c["token"] for c in content] == [ingress.tokenizer.decode([lp.token_id]) for lp in want.logprobs]
-    assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in content)
+    assert all(len(c["top_logprobs"]) == 2 for c in content)
+    from vlm.tokenizer import token_bytes
+
+    # the bytes are the tokens' raw bytes: joined, they decode to the answer (a character split
+    # over two tokens has a U+FFFD "token" text in each)
+    assert [c["bytes"] for c in content] == [list(token_bytes(ingress.tokenizer, lp.token_id)) for lp in want.logprobs]
+    assert bytes(b for c in content for b in c["bytes"]).decode("utf-8", "replace") == want.text
     plain = call(ingress, chat(max_tokens=12))[1]["choices"][0]
     assert plain["logprobs"] is None and plain["message"]["content"] != want.text  # the penalty was applied
     # streamed: the chunks' log probabilities, in order, are the whole answer's
@@ -430,6 +436,49 @@ def test_logit_bias_reaches_the_model_and_is_checked(ingress):
     assert err["param"] == "logit_bias"
     error(call(ingress, chat(logit_bias={"abc": 5})), 400, "'abc' is not a token id")
     error(call(ingress, chat(logit_bias={"5": 150})), 400, "the bias of token 5 is 150")
+
+
+def _chunks(sse: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in sse.split("\n\n") if line.startswith("data: {")]
+
+
+def test_n_answers_are_the_seeded_single_answers_whole_or_streamed(ingress):
+    body = chat(max_tokens=10, temperature=1.0, seed=7, n=3, logprobs=True)
+    status, got = call(ingress, body)
+    assert status == 200, got
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+    singles = [call(ingress, {**body, "n": 1, "seed": 7 + i})[1] for i in range(3)]
+    for c, one in zip(got["choices"], singles):  # answer i is the request seeded seed + i
+        assert c["message"]["content"] == one["choices"][0]["message"]["content"]
+        ours, alone = c["logprobs"]["content"], one["choices"][0]["logprobs"]["content"]
+        assert [t["token"] for t in ours] == [t["token"] for t in alone]
+        assert [t["logprob"] for t in ours] == pytest.approx([t["logprob"] for t in alone], abs=1e-4)  # batched with the others
+    assert len({c["message"]["content"] for c in got["choices"]}) > 1, "sampling with 3 seeds gave one answer"
+    u = got["usage"]  # the prompt once, every answer's tokens
+    assert u["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]
+    assert u["completion_tokens"] == sum(one["usage"]["completion_tokens"] for one in singles)
+    # streamed: each answer's chunks carry its index, its text is the whole answer's; one usage, one [DONE]
+    status, sse = call(ingress, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = _chunks(sse)
+    texts = {i: "".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"] if c["index"] == i) for i in range(3)}
+    assert [texts[i] for i in range(3)] == [c["message"]["content"] for c in got["choices"]]
+    finishes = [c["index"] for ch in chunks for c in ch["choices"] if c["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2]
+    assert [ch["usage"] for ch in chunks if ch.get("usage")] == [u] and sse.count("data: [DONE]") == 1
+    assert sse.endswith("data: [DONE]\n\n")
+
+
+def test_n_is_checked(ingress):
+    error(call(ingress, chat(n=9)), 400, "n 9 is over the limit of 8")
+    error(call(ingress, chat(n=0)), 400, "n")
+
+
+def test_nth_seed_wraps_into_64_bits():
+    from serve.app import _nth_seed
+    from serve.protocol import SEED_MAX
+
+    assert [_nth_seed(None, 2), _nth_seed(5, 0), _nth_seed(5, 2), _nth_seed(SEED_MAX, 1)] == [None, 5, 7, -(2**63) + 2**63 - 2**64 + SEED_MAX + 1]
+    torch.Generator().manual_seed(_nth_seed(SEED_MAX, 3))  # a seed the generator takes
 
 
 # ----------------------------------------------------------------------------- embeddings

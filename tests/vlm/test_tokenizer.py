@@ -196,3 +196,18 @@ def test_ensure_special_tokens_adds_a_pad_when_there_is_none(bpe, tmp_path):
     assert ensure_special_tokens(tok) == 0  # the strings are already in the vocabulary
     assert tok.pad_token == PAD and tok.pad_token_id == 0
     assert tok.eos_token == EOS and tok.eos_token_id == 1
+
+
+def test_token_bytes_are_each_tokens_raw_bytes(bpe):
+    from vlm.tokenizer import token_bytes
+
+    text = "héllo wörld ☃ 猫"
+    ids = bpe.encode(text, add_special_tokens=False)
+    pieces = [token_bytes(bpe, i) for i in ids]
+    assert b"".join(pieces).decode("utf-8") == text  # byte-level BPE: every byte exactly once
+    partial = [p for p in pieces if p.decode("utf-8", "replace") != p.decode("utf-8", "ignore")]
+    assert partial, "no token held part of a character: the case raw bytes are for is not exercised"
+    assert token_bytes(bpe, bpe.convert_tokens_to_ids(IM_END)) == IM_END.encode()  # a special token: its text
+    wordpiece = load_tokenizer(_minilm_dir())  # not byte-level: the UTF-8 of the token's text
+    t = wordpiece.convert_tokens_to_ids("red")
+    assert token_bytes(wordpiece, t) == b"red"
