@@ -106,6 +106,7 @@ COMMANDS = {
     "curate": (_lazy("pipelines.cli"), "download, validate, filter, dedup and tokenize image-text pairs into WebDataset shards (Ray Data)"),
     "train": (_lazy("jobs.train"), "train a stage on Ray Train + DeepSpeed: `vlm train contrastive|sft`"),
     "eval": (_lazy("jobs.evaluate"), "score a checkpoint on held-out data: retrieval and zero-shot (stage 1), questions and captions (stage 2)"),
+    "ask": (_lazy("jobs.ask"), "ask a stage-2 checkpoint about your images and videos, in this process (no Ray)"),
     "classify": (_lazy("jobs.retrieve", "classify_main"), "label your images zero-shot with a stage-1 checkpoint (class names + prompt templates)"),
     "search": (_lazy("jobs.retrieve", "search_main"), "rank your images against text or image queries with a stage-1 checkpoint"),
     "submit": (_lazy("jobs.submit"), "submit a command to a Ray cluster as a Ray Job and stream its logs"),

@@ -221,7 +221,8 @@ def _load_model(checkpoint: str, device: str, bf16: bool):
     loaded = load_checkpoint(checkpoint)
     if loaded.stage != "contrastive":
         raise UsageError(f"{checkpoint}: a stage-{2 if loaded.stage == 'vlm' else '?'} ({loaded.stage}) checkpoint; classify and search "
-                         "use the stage-1 (contrastive) towers: pass a `vlm train contrastive` run's final/ directory")
+                         "use the stage-1 (contrastive) towers: pass a `vlm train contrastive` run's final/ directory "
+                         "(`vlm ask` takes a stage-2 one)")
     return loaded, dev
 
 
