@@ -227,3 +227,20 @@ def test_the_vlm_command_runs_both(checkpoints, folders, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 6
     assert cli.main(["search", str(checkpoints["clip"]), str(folders), "--query", "cat", "--top-k", "2"]) == 0
     assert capsys.readouterr().out.startswith("text query 'cat':")
+
+
+def test_the_embedding_benchmark_runs_and_agrees(tmp_path, capsys):
+    """benchmarks/embed.py on the tiny preset: both paths embed every image alike."""
+    import importlib.util
+
+    from tests.jobs.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_embed", ROOT / "benchmarks" / "embed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = tmp_path / "embed.json"
+    assert bench.main(["--preset", "tiny", "--images", "12", "--side", "48", "--json", str(report)]) == 0
+    got = json.loads(report.read_text())
+    assert got["images"] == 12 and got["ours_images_per_s"] > 0 and got["naive_images_per_s"] > 0
+    assert got["min_cosine_ours_vs_naive"] > 0.9999
+    assert "ours/naive" in capsys.readouterr().out
