@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (a.side, a.side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
             (Path(tmp) / f"{i:06d}.jpg").write_bytes(buf.getvalue())
-        items = find_images([tmp])
+        items, _ = find_images([tmp])
         size = cfg.vision.image_size
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 

@@ -11,6 +11,7 @@ An image that cannot be read is reported and skipped, never the end of the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tarfile
@@ -39,8 +40,9 @@ class Item:
     source: str  # the file or the shard, as given (resolved)
     member: str = ""  # the shard member, "" for a plain file
     size: int = 0  # bytes of the file or member: with mtime, tells a changed image
-    mtime: float = 0.0
+    mtime: float = 0.0  # of the file, or of the whole shard
     caption: str = ""
+    offset: int = -1  # where a member's bytes start in its shard (read by seeking, not by a header scan)
 
     @property
     def name(self) -> str:
@@ -50,36 +52,61 @@ class Item:
     def key(self) -> tuple[str, str, int, float]:
         return (self.source, self.member, self.size, self.mtime)
 
+    def unchanged(self) -> bool:
+        """Whether the file (or shard) is still there as it was when this item was read."""
+        try:
+            st = Path(self.source).stat()
+        except OSError:
+            return False
+        return st.st_mtime == self.mtime and (bool(self.member) or st.st_size == self.size)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
 
 # ----------------------------------------------------------------------------- finding images
 
 
-def _shard_items(path: Path) -> Iterator[Item]:
-    """A WebDataset shard's images, each with its sample's caption when there is one."""
+def _shard_items(path: Path, problems: list[dict[str, Any]]) -> list[Item]:
+    """A WebDataset shard's images, each with its sample's caption when there is one; read in one
+    pass. A shard cut short gives the images before the cut (and a problem); one that is no tar
+    at all, a problem."""
+    items: list[Item] = []
+    captions: dict[str, str] = {}
+    st = path.stat()
+    mtime = st.st_mtime
     try:
-        with tarfile.open(path) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            captions = {}
-            for m in members:
-                stem, dot, ext = m.name.rpartition("/")[2].partition(".")
-                if dot and f".{ext.lower()}" in CAPTION_EXTS:
-                    data = tar.extractfile(m)
-                    captions[m.name[: len(m.name) - len(ext) - 1]] = data.read(4096).decode("utf-8", "replace").strip() if data else ""
-            mtime = path.stat().st_mtime
-            for m in members:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
                 base = m.name.rpartition("/")[2]
                 dot = base.find(".")
-                if dot > 0 and base[dot:].lower() in IMAGE_EXTS:
-                    key = m.name[: len(m.name) - len(base) + dot]  # webdataset: the sample key ends at the first dot
-                    yield Item(str(path), m.name, m.size, mtime, captions.get(key, ""))
-    except (tarfile.TarError, OSError) as e:
-        raise UsageError(f"{path}: not a readable tar shard ({e})") from None
+                if dot <= 0:
+                    continue
+                key, ext = m.name[: len(m.name) - len(base) + dot], base[dot:].lower()  # webdataset: the key ends at the first dot
+                if ext in CAPTION_EXTS:
+                    data = tar.extractfile(m)
+                    captions[key] = data.read(4096).decode("utf-8", "replace").strip() if data else ""
+                elif ext in IMAGE_EXTS and m.offset_data + m.size <= st.st_size:
+                    items.append(Item(str(path), m.name, m.size, mtime, key, m.offset_data))  # caption: its key for now
+            # tarfile reads a shard cut short as one that ends early: a whole one ends with its
+            # end-of-archive blocks after the last member
+            if st.st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("cut short: it ends before its end-of-archive marker")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append({"source": str(path), "member": "", "error": f"not a readable tar shard ({_one_line(e)})"
+                         + (f"; the {len(items)} images before the damage are used" if items else "")})
+    return [Item(it.source, it.member, it.size, it.mtime, captions.get(it.caption, ""), it.offset) for it in items]
 
 
-def find_images(paths: list[str]) -> list[Item]:
+def find_images(paths: list[str]) -> tuple[list[Item], list[dict[str, Any]]]:
     """Every image under ``paths`` (files, directories walked recursively, ``.tar`` shards), in a
-    stable order; a path that does not exist is refused."""
+    stable order, and the shards that could not be read (as failures); a path that does not
+    exist is refused."""
     items: list[Item] = []
+    problems: list[dict[str, Any]] = []
     for given in paths:
         p = Path(given).expanduser()
         if not p.exists():
@@ -88,24 +115,25 @@ def find_images(paths: list[str]) -> list[Item]:
         for f in files:
             suffix = f.suffix.lower()
             if suffix == ".tar":
-                items.extend(_shard_items(f.resolve()))
+                items.extend(_shard_items(f.resolve(), problems))
             elif suffix in IMAGE_EXTS or not p.is_dir():  # a file named explicitly is tried whatever its name
                 st = f.stat()
                 items.append(Item(str(f.resolve()), "", st.st_size, st.st_mtime))
     unique: dict[tuple[str, str], Item] = {}  # a file reached through two of the paths given counts once
     for it in items:
         unique.setdefault((it.source, it.member), it)
-    return list(unique.values())
+    return list(unique.values()), problems
 
 
 def _read(item: Item) -> bytes:
     if not item.member:
         return Path(item.source).read_bytes()
-    with tarfile.open(item.source) as tar:
-        data = tar.extractfile(item.member)
-        if data is None:
-            raise OSError(f"{item.member}: not a file in the shard")
-        return data.read()
+    with open(item.source, "rb") as f:
+        f.seek(item.offset)
+        data = f.read(item.size)
+    if len(data) != item.size:
+        raise OSError(f"the shard ends {item.size - len(data)} bytes into this member")
+    return data
 
 
 def load_pixels(item: Item, size: int, resize_mode: str) -> np.ndarray:
@@ -142,63 +170,76 @@ def _fingerprint(checkpoint: str) -> dict[str, Any]:
 
 
 class Embeddings:
-    """Image embeddings (N, E) with their items and the images that failed, optionally kept in an
-    index directory: ``embeddings.npy``, ``items.jsonl``, ``index.json``."""
+    """Image embeddings (N, E) with their items, optionally kept in an index directory: one
+    ``index.npz`` (embeddings, items and what built them, replaced whole, so a crash leaves the
+    previous index) and ``index.json``, a summary for people (the failures of the last run)."""
 
-    def __init__(self, items: list[Item], emb: np.ndarray, failed: list[dict[str, str]], meta: dict[str, Any]) -> None:
+    def __init__(self, items: list[Item], emb: np.ndarray, failed: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         self.items, self.emb, self.failed, self.meta = items, emb, failed, meta
+
+    def subset(self, keep: list[int]) -> Embeddings:
+        return Embeddings([self.items[i] for i in keep], self.emb[keep], self.failed, self.meta)
 
     @staticmethod
     def read(index: Path) -> Embeddings | None:
-        if not (index / "index.json").is_file():
+        path = index / "index.npz"
+        if not path.is_file():
             return None
         try:
-            meta = json.loads((index / "index.json").read_text())
-            items = [Item(**json.loads(line)) for line in (index / "items.jsonl").read_text().splitlines() if line]
-            emb = np.load(index / "embeddings.npy")
-        except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"--index {index}: not a readable index ({type(e).__name__}: {e}); remove it or pass --rebuild") from None
+            with np.load(path, allow_pickle=False) as z:
+                emb = z["embeddings"]
+                items = [Item(**d) for d in json.loads(str(z["items"]))]
+                meta = json.loads(str(z["meta"]))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"--index {index}: not a readable index ({_one_line(e)}); remove it or pass --rebuild") from None
         if len(items) != len(emb):
             raise UsageError(f"--index {index}: {len(items)} items but {len(emb)} embeddings; remove it or pass --rebuild")
-        return Embeddings(items, emb, meta.get("failed", []), meta)
+        return Embeddings(items, emb, [], meta)
 
     def write(self, index: Path) -> None:
+        import os
+        import uuid
+
         index.mkdir(parents=True, exist_ok=True)
-        np.save(index / "embeddings.npy.tmp.npy", self.emb)
-        (index / "items.jsonl.tmp").write_text("".join(json.dumps(asdict(it)) + "\n" for it in self.items))
-        (index / "index.json.tmp").write_text(json.dumps({**self.meta, "count": len(self.items), "failed": self.failed}, indent=2))
-        # index.json last: an index cut short by a crash is the previous one, or none
-        (index / "embeddings.npy.tmp.npy").replace(index / "embeddings.npy")
-        (index / "items.jsonl.tmp").replace(index / "items.jsonl")
-        (index / "index.json.tmp").replace(index / "index.json")
+        tmp = index / f".index-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=self.emb.astype(np.float32), items=np.array(json.dumps([asdict(it) for it in self.items])),
+                         meta=np.array(json.dumps(self.meta)))
+            os.replace(tmp, index / "index.npz")  # one rename: the whole new index or the whole old one
+        finally:
+            tmp.unlink(missing_ok=True)
+        summary = {**self.meta, "count": len(self.items), "failed_last_run": self.failed}
+        (index / "index.json").write_text(json.dumps(summary, indent=2))
 
 
 def embed_items(model: Any, items: list[Item], *, resize_mode: str, progress: bool, log: Callable[[str], None],
                 reuse: Embeddings | None = None, workers: int = 8) -> Embeddings:
     """Embed ``items`` (decoding on ``workers`` threads, ``BATCH`` images per forward pass),
-    taking the embedding of any unchanged item from ``reuse``."""
+    taking the embedding of any unchanged item from ``reuse``. An image that cannot be read is
+    left out and listed in ``failed`` (and tried again by the next run)."""
     from tqdm import tqdm
 
     from vlm.embed import encode_images
 
     size, dim = model.cfg.vision.image_size, model.cfg.contrastive.embed_dim
     known = {it.key: i for i, it in enumerate(reuse.items)} if reuse is not None else {}
-    known_failed = {(f["source"], f["member"], f.get("size"), f.get("mtime")): f for f in (reuse.failed if reuse else [])}
     out = np.zeros((len(items), dim), np.float32)
-    todo = [i for i, it in enumerate(items) if it.key not in known and it.key not in known_failed]
+    todo = [i for i, it in enumerate(items) if it.key not in known]
     for i, it in enumerate(items):
         if it.key in known:
             out[i] = reuse.emb[known[it.key]]  # type: ignore[union-attr]
-    failed = [known_failed[it.key] for it in items if it.key in known_failed]
     if reuse is not None:
         log(f"[index] {len(items) - len(todo)} of {len(items)} images already embedded; embedding {len(todo)}")
+    failed: list[dict[str, Any]] = []
     bad: set[int] = set()
 
     def decode(i: int) -> tuple[int, np.ndarray | None]:
         try:
             return i, load_pixels(items[i], size, resize_mode)
         except Exception as e:  # any unreadable image: recorded, skipped
-            failed.append({**asdict(items[i]), "error": (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")[:300]})
+            failed.append({"source": items[i].source, "member": items[i].member,
+                           "error": str(e)[:300] if isinstance(e, ValueError) else _one_line(e)})
             bad.add(i)
             return i, None
 
@@ -209,8 +250,87 @@ def embed_items(model: Any, items: list[Item], *, resize_mode: str, progress: bo
             if got:
                 out[[i for i, _ in got]] = encode_images(model, np.stack([px for _, px in got])).numpy()
             bar.update(len(todo[start : start + BATCH]))
-    keep = [i for i in range(len(items)) if i not in bad and items[i].key not in known_failed]
+    keep = [i for i in range(len(items)) if i not in bad]
     return Embeddings([items[i] for i in keep], out[keep], failed, {})
+
+
+def _under(source: str, roots: list[Path]) -> bool:
+    src = Path(source)
+    return any(src == r or src.is_relative_to(r) for r in roots)
+
+
+@contextlib.contextmanager
+def _locked(index: Path) -> Iterator[None]:
+    """One run at a time updates an index (another is refused, not waited for)."""
+    import fcntl
+
+    index.mkdir(parents=True, exist_ok=True)
+    with open(index / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"--index {index}: another run is updating this index; wait for it to finish, "
+                             "or use another --index") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def gather_embeddings(a: argparse.Namespace, model: Any, log: Callable[[str], None]) -> Embeddings:
+    """The embeddings of the images given (``a.images``), or of the whole ``--index`` when none
+    are given. With images, the index gains the new and changed ones, drops the ones under the
+    paths given that are gone, and keeps what it holds from elsewhere."""
+    index = Path(a.index) if a.index else None
+    if index is not None and a.images:
+        with _locked(index):
+            return _gather(a, index, model, log)
+    return _gather(a, index, model, log)
+
+
+def _gather(a: argparse.Namespace, index: Path | None, model: Any, log: Callable[[str], None]) -> Embeddings:
+    fp = {**_fingerprint(a.checkpoint), "resize_mode": a.resize}
+    reuse = None
+    if index is not None and not a.rebuild:
+        reuse = Embeddings.read(index)
+        if reuse is not None and any(reuse.meta.get(k) != v for k, v in fp.items()):
+            was = {k: reuse.meta.get(k) for k in fp}
+            raise UsageError(f"--index {index}: built with {was}, not {fp}; pass --rebuild to embed the images again "
+                             "with this checkpoint, or another --index")
+    if not a.images:
+        if reuse is None:
+            raise UsageError("expected images (files, directories or .tar shards), or an --index built earlier")
+        fresh = [i for i, it in enumerate(reuse.items) if it.unchanged()]
+        log(f"[index] {len(fresh)} images from {index}")
+        if len(fresh) < len(reuse.items):
+            log(f"[index] {len(reuse.items) - len(fresh)} indexed images are gone or changed since and are left out; "
+                "run again with their paths to update the index")
+        if not fresh:
+            raise UsageError(f"--index {index}: none of its images is still there as it was")
+        return reuse.subset(fresh)
+    items, problems = find_images(a.images)
+    if not items and not problems:
+        raise UsageError(f"no images found in {' '.join(a.images)} (looked for {', '.join(IMAGE_EXTS)} and .tar shards)")
+    got = embed_items(model, items, resize_mode=a.resize, progress=not a.no_progress, log=log, reuse=reuse)
+    got.meta, got.failed = fp, problems + got.failed
+    if got.failed:
+        log(f"[images] {len(got.failed)} of {len(items) + len(problems)} could not be read and are left out:")
+        for f in got.failed[:5]:
+            log(f"  {f['source']}{':' + f['member'] if f['member'] else ''}: {f['error']}")
+        if len(got.failed) > 5:
+            log(f"  ... and {len(got.failed) - 5} more" + (f" (all listed in {index / 'index.json'})" if index else ""))
+    if index is not None:
+        roots = [Path(x).expanduser().resolve() for x in a.images]
+        mine = {(it.source, it.member) for it in items}
+        kept = [i for i, it in enumerate(reuse.items if reuse is not None else [])
+                if not _under(it.source, roots) and (it.source, it.member) not in mine]
+        whole = got if not kept else Embeddings(got.items + [reuse.items[i] for i in kept],  # type: ignore[union-attr]
+                                                np.concatenate([got.emb, reuse.emb[kept]]), got.failed, fp)  # type: ignore[union-attr]
+        whole.write(index)
+        log(f"[index] {len(whole.items)} embeddings in {index}" + (f" ({len(kept)} of them from other paths)" if kept else ""))
+    if not got.items:
+        raise UsageError("none of the images could be read")
+    return got
 
 
 def _load_model(checkpoint: str, device: str, bf16: bool):
@@ -226,47 +346,12 @@ def _load_model(checkpoint: str, device: str, bf16: bool):
     return loaded, dev
 
 
-def gather_embeddings(a: argparse.Namespace, model: Any, log: Callable[[str], None]) -> Embeddings:
-    """The images' embeddings: from ``a.images``, through the ``--index`` when there is one."""
-    index = Path(a.index) if a.index else None
-    fp = {**_fingerprint(a.checkpoint), "resize_mode": a.resize}
-    reuse = None
-    if index is not None and not a.rebuild:
-        reuse = Embeddings.read(index)
-        if reuse is not None and any(reuse.meta.get(k) != v for k, v in fp.items()):
-            was = {k: reuse.meta.get(k) for k in fp}
-            raise UsageError(f"--index {index}: built with {was}, not {fp}; pass --rebuild to embed the images again "
-                             "with this checkpoint, or another --index")
-    if not a.images:
-        if reuse is None:
-            raise UsageError("expected images (files, directories or .tar shards), or an --index built earlier")
-        log(f"[index] {len(reuse.items)} images from {index}")
-        return reuse
-    items = find_images(a.images)
-    if not items:
-        raise UsageError(f"no images found in {' '.join(a.images)} (looked for {', '.join(IMAGE_EXTS)} and .tar shards)")
-    got = embed_items(model, items, resize_mode=a.resize, progress=not a.no_progress, log=log, reuse=reuse)
-    got.meta = fp
-    if got.failed:
-        log(f"[images] {len(got.failed)} of {len(items)} could not be read and are left out:")
-        for f in got.failed[:5]:
-            log(f"  {f['source']}{':' + f['member'] if f['member'] else ''}: {f['error']}")
-        if len(got.failed) > 5:
-            log(f"  ... and {len(got.failed) - 5} more" + (f" (all listed in {index / 'index.json'})" if index else ""))
-    if index is not None:
-        got.write(index)
-        log(f"[index] {len(got.items)} embeddings in {index}")
-    if not got.items:
-        raise UsageError("none of the images could be read")
-    return got
-
-
 def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a stage-1 checkpoint directory, e.g. runs/s1/final")
     p.add_argument("images", nargs="*", help="image files, directories (walked recursively) and WebDataset .tar shards")
     p.add_argument("--index", default=None, metavar="DIR",
-                   help="keep the image embeddings in DIR; a later run embeds only new or changed images, and with no "
-                        "images given uses DIR as it is")
+                   help="keep the image embeddings in DIR: a later run embeds only new or changed images (and keeps "
+                        "what DIR holds from other paths); with no images given, searches all of DIR")
     p.add_argument("--rebuild", action="store_true", help="embed every image again, replacing --index")
     p.add_argument("--resize", choices=("squash", "pad"), default="squash",
                    help="how an image becomes the tower's square: squash (as training) or pad (keep its aspect ratio)")
@@ -281,7 +366,7 @@ def run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body
         log: Callable[[str], None]) -> int:
     """Parse, load the checkpoint, run ``body(a, loaded, log)``; a user's mistake is one line and
     exit status 2."""
-    a = parser.parse_args(argv)
+    a = parser.parse_intermixed_args(argv)  # images and flags in any order
     try:
         if a.top_k < 1:
             raise UsageError(f"--top-k: expected 1 or more, got {a.top_k}")

@@ -152,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlm submit: expected a Ray cluster with its dashboard at {address}, could not connect ({e})", file=sys.stderr)
         return 2
     job_id = submit_with_retry(client, entrypoint=ep, runtime_env=env or None, submission_id=args.submission_id)
-    print(f"submitted job {job_id} to {address}: {ep}", flush=True)
-    if args.no_wait:
-        return 0
-    try:
+    try:  # from here on a Ctrl-C knows the job: --stop-on-interrupt stops it even before its logs start
+        print(f"submitted job {job_id} to {address}: {ep}", flush=True)
+        if args.no_wait:
+            return 0
         asyncio.run(_stream(client, job_id))
     except KeyboardInterrupt:
         if args.stop_on_interrupt:

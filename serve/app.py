@@ -201,6 +201,7 @@ class Ingress:
         self.cfg = IngressConfig()
         self.features = LRU(int(self.cfg.image_cache_mb * 2**20), weigh=lambda a: a.nbytes)  # bytes hash -> (1, T, D)
         self.inflight = 0
+        self._tokens: dict[int, tuple[str, bytes]] = {}  # token id -> its text and bytes (logprobs)
         self.created = now()
         self.m = metrics.get()
         if chat_model:
@@ -506,10 +507,17 @@ class Ingress:
                   "cached_images": cached}
         return req, gen, counts
 
-    def _logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        from vlm.tokenizer import token_bytes
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and bytes for ``logprobs``, worked out once per token id."""
+        got = self._tokens.get(token_id)
+        if got is None:
+            from vlm.tokenizer import token_bytes
 
-        return logprobs_body(entries, lambda i: (self.tokenizer.decode([i]), token_bytes(self.tokenizer, i)))
+            got = self._tokens[token_id] = (self.tokenizer.decode([token_id]), token_bytes(self.tokenizer, token_id))
+        return got
+
+    def _logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        return logprobs_body(entries, self._token)
 
     def _count(self, prompt: int, completion: int, image_tokens: int) -> None:
         # Ray's Counter.inc rejects 0 (an image-only embedding, an answer that stops at once).
@@ -562,14 +570,14 @@ class Ingress:
             lps = [lp for e in batch if "delta" in e for lp in e.get("logprobs", ())]
             if text:
                 lp_sent[i] += len(lps)
-                out.append(chunk(rid, req.model, created, delta={"content": text}, index=i,
+                out.append(chunk(rid, req.model, created, delta={"content": text}, index=i, usage_null=include_usage,
                                  logprobs=self._logprobs(lps) if gen.logprobs is not None else None))
             event = batch[-1]
             if "finish_reason" in event:
                 finals[i] = event
                 rest = event.get("logprobs", [])[lp_sent[i]:]  # tokens that added no text of their own
                 out.append(chunk(rid, req.model, created, delta={}, finish=event["finish_reason"], index=i,
-                                 logprobs=self._logprobs(rest) if rest else None))
+                                 usage_null=include_usage, logprobs=self._logprobs(rest) if rest else None))
             return "".join(out)
 
         def the_end() -> str:
@@ -592,8 +600,8 @@ class Ingress:
             nonlocal ended
             waiting: dict[asyncio.Future, int] = {}
             try:
-                text = "".join(chunk(rid, req.model, created, delta={"role": "assistant", "content": ""}, index=i)
-                               + sse_text(i, batch) for i, batch in enumerate(firsts))
+                text = "".join(chunk(rid, req.model, created, delta={"role": "assistant", "content": ""}, index=i,
+                                     usage_null=include_usage) + sse_text(i, batch) for i, batch in enumerate(firsts))
                 while True:
                     if len(finals) == len(streams):
                         ended = True  # before the last write: a client gone during it cancels nothing

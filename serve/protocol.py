@@ -216,11 +216,14 @@ def completion_body(rid: str, model: str, choices: list[dict[str, Any]], usage_:
 
 
 def chunk(rid: str, model: str, created: int, *, delta: dict[str, Any] | None, finish: str | None = None,
-          usage_: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None, index: int = 0) -> str:
-    """One SSE event of a streamed chat completion (for answer ``index`` of ``n``)."""
+          usage_: dict[str, Any] | None = None, logprobs: dict[str, Any] | None = None, index: int = 0,
+          usage_null: bool = False) -> str:
+    """One SSE event of a streamed chat completion (for answer ``index`` of ``n``). With
+    ``stream_options.include_usage`` every chunk but the usage one has ``"usage": null``
+    (``usage_null``), as OpenAI sends them."""
     body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     body["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
-    if usage_ is not None:
+    if usage_ is not None or usage_null:
         body["usage"] = usage_
     return f"data: {json.dumps(body)}\n\n"
 

@@ -244,3 +244,61 @@ def test_the_embedding_benchmark_runs_and_agrees(tmp_path, capsys):
     assert got["images"] == 12 and got["ours_images_per_s"] > 0 and got["naive_images_per_s"] > 0
     assert got["min_cosine_ours_vs_naive"] > 0.9999
     assert "ours/naive" in capsys.readouterr().out
+
+
+def test_a_damaged_shard_costs_only_its_missing_images(checkpoints, tmp_path, capsys):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    Image.fromarray(_picture(1)).save(pool / "ok.png")
+    _shard(pool / "whole-000000.tar", {f"{k:06d}": _picture(10 + k) for k in range(3)})
+    _shard(tmp_path / "cut.tar", {f"{k:06d}": _picture(20 + k) for k in range(4)})
+    data = (tmp_path / "cut.tar").read_bytes()
+    (pool / "cut-000001.tar").write_bytes(data[: int(len(data) * 0.6)])  # cut inside its third sample
+    (pool / "junk-000002.tar").write_bytes(b"not a tar at all" * 10)
+    rc, out, said = _run(search_main, [checkpoints["clip"], pool, "--query", "x", "--top-k", "20", "--json"], capsys)
+    assert rc == 0, said
+    found = {r["image"].rsplit("/", 1)[-1] for r in json.loads(out)["results"]}
+    assert {"ok.png", "whole-000000.tar:000000.png", "whole-000000.tar:000002.png", "cut-000001.tar:000000.png"} <= found
+    assert not any(n.startswith("junk") for n in found)
+    lines = [ln for ln in said.splitlines() if "junk-000002.tar" in ln or "cut-000001.tar" in ln]
+    assert len(lines) == 2 and all("not a readable tar shard" in ln for ln in lines), said  # one line each
+    assert "images before the damage are used" in next(ln for ln in lines if "cut-" in ln)
+
+
+def test_the_index_keeps_other_paths_survives_a_crash_and_skips_what_is_gone(checkpoints, tmp_path, capsys, monkeypatch):
+    import fcntl
+    import os
+
+    from jobs.retrieve import Embeddings
+
+    pool, index = tmp_path / "pool", tmp_path / "index"
+    for c in ("cats", "dogs"):
+        (pool / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(_picture(hash((c, i)) % 1000)).save(pool / c / f"{i}.png")
+    search = [checkpoints["clip"], "--index", index, "--query", "x", "--top-k", "10", "--json"]
+    assert _run(search_main, [*search, pool], capsys)[0] == 0
+    # one folder again: its images are the results, the index still holds the other folder's
+    rc, out, said = _run(search_main, [*search, pool / "cats"], capsys)
+    assert rc == 0 and {r["image"].split("/")[-2] for r in json.loads(out)["results"]} == {"cats"}, said
+    assert "(2 of them from other paths)" in said and len(Embeddings.read(index).items) == 4
+    before = Embeddings.read(index)
+    # a crash while the index is replaced leaves the previous one whole
+    Image.fromarray(_picture(77)).save(pool / "dogs" / "new.png")
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        search_main([str(x) for x in [*search, pool]], log=lambda *_: None)
+    monkeypatch.setattr(os, "replace", real)
+    after = Embeddings.read(index)
+    assert [it.name for it in after.items] == [it.name for it in before.items] and np.array_equal(after.emb, before.emb)
+    assert not list(index.glob(".index-*"))  # no temporary file left behind
+    # a file gone since: the index alone leaves it out, with a note
+    (pool / "cats" / "0.png").unlink()
+    rc, out, said = _run(search_main, search, capsys)
+    assert rc == 0 and "cats/0.png" not in out and "1 indexed images are gone or changed since" in said, said
+    # a second run updating the same index at once is refused
+    with open(index / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        rc, _, said = _run(search_main, [*search, pool], capsys)
+    assert rc == 2 and "another run is updating this index" in said

@@ -141,7 +141,7 @@ def test_ctrl_c_with_stop_on_interrupt_stops_the_job(cluster):
     out: list[str] = []
     try:
         deadline = time.monotonic() + 120
-        while not any("job is running" in ln for ln in out):  # the job's own line, streamed back
+        while not any(ln.strip() == "job is running" for ln in out):  # the job's own line, streamed back (not the echo of its command)
             assert time.monotonic() < deadline and proc.poll() is None, f"no job output in time: {''.join(out)}"
             try:
                 out.append(lines.get(timeout=1))

@@ -39,6 +39,13 @@ def _worker(rank: int, world: int, port: int, d: str) -> None:
     from jobs.loop import build_model
     from vlm.tokenizer import load_tokenizer
 
+    from deepspeed import comm
+
+    # DeepSpeed's communicator is up on the gloo group without its shared-memory inference op
+    # (jobs.loop.skip_inference_comm_op: no C++ build on a fresh machine), and its collectives work
+    t = torch.ones(3) * (rank + 1)
+    comm.all_reduce(t)
+    comm_report = {"shm_op_built": comm.comm.cdb.shm_comm_op is not None, "all_reduce": t.tolist()}
     tok = load_tokenizer(Path(d) / "tokenizer")
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     report = {}
@@ -58,7 +65,7 @@ def _worker(rank: int, world: int, port: int, d: str) -> None:
         seen["differ"] = sorted(k for k in plain if not torch.equal(plain[k], got[k]))
         seen["keys_equal"] = sorted(plain) == sorted(got)
         report[name] = seen
-    (Path(d) / f"rank{rank}.json").write_text(json.dumps(report))
+    (Path(d) / f"rank{rank}.json").write_text(json.dumps({**report, "_comm": comm_report}))
     dist.barrier()
     os._exit(0)  # no interpreter teardown after the check (see test_master_weights.py)
 
@@ -89,6 +96,7 @@ def test_partitioned_builds_hold_the_plain_weights(sources):
 
     mp.spawn(_worker, args=(2, free_port(), str(sources)), nprocs=2, join=True)
     reports = [json.loads((sources / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["_comm"] for r in reports] == [{"shm_op_built": False, "all_reduce": [3.0, 3.0, 3.0]}] * 2
     for name in CASES:
         for rank, rep in enumerate(reports):
             seen = rep[name]

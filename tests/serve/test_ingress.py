@@ -465,6 +465,7 @@ def test_n_answers_are_the_seeded_single_answers_whole_or_streamed(ingress):
     finishes = [c["index"] for ch in chunks for c in ch["choices"] if c["finish_reason"]]
     assert sorted(finishes) == [0, 1, 2]
     assert [ch["usage"] for ch in chunks if ch.get("usage")] == [u] and sse.count("data: [DONE]") == 1
+    assert all("usage" in ch for ch in chunks)  # null on every other chunk, as OpenAI sends them
     assert sse.endswith("data: [DONE]\n\n")
 
 
