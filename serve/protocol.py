@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vlm.generation import MAX_LOGPROBS
+from vlm.sampling import MAX_LOGPROBS
 
 ERROR_TYPES = {
     400: "invalid_request_error",

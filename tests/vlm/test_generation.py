@@ -17,8 +17,8 @@ from vlm.generation import (
     left_pad,
     positions_from_mask,
     prefill,
-    sample_next,
 )
+from vlm.sampling import sample_next
 from vlm.llava import VisionLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
