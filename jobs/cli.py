@@ -104,6 +104,7 @@ def _available(fn) -> bool:
 COMMANDS = {
     "flow": (_lazy("jobs.flow"), "the whole product on a local Ray: world -> curate -> train both stages -> serve -> ask it questions"),
     "curate": (_lazy("pipelines.cli"), "download, validate, filter, dedup and tokenize image-text pairs into WebDataset shards (Ray Data)"),
+    "import-llava": (_lazy("pipelines.llava_data"), "convert LLaVA-format instruction data (JSON + image folder) into a stage-2 data directory"),
     "train": (_lazy("jobs.train"), "train a stage on Ray Train + DeepSpeed: `vlm train contrastive|sft`"),
     "eval": (_lazy("jobs.evaluate"), "score a checkpoint on held-out data: retrieval and zero-shot (stage 1), questions and captions (stage 2)"),
     "ask": (_lazy("jobs.ask"), "ask a stage-2 checkpoint about your images and videos, in this process (no Ray)"),

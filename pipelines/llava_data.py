@@ -1,0 +1,216 @@
+"""`vlm import-llava`: LLaVA-format instruction data -> a stage-2 data directory.
+
+LLaVA's data is one JSON array (or JSON lines) of records ``{"id", "image": path | [paths],
+"conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}`` with
+image paths relative to an image folder (LLaVA's ``--data_path`` and ``--image_folder``). This
+writes the directory `vlm train sft --data` and `vlm eval --data` read: ``sft.jsonl`` (train)
+and ``sft_heldout.jsonl`` (``--heldout`` records drawn by seed), each line ``{id, images
+(absolute paths), video, messages (vlm.chat's format, via vlm.chat.from_llava), task}``, and
+``import.json`` with what was kept and what was skipped, by reason.
+
+Every record is checked here, before any training run: a malformed conversation, an image
+marker count that disagrees with the record's images, a missing image file, or (unless
+``--no-verify``) an image Pillow cannot decode is skipped and counted, never a crash of a
+training job hours later. The align phase (`job.phase=align`) trains on ``caption`` records:
+import LLaVA's caption data (e.g. the 558k pretraining set) with ``--task caption``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXAMPLES_PER_REASON = 3  # skipped records shown per reason in import.json
+
+
+def read_records(path: Path) -> list[Any]:
+    """A JSON array, or JSON lines (one record per line)."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return records
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON record ({e})") from None
+    return out
+
+
+def _verify(path: Path) -> str | None:
+    """None for an image Pillow decodes, else why not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+        return None
+    except Exception as e:  # Pillow raises many types for a bad file
+        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
+def convert(record: Any, n: int, *, image_folder: Path, task: str) -> tuple[dict[str, Any] | None, str, str]:
+    """One LLaVA record -> (our record, "", "") or (None, reason, detail)."""
+    from vlm.chat import SampleError, from_llava
+
+    if not isinstance(record, dict):
+        return None, "bad_record", f"expected a JSON object, got {type(record).__name__}"
+    rid = str(record.get("id", f"record-{n}"))
+    if "video" in record:
+        return None, "video_not_imported", "video records are not imported (use images, or our own video format)"
+    try:
+        messages = from_llava(record)
+    except SampleError as e:
+        return None, e.reason, str(e)
+    if not any(m["role"] == "assistant" for m in messages):
+        return None, "no_assistant_turn", "a record needs an assistant (gpt) turn to train on"
+    raw = record.get("image")
+    names = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    images = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            return None, "bad_image_path", f"expected image paths as strings, got {name!r}"
+        path = (image_folder / name).resolve()
+        if not path.is_file():
+            return None, "missing_image", f"{path}: no such file"
+        images.append(str(path))
+    return {"id": rid, "images": images, "video": None, "messages": messages, "task": str(record.get("task") or task)}, "", ""
+
+
+def import_llava(
+    source: str | Path,
+    *,
+    image_folder: str | Path,
+    output: str | Path,
+    heldout: int = 0,
+    seed: int = 0,
+    task: str = "conversation",
+    verify: bool = True,
+    workers: int = 8,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Convert ``source`` (LLaVA JSON) into ``output`` (see the module docstring); returns the
+    summary written to ``output/import.json``.
+
+    Args:
+        source: the LLaVA JSON array or JSON-lines file.
+        image_folder: the directory the records' image paths are relative to.
+        output: the directory to write (created; its ``sft*.jsonl`` are replaced).
+        heldout: records kept out of training for evaluation, drawn with ``seed``.
+        task: the task of records that name none (``caption`` for align-phase data).
+        verify: decode every image once (a corrupt one is skipped, not a training crash).
+    """
+    t0 = time.perf_counter()
+    source, image_folder, out = Path(source), Path(image_folder), Path(output)
+    if not source.is_file():
+        raise ValueError(f"{source}: no such file")
+    if not image_folder.is_dir():
+        raise ValueError(f"--image-folder {image_folder}: not a directory")
+    if heldout < 0:
+        raise ValueError(f"--heldout: expected 0 or more records, got {heldout}")
+    records = read_records(source)
+    if not isinstance(records, list):
+        raise ValueError(f"{source}: expected a JSON array of records (or JSON lines), got a {type(records).__name__}")
+    kept: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+
+    def skip(rid: str, reason: str, detail: str) -> None:
+        skipped[reason] += 1
+        if len(examples.setdefault(reason, [])) < EXAMPLES_PER_REASON:
+            examples[reason].append(f"{rid}: {detail}")
+
+    for n, record in enumerate(records):
+        ours, reason, detail = convert(record, n, image_folder=image_folder, task=task)
+        if ours is None:
+            skip(str(record.get("id", f"record-{n}")) if isinstance(record, dict) else f"record-{n}", reason, detail)
+        else:
+            kept.append(ours)
+    if verify:
+        paths = sorted({p for r in kept for p in r["images"]})
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            bad = {p: why for p, why in zip(paths, pool.map(lambda p: _verify(Path(p)), paths)) if why}
+        if bad:
+            good = []
+            for r in kept:
+                why = next((f"{p}: {bad[p]}" for p in r["images"] if p in bad), None)
+                if why:
+                    skip(r["id"], "unreadable_image", why)
+                else:
+                    good.append(r)
+            kept = good
+    if heldout > len(kept):
+        raise ValueError(f"--heldout {heldout}: more than the {len(kept)} usable records")
+    order = np.random.default_rng(seed).permutation(len(kept))
+    held = set(order[:heldout].tolist())
+    splits = {"sft.jsonl": [r for i, r in enumerate(kept) if i not in held],
+              "sft_heldout.jsonl": [r for i, r in enumerate(kept) if i in held]}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, out / name)
+    summary = {
+        "source": str(source.resolve()), "image_folder": str(image_folder.resolve()), "records": len(records),
+        "train": len(splits["sft.jsonl"]), "heldout": len(splits["sft_heldout.jsonl"]), "skipped": dict(skipped),
+        "skipped_examples": examples, "images": len({p for r in kept for p in r["images"]}), "verified": verify,
+        "task": task, "seed": seed, "seconds": round(time.perf_counter() - t0, 2),
+    }
+    (out / "import.json").write_text(json.dumps(summary, indent=2))
+    log(f"[import-llava] {len(records)} records: {summary['train']} train, {summary['heldout']} held out, "
+        f"{sum(skipped.values())} skipped" + (f" ({', '.join(f'{k} {v}' for k, v in skipped.most_common())})" if skipped else ""))
+    for reason, shown in examples.items():
+        log(f"  {reason}: {shown[0]}")
+    log(f"[import-llava] wrote {out / 'sft.jsonl'} and {out / 'sft_heldout.jsonl'}; train with `vlm train sft --data {out}`")
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm import-llava",
+        description="Convert LLaVA-format instruction data (a JSON array or JSON lines of records with 'image' and "
+        "'conversations') into a stage-2 data directory for `vlm train sft --data` and `vlm eval --data`. Every record "
+        "is checked now: malformed ones, missing or unreadable images are skipped and counted in import.json.",
+        epilog="example: vlm import-llava llava_v1_5_mix665k.json --image-folder data/llava --output data/llava-sft --heldout 1000",
+    )
+    p.add_argument("source", help="the LLaVA JSON (array) or JSON-lines file")
+    p.add_argument("--image-folder", required=True, help="the directory the records' image paths are relative to")
+    p.add_argument("--output", required=True, help="the stage-2 data directory to write")
+    p.add_argument("--heldout", type=int, default=0, help="records kept out of training for evaluation (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="draws the held-out records (default 0)")
+    p.add_argument("--task", default="conversation",
+                   help="the task of records that name none (default conversation; 'caption' for align-phase caption data)")
+    p.add_argument("--no-verify", action="store_true", help="do not decode every image now (faster; a corrupt image "
+                   "then fails the training run that reads it)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        import_llava(a.source, image_folder=a.image_folder, output=a.output, heldout=a.heldout, seed=a.seed,
+                     task=a.task, verify=not a.no_verify)
+    except (ValueError, OSError) as e:
+        print(f"vlm import-llava: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""`vlm import-llava` (pipelines/llava_data.py): LLaVA records become the stage-2 data the jobs
+read; every bad record is skipped and counted by reason, and what is kept decodes and encodes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.llava_data import import_llava, main
+
+
+def _png(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
+
+
+def _turns(*pairs):
+    return [{"from": f, "value": v} for f, v in pairs]
+
+
+@pytest.fixture()
+def llava(tmp_path):
+    folder = tmp_path / "images"
+    for i in range(6):
+        _png(folder / "coco" / f"{i}.png", i)
+    (folder / "coco" / "broken.png").write_bytes(b"\x89PNG not really")
+    good = [
+        {"id": f"single-{i}", "image": f"coco/{i}.png",
+         "conversations": _turns(("human", "<image>\nwhat is shown?"), ("gpt", f"answer {i}"), ("human", "and then?"), ("gpt", "more"))}
+        for i in range(4)
+    ]
+    good.append({"id": "two", "image": ["coco/4.png", "coco/5.png"],
+                 "conversations": _turns(("human", "<image>\n<image>\ncompare them"), ("gpt", "the first"))})
+    good.append({"id": "text-only", "conversations": _turns(("human", "hello"), ("gpt", "hi"))})
+    bad = [
+        {"id": "missing", "image": "coco/nope.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+        {"id": "corrupt", "image": "coco/broken.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+        {"id": "markers", "image": ["coco/1.png", "coco/2.png"], "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+        {"id": "role", "image": "coco/1.png", "conversations": _turns(("robot", "<image>\nq"), ("gpt", "a"))},
+        {"id": "unanswered", "conversations": _turns(("human", "q"),)},
+        {"id": "clip", "video": "v.mp4", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+        "not an object",
+    ]
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(good + bad))
+    return source, folder, good
+
+
+def test_kept_records_decode_and_bad_ones_are_counted_by_reason(llava, tmp_path):
+    from jobs.data import DecodeSFT, read_sft, sft_examples, train_rows
+    from vlm.chat import encode_chat, from_llava
+    import tinymodels
+
+    source, folder, good = llava
+    out = tmp_path / "sft"
+    said: list[str] = []
+    summary = import_llava(source, image_folder=folder, output=out, heldout=2, seed=3, log=said.append)
+    assert (summary["records"], summary["train"], summary["heldout"]) == (13, 4, 2)
+    assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1, "image_count_mismatch": 1, "bad_role": 1,
+                                  "no_assistant_turn": 1, "video_not_imported": 1, "bad_record": 1}
+    assert json.loads((out / "import.json").read_text())["skipped"] == summary["skipped"]
+    assert any("missing_image" in s and "nope.png" in s for s in said)
+    # the jobs read it as they read a world directory: rows counted, lines decoded, messages LLaVA's
+    assert train_rows("sft", str(out)) == 4
+    lines = (out / "sft.jsonl").read_text().splitlines() + (out / "sft_heldout.jsonl").read_text().splitlines()
+    by_id = {r["id"]: r for r in good}
+    examples = sft_examples(DecodeSFT(str(out), 32)({"text": np.array(lines, dtype=object)}), 32)
+    assert sorted(ex.id for ex in examples) == sorted(by_id)
+    tok = tinymodels.tokenizer()
+    for ex in examples:
+        assert ex.messages == from_llava(by_id[ex.id])
+        assert len(ex.images) == len([by_id[ex.id]["image"]] if isinstance(by_id[ex.id].get("image"), str) else by_id[ex.id].get("image", []))
+        assert all(im.shape == (32, 32, 3) for im in ex.images)
+        enc = encode_chat(ex.messages, tok, num_image_tokens=4)
+        assert sum(lab != -100 for lab in enc.labels) > 0  # assistant tokens to learn from
+    held = read_sft(str(out), size=32, split="heldout")
+    assert len(held) == 2
+    # the same seed draws the same held-out records
+    import_llava(source, image_folder=folder, output=tmp_path / "again", heldout=2, seed=3, log=lambda *_: None)
+    assert (tmp_path / "again" / "sft_heldout.jsonl").read_text() == (out / "sft_heldout.jsonl").read_text()
+
+
+def test_caption_data_is_what_the_align_phase_reads(llava, tmp_path):
+    from jobs.data import train_rows
+
+    source, folder, _ = llava
+    import_llava(source, image_folder=folder, output=tmp_path / "captions", task="caption", log=lambda *_: None)
+    assert train_rows("sft", str(tmp_path / "captions"), tasks=("caption", "video_caption")) == 6
+
+
+@pytest.mark.parametrize("args,message", [
+    (["{src}", "--image-folder", "{tmp}/nowhere", "--output", "{tmp}/o"], "not a directory"),
+    (["{tmp}/none.json", "--image-folder", "{folder}", "--output", "{tmp}/o"], "no such file"),
+    (["{src}", "--image-folder", "{folder}", "--output", "{tmp}/o", "--heldout", "99"], "more than the 6 usable records"),
+    (["{bad}", "--image-folder", "{folder}", "--output", "{tmp}/o"], "not valid JSON"),
+])
+def test_a_users_mistake_is_one_line_and_exit_2(llava, tmp_path, capsys, args, message):
+    source, folder, _ = llava
+    (tmp_path / "bad.json").write_text("[{not json")
+    fill = {"src": source, "tmp": tmp_path, "folder": folder, "bad": tmp_path / "bad.json"}
+    assert main([a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_vlm_eval_scores_a_checkpoint_on_the_imported_heldout(llava, tmp_path):
+    import tinymodels
+
+    from jobs.evaluate import main as eval_main
+    from vlm.checkpoint import save_checkpoint
+
+    source, folder, _ = llava
+    out = tmp_path / "sft"
+    import_llava(source, image_folder=folder, output=out, heldout=3, log=lambda *_: None)
+    tok = tinymodels.tokenizer()
+    save_checkpoint(tinymodels.vlm_model(tok), tmp_path / "ckpt", config=tinymodels.config(), tokenizer=tok)
+    said: list[str] = []
+    assert eval_main([str(tmp_path / "ckpt"), "--data", str(out), "--generations", "1", "--output", str(tmp_path / "eval.json")],
+                     log=said.append) == 0
+    got = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert got["conversations"] == 3 and 0.0 <= got["em_all"] <= 1.0, got
