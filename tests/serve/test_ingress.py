@@ -469,6 +469,42 @@ def test_n_answers_are_the_seeded_single_answers_whole_or_streamed(ingress):
     assert sse.endswith("data: [DONE]\n\n")
 
 
+class _Pending:
+    """What a DeploymentHandle call returns: awaitable, with ``cancel()`` (recorded here)."""
+
+    def __init__(self, coro) -> None:
+        self.task, self.cancelled = asyncio.ensure_future(coro), False
+
+    def __await__(self):
+        return self.task.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.task.cancel()
+
+
+def test_a_timed_out_request_cancels_every_answer_in_the_model(ingress, monkeypatch):
+    """Past request_timeout_s the client gets a 504 and each of its n calls to the language model
+    is cancelled (awaiting a Serve call does not cancel it when the awaiting task is cancelled:
+    the replica would decode to max_tokens for nobody)."""
+    pending: list[_Pending] = []
+
+    async def slow(req):
+        await asyncio.sleep(30)
+
+    def remote(req):
+        pending.append(_Pending(slow(req)))
+        return pending[-1]
+
+    monkeypatch.setattr(ingress.lm, "generate", type("Generate", (), {"remote": staticmethod(remote)})())
+    ingress.reconfigure({"request_timeout_s": 0.3})
+    try:
+        error(call(ingress, chat(n=2)), 504, "took longer than 0.3s")
+    finally:
+        ingress.reconfigure({})
+    assert len(pending) == 2 and all(p.cancelled for p in pending)
+
+
 def test_n_is_checked(ingress):
     error(call(ingress, chat(n=9)), 400, "n 9 is over the limit of 8")
     error(call(ingress, chat(n=0)), 400, "n")
