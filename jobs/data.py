@@ -46,9 +46,13 @@ def shard_paths(path: str | Path) -> list[str]:
 
 
 def _decode_image(data: bytes, size: int) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as im:
+        try:
+            im = ImageOps.exif_transpose(im)  # upright as displayed, as serving decodes it
+        except Exception:  # an EXIF block Pillow cannot read: the pixels as stored
+            pass
         im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
@@ -200,7 +204,8 @@ def group_turns(
         task, images = r.get("task"), r.get("images") or []
         if tasks is not None and task not in tasks:
             continue
-        if (task in QA_KINDS or task == "caption") and len(images) == 1 and not r.get("video"):
+        # only the generated world's one-question records are regrouped (imported data keeps its own turns)
+        if (task in QA_KINDS or task == "caption") and len(images) == 1 and not r.get("video") and r.get("source", "world") == "world":
             msgs = r["messages"]
             if len(msgs) != 2 or msgs[0]["role"] != "user" or msgs[1]["role"] != "assistant":
                 raise ValueError(f"line {n + 1} ({r.get('id')}): expected one user and one assistant message, got roles {[m.get('role') for m in msgs]}")

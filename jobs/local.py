@@ -257,13 +257,31 @@ def answer_questions(
     return answers
 
 
+def askable(model: VisionLanguageModel, ex: SFTExample, tokenizer: Any) -> bool:
+    """Whether ``ex`` can be put to the model as a held-out question: it ends with an assistant
+    answer, its prompt encodes (one image per image marker, roles in order) and fits the
+    decoder's context with room to answer."""
+    cfg = model.cfg
+    try:
+        enc = encode_chat(prompt_of(ex), tokenizer, num_image_tokens=cfg.image_tokens, add_generation_prompt=True,
+                          system_prompt=cfg.llava.system_prompt)
+    except ValueError:  # SampleError included
+        return False
+    if enc.input_ids.count(model.image_token_id) != len(ex.images) * cfg.image_tokens:
+        return False
+    context = int(getattr(model.decoder.config, "max_position_embeddings", 0) or 0)
+    return not context or len(enc.input_ids) < context
+
+
 def evaluate_sft(
     model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any
 ) -> tuple[list[tuple[SFTExample, str]], dict[str, float]]:
     """Held-out stage-2 metrics, greedy decoding: exact match per question task, on single-image
     questions and overall (up to 32 new tokens: a stated answer, ``world.stated_answer``, takes
     up to ~12), and the captions asked alone (``evaluate_captions``). Also returns each question
-    with the answer scored, in order (a training job logs the first few)."""
+    with the answer scored, in order (a training job logs the first few). An example that cannot
+    be asked (see ``askable``) is left out rather than failing the whole eval."""
+    examples = [ex for ex in examples if askable(model, ex, tokenizer)]
     chosen = [ex for ex in examples if ex.task != "caption"]
     preds = answer_questions(model, chosen, tokenizer)
     refs = [answer_of(ex) for ex in chosen]

@@ -4,14 +4,18 @@ LLaVA's data is one JSON array (or JSON lines) of records ``{"id", "image": path
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}`` with
 image paths relative to an image folder (LLaVA's ``--data_path`` and ``--image_folder``). This
 writes the directory `vlm train sft --data` and `vlm eval --data` read: ``sft.jsonl`` (train)
-and ``sft_heldout.jsonl`` (``--heldout`` records drawn by seed), each line ``{id, images
-(absolute paths), video, messages (vlm.chat's format, via vlm.chat.from_llava), task}``, and
-``import.json`` with what was kept and what was skipped, by reason.
+and ``sft_heldout.jsonl`` (at least ``--heldout`` records, drawn by seed a whole image at a time),
+each line ``{id, images (absolute paths), video, messages (vlm.chat's format, via
+vlm.chat.from_llava), task, source}``, and ``import.json`` with what was kept and what was
+skipped, by reason. Conversations are prepared as LLaVA prepares them: with one image its
+marker goes first; answers before any question and a last unanswered question are dropped.
 
-Every record is checked here, before any training run: a malformed conversation, an image
+Every record is checked here, before any training run: a malformed conversation (an unknown
+role, a system turn after the first, an empty answer, an image marker in an answer), an image
 marker count that disagrees with the record's images, a missing image file, or (unless
 ``--no-verify``) an image Pillow cannot decode is skipped and counted, never a crash of a
-training job hours later. The align phase (`job.phase=align`) trains on ``caption`` records:
+training job hours later. (Conversations past the model's context are the training job's to
+cut: it does so turn by turn.) The align phase (`job.phase=align`) trains on ``caption`` records:
 import LLaVA's caption data (e.g. the 558k pretraining set) with ``--task caption``.
 """
 
@@ -31,11 +35,15 @@ from typing import Any
 import numpy as np
 
 EXAMPLES_PER_REASON = 3  # skipped records shown per reason in import.json
+IMAGE = "<image>"  # LLaVA's image marker (vlm.tokenizer.IMAGE)
 
 
 def read_records(path: Path) -> list[Any]:
     """A JSON array, or JSON lines (one record per line)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is allowed
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -65,6 +73,24 @@ def _verify(path: Path) -> str | None:
         return " ".join(f"{type(e).__name__}: {e}".split())[:200]
 
 
+def _normalised_turns(conversations: list[Any], *, single_image: bool) -> list[Any]:
+    """LLaVA's own preparation of a conversation: with one image, its marker moved to the start of
+    the turn that holds it (``<image>\n`` + the text, as LLaVA's ``preprocess_multimodal``);
+    leading answers (no question before them) and a trailing question (no answer after it)
+    dropped, since nothing is learned from them."""
+    turns = [dict(t) if isinstance(t, dict) else t for t in conversations]
+    if single_image:
+        for t in turns:
+            if isinstance(t, dict) and t.get("from") == "human" and isinstance(t.get("value"), str) and IMAGE in t["value"]:
+                t["value"] = IMAGE + "\n" + t["value"].replace(IMAGE, "").strip()
+    head = 1 if turns and isinstance(turns[0], dict) and turns[0].get("from") == "system" else 0
+    while len(turns) > head and isinstance(turns[head], dict) and turns[head].get("from") == "gpt":
+        del turns[head]
+    while turns and isinstance(turns[-1], dict) and turns[-1].get("from") == "human":
+        turns.pop()
+    return turns
+
+
 def convert(record: Any, n: int, *, image_folder: Path, task: str) -> tuple[dict[str, Any] | None, str, str]:
     """One LLaVA record -> (our record, "", "") or (None, reason, detail)."""
     from vlm.chat import SampleError, from_llava
@@ -74,14 +100,28 @@ def convert(record: Any, n: int, *, image_folder: Path, task: str) -> tuple[dict
     rid = str(record.get("id", f"record-{n}"))
     if "video" in record:
         return None, "video_not_imported", "video records are not imported (use images, or our own video format)"
+    raw = record.get("image")
+    names = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    turns = record.get("conversations")
+    if isinstance(turns, list):
+        values = [t.get("value") for t in turns if isinstance(t, dict)]
+        if any(isinstance(v, str) and IMAGE in v for t, v in zip(turns, values) if t.get("from") == "gpt"):
+            return None, "image_marker_in_answer", f"an answer (gpt turn) holds {IMAGE}"
+        if not names and any(isinstance(v, str) and IMAGE in v for v in values):
+            return None, "image_count_mismatch", f"{IMAGE} markers but no images"
+        if any(isinstance(t, dict) and t.get("from") == "system" for t in turns[1:]):
+            return None, "system_not_first", "a system turn after the first turn"
+        if any(isinstance(t, dict) and t.get("from") == "gpt" and isinstance(t.get("value"), str) and not t["value"].strip()
+               for t in turns):
+            return None, "empty_answer", "an answer (gpt turn) is empty"
+        turns = _normalised_turns(turns, single_image=len(names) == 1)
     try:
-        messages = from_llava(record)
+        messages = from_llava({**{k: v for k, v in record.items() if k != "image"}, "conversations": turns,
+                               **({"image": names} if names else {})})
     except SampleError as e:
         return None, e.reason, str(e)
     if not any(m["role"] == "assistant" for m in messages):
-        return None, "no_assistant_turn", "a record needs an assistant (gpt) turn to train on"
-    raw = record.get("image")
-    names = [] if raw is None else raw if isinstance(raw, list) else [raw]
+        return None, "no_assistant_turn", "a record needs an assistant (gpt) turn after a question to train on"
     images = []
     for name in names:
         if not isinstance(name, str) or not name:
@@ -90,7 +130,24 @@ def convert(record: Any, n: int, *, image_folder: Path, task: str) -> tuple[dict
         if not path.is_file():
             return None, "missing_image", f"{path}: no such file"
         images.append(str(path))
-    return {"id": rid, "images": images, "video": None, "messages": messages, "task": str(record.get("task") or task)}, "", ""
+    return {"id": rid, "images": images, "video": None, "messages": messages, "task": str(record.get("task") or task),
+            "source": "llava"}, "", ""
+
+
+def heldout_split(kept: list[dict[str, Any]], heldout: int, seed: int) -> set[int]:
+    """Indices of at least ``heldout`` records, drawn by ``seed`` a whole image at a time: every
+    record of an image (LLaVA has several per COCO image) is held out together, so no held-out
+    question is about a training image. Text-only records are drawn one by one."""
+    groups: dict[Any, list[int]] = {}
+    for i, r in enumerate(kept):
+        groups.setdefault(tuple(sorted(r["images"])) or ("text", i), []).append(i)
+    keys = list(groups)
+    held: set[int] = set()
+    for j in np.random.default_rng(seed).permutation(len(keys)):
+        if len(held) >= heldout:
+            break
+        held.update(groups[keys[j]])
+    return held
 
 
 def import_llava(
@@ -157,8 +214,7 @@ def import_llava(
             kept = good
     if heldout > len(kept):
         raise ValueError(f"--heldout {heldout}: more than the {len(kept)} usable records")
-    order = np.random.default_rng(seed).permutation(len(kept))
-    held = set(order[:heldout].tolist())
+    held = heldout_split(kept, heldout, seed)
     splits = {"sft.jsonl": [r for i, r in enumerate(kept) if i not in held],
               "sft_heldout.jsonl": [r for i, r in enumerate(kept) if i in held]}
     out.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,14 @@ class VisionLanguageModel(nn.Module):
         n_slots = int(is_image.sum())
         if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_features = self.image_features(pixel_values.to(embeds.dtype))
+        if n_slots == 0 and image_features is None and self.training and torch.is_grad_enabled():
+            # A batch without images still runs the vision tower and projector, on one blank image
+            # whose features weigh 0 (LLaVA does the same): under ZeRO-2/3 every rank must run the
+            # same collectives (parameter gathers, gradient reductions), and a rank whose
+            # micro-batch is text only would skip theirs and fail or hang the others.
+            size = self.cfg.vision.image_size
+            blank = torch.zeros(1, 3, size, size, dtype=embeds.dtype, device=embeds.device)
+            return embeds + 0.0 * self.image_features(blank).sum()
         n_images = 0 if image_features is None else image_features.shape[0]
         n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_slots != n_feats:

@@ -335,3 +335,21 @@ def test_metrics_log_writes_tensorboard_scalars_that_a_resume_purges(tmp_path):
     assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
     assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1.0 / 3, 14.0, 15.0, 16.0])  # stored as float32
     assert [e.step for e in acc.Scalars("lr")] == [1, 2, 3]
+
+
+def test_training_decodes_images_upright_by_their_exif_orientation():
+    """As serving and `vlm ask` do (serve.media), so a phone photo trains as it is served."""
+    import io
+
+    from PIL import Image
+
+    from jobs.data import _decode_image
+
+    stored = np.zeros((16, 32, 3), np.uint8)
+    stored[:, :16] = 255  # white left half, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise: white on top
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "PNG", exif=exif)
+    got = _decode_image(buf.getvalue(), 16)
+    assert got[:4].mean() > 200 and got[-4:].mean() < 50, got.mean(axis=(1, 2))

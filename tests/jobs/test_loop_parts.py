@@ -77,3 +77,19 @@ def test_zero_shot_truncates_long_prompts_to_the_text_towers_length():
     acc = local.zero_shot(model, pixels, [0, 1], ["circle", "square"], ["a {}.", long], tok)
     assert 0.0 <= acc <= 1.0
 
+
+
+def test_an_example_that_cannot_be_asked_is_left_out_of_the_eval():
+    """A held-out conversation ending with a question, or with an image marker but no image, does
+    not fail the whole eval (a training job runs it at every eval step)."""
+    from vlm.data import SFTExample
+
+    tok = tinymodels.tokenizer()
+    model = tinymodels.vlm_model(tok)
+    good = SFTExample("good", [{"role": "user", "content": "how many?"}, {"role": "assistant", "content": "two"}], [], "count")
+    unanswered = SFTExample("q", [{"role": "user", "content": "how many?"}], [], "count")
+    no_image = SFTExample("img", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]},
+                                  {"role": "assistant", "content": "a cat"}], [], "count")
+    assert [local.askable(model, ex, tok) for ex in (good, unanswered, no_image)] == [True, False, False]
+    answered, metrics = local.evaluate_sft(model, [good, unanswered, no_image], tok)
+    assert [ex.id for ex, _ in answered] == ["good"] and 0.0 <= metrics["em_all"] <= 1.0

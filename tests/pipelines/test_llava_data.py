@@ -34,7 +34,7 @@ def llava(tmp_path):
     ]
     good.append({"id": "two", "image": ["coco/4.png", "coco/5.png"],
                  "conversations": _turns(("human", "<image>\n<image>\ncompare them"), ("gpt", "the first"))})
-    good.append({"id": "text-only", "conversations": _turns(("human", "hello"), ("gpt", "hi"))})
+    good.append({"id": "text-only", "image": None, "conversations": _turns(("human", "hello"), ("gpt", "hi"))})
     bad = [
         {"id": "missing", "image": "coco/nope.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
         {"id": "corrupt", "image": "coco/broken.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
@@ -43,6 +43,10 @@ def llava(tmp_path):
         {"id": "unanswered", "conversations": _turns(("human", "q"),)},
         {"id": "clip", "video": "v.mp4", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
         "not an object",
+        {"id": "empty", "image": "coco/1.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", " "))},
+        {"id": "marker-answer", "image": "coco/1.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "see <image>"))},
+        {"id": "late-system", "image": "coco/1.png", "conversations": _turns(("human", "<image>\nq"), ("system", "s"), ("gpt", "a"))},
+        {"id": "marker-no-image", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
     ]
     source = tmp_path / "llava.json"
     source.write_text(json.dumps(good + bad))
@@ -58,26 +62,28 @@ def test_kept_records_decode_and_bad_ones_are_counted_by_reason(llava, tmp_path)
     out = tmp_path / "sft"
     said: list[str] = []
     summary = import_llava(source, image_folder=folder, output=out, heldout=2, seed=3, log=said.append)
-    assert (summary["records"], summary["train"], summary["heldout"]) == (13, 4, 2)
-    assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1, "image_count_mismatch": 1, "bad_role": 1,
-                                  "no_assistant_turn": 1, "video_not_imported": 1, "bad_record": 1}
+    assert (summary["records"], summary["train"] + summary["heldout"]) == (17, 6) and summary["heldout"] >= 2
+    assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1, "image_count_mismatch": 2, "bad_role": 1,
+                                  "no_assistant_turn": 1, "video_not_imported": 1, "bad_record": 1, "empty_answer": 1,
+                                  "image_marker_in_answer": 1, "system_not_first": 1}
     assert json.loads((out / "import.json").read_text())["skipped"] == summary["skipped"]
     assert any("missing_image" in s and "nope.png" in s for s in said)
     # the jobs read it as they read a world directory: rows counted, lines decoded, messages LLaVA's
-    assert train_rows("sft", str(out)) == 4
+    assert train_rows("sft", str(out)) == summary["train"]
     lines = (out / "sft.jsonl").read_text().splitlines() + (out / "sft_heldout.jsonl").read_text().splitlines()
     by_id = {r["id"]: r for r in good}
     examples = sft_examples(DecodeSFT(str(out), 32)({"text": np.array(lines, dtype=object)}), 32)
     assert sorted(ex.id for ex in examples) == sorted(by_id)
     tok = tinymodels.tokenizer()
     for ex in examples:
-        assert ex.messages == from_llava(by_id[ex.id])
-        assert len(ex.images) == len([by_id[ex.id]["image"]] if isinstance(by_id[ex.id].get("image"), str) else by_id[ex.id].get("image", []))
+        assert ex.messages == from_llava({k: v for k, v in by_id[ex.id].items() if v is not None})
+        named = by_id[ex.id].get("image") or []
+        assert len(ex.images) == len([named] if isinstance(named, str) else named)
         assert all(im.shape == (32, 32, 3) for im in ex.images)
         enc = encode_chat(ex.messages, tok, num_image_tokens=4)
         assert sum(lab != -100 for lab in enc.labels) > 0  # assistant tokens to learn from
     held = read_sft(str(out), size=32, split="heldout")
-    assert len(held) == 2
+    assert len(held) == summary["heldout"]
     # the same seed draws the same held-out records
     import_llava(source, image_folder=folder, output=tmp_path / "again", heldout=2, seed=3, log=lambda *_: None)
     assert (tmp_path / "again" / "sft_heldout.jsonl").read_text() == (out / "sft_heldout.jsonl").read_text()
@@ -89,6 +95,8 @@ def test_caption_data_is_what_the_align_phase_reads(llava, tmp_path):
     source, folder, _ = llava
     import_llava(source, image_folder=folder, output=tmp_path / "captions", task="caption", log=lambda *_: None)
     assert train_rows("sft", str(tmp_path / "captions"), tasks=("caption", "video_caption")) == 6
+    # regrouping a world's questions by image (mix.questions_per_conversation) leaves imported captions alone
+    assert train_rows("sft", str(tmp_path / "captions"), tasks=("caption", "video_caption"), questions_per_conversation=8) == 6
 
 
 @pytest.mark.parametrize("args,message", [
@@ -122,3 +130,32 @@ def test_vlm_eval_scores_a_checkpoint_on_the_imported_heldout(llava, tmp_path):
                      log=said.append) == 0
     got = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert got["conversations"] == 3 and 0.0 <= got["em_all"] <= 1.0, got
+
+
+def test_conversations_are_prepared_as_llava_prepares_them(tmp_path):
+    from pipelines.llava_data import convert
+
+    folder = tmp_path / "images"
+    _png(folder / "a.png", 0)
+    record = {"id": "r", "image": "a.png", "conversations": _turns(
+        ("gpt", "an answer to nothing"), ("human", "what is this?\n<image>"), ("gpt", "a cat"), ("human", "and?"))}
+    ours, reason, _ = convert(record, 0, image_folder=folder, task="conversation")
+    assert reason == "" and ours["source"] == "llava"
+    assert ours["messages"] == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]},
+                                {"role": "assistant", "content": "a cat"}]
+
+
+def test_the_heldout_split_keeps_an_images_records_together(tmp_path):
+    folder = tmp_path / "images"
+    records = []
+    for i in range(10):
+        _png(folder / f"{i}.png", i)
+        records += [{"id": f"{i}-{k}", "image": f"{i}.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", f"a{k}"))}
+                    for k in range(3)]
+    source = tmp_path / "l.jsonl"
+    source.write_text("\ufeff" + "\n".join(json.dumps(r) for r in records))  # JSON lines, with a byte-order mark
+    summary = import_llava(source, image_folder=folder, output=tmp_path / "o", heldout=4, log=lambda *_: None)
+    assert summary["heldout"] == 6 and summary["train"] == 24  # two whole images (3 records each)
+    images = {part: {json.loads(ln)["images"][0] for ln in (tmp_path / "o" / part).read_text().splitlines()}
+              for part in ("sft.jsonl", "sft_heldout.jsonl")}
+    assert not images["sft.jsonl"] & images["sft_heldout.jsonl"]
