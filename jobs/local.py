@@ -273,11 +273,37 @@ def askable(model: VisionLanguageModel, ex: SFTExample, tokenizer: Any) -> bool:
     return not context or len(enc.input_ids) < context
 
 
+@torch.no_grad()
+def answer_loss(model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any, *, batch_size: int = 16) -> float | None:
+    """The held-out conversations' mean cross-entropy per answer token, teacher-forced (every
+    assistant turn, as training scores them): what long free-form answers are judged by, where
+    exact match says nothing. None when no example encodes."""
+    from vlm.losses import lm_loss, supervised_tokens
+
+    model.eval()
+    cfg, dev = model.cfg, _device(model)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch, _ = collate_sft(examples[i : i + batch_size], tokenizer, num_image_tokens=cfg.image_tokens, max_length=cfg.llava.max_length,
+                               vision_kind=cfg.vision.kind, image_size=cfg.vision.image_size, system_prompt=cfg.llava.system_prompt)
+        if batch is None:
+            continue
+        labels = batch.pop("labels")
+        n = supervised_tokens(labels)
+        if not n:
+            continue
+        inputs = {k: v.to(dev) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        logits = model(**inputs).logits.float().cpu()  # (B, L, V)
+        total += float(lm_loss(logits, labels, average="token")) * n
+        count += n
+    return total / count if count else None
+
+
 def evaluate_sft(
     model: VisionLanguageModel, examples: Sequence[SFTExample], tokenizer: Any
 ) -> tuple[list[tuple[SFTExample, str]], dict[str, float]]:
     """Held-out stage-2 metrics, greedy decoding: exact match per question task, on single-image
-    questions and overall (up to 32 new tokens: a stated answer, ``world.stated_answer``, takes
+    questions and overall, the answer tokens' mean loss (``answer_loss``) (up to 32 new tokens: a stated answer, ``world.stated_answer``, takes
     up to ~12), and the captions asked alone (``evaluate_captions``). Also returns each question
     with the answer scored, in order (a training job logs the first few). An example that cannot
     be asked (see ``askable``) is left out rather than failing the whole eval."""
@@ -293,6 +319,9 @@ def evaluate_sft(
     if single:
         metrics["em_single_image"] = exact_match([preds[i] for i in single], [refs[i] for i in single])
     metrics["em_all"] = exact_match(preds, refs) if chosen else 0.0
+    loss = answer_loss(model, examples, tokenizer)
+    if loss is not None:
+        metrics["answer_loss"] = loss
     metrics.update(evaluate_captions(model, examples, tokenizer))
     return list(zip(chosen, preds)), metrics
 

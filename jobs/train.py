@@ -404,7 +404,7 @@ STEP_METRICS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_
 # Stage 2 adds eval_em_<task> for each question task of the held-out set (vlm.world.TASKS).
 EVAL_METRICS = {
     "contrastive": ("eval_t2i_r1", "eval_t2i_r5", "eval_i2t_r1", "eval_i2t_r5", "eval_zero_shot_acc"),
-    "sft": ("eval_em_single_image", "eval_em_all", "eval_em_caption", "eval_caption_recall"),
+    "sft": ("eval_em_single_image", "eval_em_all", "eval_answer_loss", "eval_em_caption", "eval_caption_recall"),
 }
 
 
@@ -426,7 +426,7 @@ def eval_metrics(stage: str, evals: dict[str, Any] | None = None) -> list[str]:
     questions = [ex for ex in examples if ex.task != "caption"]
     names = [f"eval_em_{t}" for t in sorted({ex.task for ex in questions})]
     names += ["eval_em_single_image"] if any(len(ex.images) == 1 for ex in questions) else []
-    names += ["eval_em_all"]
+    names += ["eval_em_all", "eval_answer_loss"]
     names += ["eval_em_caption", "eval_caption_recall"] if len(questions) < len(examples) else []
     return names
 

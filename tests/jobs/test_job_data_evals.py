@@ -229,8 +229,9 @@ def test_stage2_eval_scores_held_out_answers_and_logs_the_first_ones(world, tmp_
     lines: list[str] = []
     out = evaluate("sft", model, cfg, job, tok, {"examples": examples}, lines.append)
     tasks = {ex.task for ex in examples} - {"caption"}
-    assert set(out) == {f"eval_em_{t}" for t in tasks} | {"eval_em_single_image", "eval_em_all", "eval_em_caption", "eval_caption_recall"}
-    assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert set(out) == {f"eval_em_{t}" for t in tasks} | {"eval_em_single_image", "eval_em_all", "eval_answer_loss", "eval_em_caption",
+                                                         "eval_caption_recall"}
+    assert all(0.0 <= v <= 1.0 for k, v in out.items() if k != "eval_answer_loss") and out["eval_answer_loss"] > 0
     scored = [ex for ex in examples if ex.task != "caption"]
     assert len(lines) == 2
     for line, ex in zip(lines, scored):

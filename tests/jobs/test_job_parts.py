@@ -450,7 +450,7 @@ def test_eval_metric_names_are_the_ones_an_eval_reports_and_rank_checkpoints(wor
     out = evaluate("contrastive", build_model("contrastive", cfg, job, tok), cfg, job, tok, evals, lambda *_: None)
     assert list(out) == eval_metrics("contrastive", evals) == eval_metrics("contrastive")
     assert eval_metrics("contrastive", {**evals, "zero_shot": None}) == [k for k in out if k != "eval_zero_shot_acc"]
-    assert set(eval_metrics("sft")) == {"eval_em_single_image", "eval_em_all", "eval_em_caption", "eval_caption_recall"} | {
+    assert set(eval_metrics("sft")) == {"eval_em_single_image", "eval_em_all", "eval_answer_loss", "eval_em_caption", "eval_caption_recall"} | {
         f"eval_em_{t}" for t in TASKS}
 
     cfg, job = load_job(overrides=[*TINY, f"job.data={world}", f"job.output={tmp_path}", "job.eval_samples=40"])

@@ -93,3 +93,27 @@ def test_an_example_that_cannot_be_asked_is_left_out_of_the_eval():
     assert [local.askable(model, ex, tok) for ex in (good, unanswered, no_image)] == [True, False, False]
     answered, metrics = local.evaluate_sft(model, [good, unanswered, no_image], tok)
     assert [ex.id for ex, _ in answered] == ["good"] and 0.0 <= metrics["em_all"] <= 1.0
+
+
+def test_answer_loss_is_the_mean_per_answer_token_whatever_the_batching():
+    """The held-out answer loss: every answer token of every conversation weighs the same, so
+    batched (padded) and one at a time agree; a better answer scores lower."""
+    from vlm.data import SFTExample
+    from vlm.losses import supervised_tokens
+
+    tok = tinymodels.tokenizer()
+    model = tinymodels.vlm_model(tok)
+    rng = np.random.default_rng(0)
+    size = model.cfg.vision.image_size
+    exs = [SFTExample("a", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "how many shapes?"}]},
+                            {"role": "assistant", "content": "two red squares and a circle"}], [rng.integers(0, 255, (size, size, 3), dtype=np.uint8)]),
+           SFTExample("b", [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                            {"role": "user", "content": "what colour?"}, {"role": "assistant", "content": "blue"}], [])]
+    batched = local.answer_loss(model, exs, tok, batch_size=2)
+    alone = [local.answer_loss(model, [ex], tok) for ex in exs]
+    from vlm.data import collate_sft
+
+    counts = [supervised_tokens(collate_sft([ex], tok, num_image_tokens=model.cfg.image_tokens, max_length=160, vision_kind="clip",
+                                            image_size=size)[0]["labels"]) for ex in exs]
+    assert batched == pytest.approx(sum(a * n for a, n in zip(alone, counts)) / sum(counts), rel=1e-5)
+    assert local.answer_loss(model, [], tok) is None
