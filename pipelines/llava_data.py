@@ -16,7 +16,9 @@ marker count that disagrees with the record's images, a missing image file, or (
 ``--no-verify``) an image Pillow cannot decode is skipped and counted, never a crash of a
 training job hours later. (Conversations past the model's context are the training job's to
 cut: it does so turn by turn.) The align phase (`job.phase=align`) trains on ``caption`` records:
-import LLaVA's caption data (e.g. the 558k pretraining set) with ``--task caption``.
+import LLaVA's caption data (e.g. the 558k pretraining set) with ``--task caption``. A video
+record (LLaVA-Video's: ``"video"``: a path, and one ``<image>`` marker where it goes) becomes a
+video of ``--frames`` frames, sampled uniformly when training reads it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def _normalised_turns(conversations: list[Any], *, single_image: bool) -> list[A
     leading answers (no question before them) and a trailing question (no answer after it)
     dropped, since nothing is learned from them."""
     turns = [dict(t) if isinstance(t, dict) else t for t in conversations]
-    if single_image:
+    markers = sum(t["value"].count(IMAGE) for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str))
+    if single_image and markers == 1:  # more markers than media stay, for the count check to refuse
         for t in turns:
             if isinstance(t, dict) and t.get("from") == "human" and isinstance(t.get("value"), str) and IMAGE in t["value"]:
                 t["value"] = IMAGE + "\n" + t["value"].replace(IMAGE, "").strip()
@@ -91,17 +94,55 @@ def _normalised_turns(conversations: list[Any], *, single_image: bool) -> list[A
     return turns
 
 
-def convert(record: Any, n: int, *, image_folder: Path, task: str) -> tuple[dict[str, Any] | None, str, str]:
-    """One LLaVA record -> (our record, "", "") or (None, reason, detail)."""
-    from vlm.chat import SampleError, from_llava
+def _verify_video(path: Path) -> str | None:
+    """None for a video PyAV opens and decodes a first frame of, else why not."""
+    try:
+        import av
 
+        with av.open(str(path)) as container:
+            next(container.decode(video=0))
+        return None
+    except StopIteration:
+        return "no video frames"
+    except Exception as e:  # PyAV raises many types for a bad file
+        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
+def convert(record: Any, n: int, *, image_folder: Path, task: str, video_folder: Path | None = None,
+            frames: int = 8) -> tuple[dict[str, Any] | None, str, str]:
+    """One LLaVA record -> (our record, "", "") or (None, reason, detail). A video record
+    (``"video"``: a path, its one ``<image>`` marker where the video goes, as LLaVA-Video's data
+    has it) becomes a video part of ``frames`` frames sampled uniformly at training time."""
     if not isinstance(record, dict):
         return None, "bad_record", f"expected a JSON object, got {type(record).__name__}"
     rid = str(record.get("id", f"record-{n}"))
-    if "video" in record:
-        return None, "video_not_imported", "video records are not imported (use images, or our own video format)"
+    video = record.get("video")
+    if video is not None:
+        if record.get("image") is not None:
+            return None, "image_and_video", "a record with both an image and a video"
+        if not isinstance(video, str) or not video:
+            return None, "bad_video_path", f"expected the video path as a string, got {video!r}"
+        vpath = ((video_folder or image_folder) / video).resolve()
+        if not vpath.is_file():
+            return None, "missing_video", f"{vpath}: no such file"
+        ours, reason, detail = _convert_media(record, rid, names=[video], image_folder=None, task=task)
+        if ours is None:
+            return None, reason, detail
+        for m in ours["messages"]:  # the video's marker became an image part: a video part it is
+            if isinstance(m["content"], list):
+                m["content"] = [{"type": "video", "num_frames": frames} if p.get("type") == "image" else p for p in m["content"]]
+        return {**ours, "images": [], "video": str(vpath)}, "", ""
     raw = record.get("image")
     names = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    return _convert_media(record, rid, names=names, image_folder=image_folder, task=task)
+
+
+def _convert_media(record: dict[str, Any], rid: str, *, names: list[Any], image_folder: Path | None,
+                   task: str) -> tuple[dict[str, Any] | None, str, str]:
+    """A record with ``names`` as its media (image paths, resolved under ``image_folder``; with
+    no folder the names are only counted against the markers)."""
+    from vlm.chat import SampleError, from_llava
+
     turns = record.get("conversations")
     if isinstance(turns, list):
         values = [t.get("value") for t in turns if isinstance(t, dict)]
@@ -123,7 +164,7 @@ def convert(record: Any, n: int, *, image_folder: Path, task: str) -> tuple[dict
     if not any(m["role"] == "assistant" for m in messages):
         return None, "no_assistant_turn", "a record needs an assistant (gpt) turn after a question to train on"
     images = []
-    for name in names:
+    for name in names if image_folder is not None else []:
         if not isinstance(name, str) or not name:
             return None, "bad_image_path", f"expected image paths as strings, got {name!r}"
         path = (image_folder / name).resolve()
@@ -140,7 +181,7 @@ def heldout_split(kept: list[dict[str, Any]], heldout: int, seed: int) -> set[in
     question is about a training image. Text-only records are drawn one by one."""
     groups: dict[Any, list[int]] = {}
     for i, r in enumerate(kept):
-        groups.setdefault(tuple(sorted(r["images"])) or ("text", i), []).append(i)
+        groups.setdefault(tuple(sorted(r["images"])) or ((r["video"],) if r.get("video") else ("text", i)), []).append(i)
     keys = list(groups)
     held: set[int] = set()
     for j in np.random.default_rng(seed).permutation(len(keys)):
@@ -158,6 +199,8 @@ def import_llava(
     heldout: int = 0,
     seed: int = 0,
     task: str = "conversation",
+    video_folder: str | Path | None = None,
+    frames: int = 8,
     verify: bool = True,
     workers: int = 8,
     log: Callable[[str], None] = print,
@@ -171,6 +214,8 @@ def import_llava(
         output: the directory to write (created; its ``sft*.jsonl`` are replaced).
         heldout: records kept out of training for evaluation, drawn with ``seed``.
         task: the task of records that name none (``caption`` for align-phase data).
+        video_folder: the directory video paths are relative to (default ``image_folder``).
+        frames: frames a video record shows the model, sampled uniformly at training time.
         verify: decode every image once (a corrupt one is skipped, not a training crash).
     """
     t0 = time.perf_counter()
@@ -179,6 +224,8 @@ def import_llava(
         raise ValueError(f"{source}: no such file")
     if not image_folder.is_dir():
         raise ValueError(f"--image-folder {image_folder}: not a directory")
+    if frames < 1:
+        raise ValueError(f"--frames: expected 1 or more, got {frames}")
     if heldout < 0:
         raise ValueError(f"--heldout: expected 0 or more records, got {heldout}")
     records = read_records(source)
@@ -194,21 +241,25 @@ def import_llava(
             examples[reason].append(f"{rid}: {detail}")
 
     for n, record in enumerate(records):
-        ours, reason, detail = convert(record, n, image_folder=image_folder, task=task)
+        ours, reason, detail = convert(record, n, image_folder=image_folder, task=task,
+                                       video_folder=Path(video_folder) if video_folder else None, frames=frames)
         if ours is None:
             skip(str(record.get("id", f"record-{n}")) if isinstance(record, dict) else f"record-{n}", reason, detail)
         else:
             kept.append(ours)
     if verify:
-        paths = sorted({p for r in kept for p in r["images"]})
+        paths = sorted({p for r in kept for p in r["images"]} | {r["video"] for r in kept if r.get("video")})
+        videos = {r["video"] for r in kept if r.get("video")}
+        check = lambda p: _verify_video(Path(p)) if p in videos else _verify(Path(p))  # noqa: E731
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            bad = {p: why for p, why in zip(paths, pool.map(lambda p: _verify(Path(p)), paths)) if why}
+            bad = {p: why for p, why in zip(paths, pool.map(check, paths)) if why}
         if bad:
             good = []
             for r in kept:
-                why = next((f"{p}: {bad[p]}" for p in r["images"] if p in bad), None)
+                media = r["images"] + ([r["video"]] if r.get("video") else [])
+                why = next((f"{p}: {bad[p]}" for p in media if p in bad), None)
                 if why:
-                    skip(r["id"], "unreadable_image", why)
+                    skip(r["id"], "unreadable_video" if r.get("video") else "unreadable_image", why)
                 else:
                     good.append(r)
             kept = good
@@ -225,7 +276,8 @@ def import_llava(
     summary = {
         "source": str(source.resolve()), "image_folder": str(image_folder.resolve()), "records": len(records),
         "train": len(splits["sft.jsonl"]), "heldout": len(splits["sft_heldout.jsonl"]), "skipped": dict(skipped),
-        "skipped_examples": examples, "images": len({p for r in kept for p in r["images"]}), "verified": verify,
+        "skipped_examples": examples, "images": len({p for r in kept for p in r["images"]}),
+        "videos": len({r["video"] for r in kept if r.get("video")}), "verified": verify,
         "task": task, "seed": seed, "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / "import.json").write_text(json.dumps(summary, indent=2))
@@ -252,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draws the held-out records (default 0)")
     p.add_argument("--task", default="conversation",
                    help="the task of records that name none (default conversation; 'caption' for align-phase caption data)")
+    p.add_argument("--video-folder", default=None, help="the directory video paths are relative to (default: --image-folder)")
+    p.add_argument("--frames", type=int, default=8, help="frames a video record shows the model, sampled uniformly (default 8)")
     p.add_argument("--no-verify", action="store_true", help="do not decode every image now (faster; a corrupt image "
                    "then fails the training run that reads it)")
     return p
@@ -261,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         import_llava(a.source, image_folder=a.image_folder, output=a.output, heldout=a.heldout, seed=a.seed,
-                     task=a.task, verify=not a.no_verify)
+                     task=a.task, video_folder=a.video_folder, frames=a.frames, verify=not a.no_verify)
     except (ValueError, OSError) as e:
         print(f"vlm import-llava: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ def llava(tmp_path):
         {"id": "markers", "image": ["coco/1.png", "coco/2.png"], "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
         {"id": "role", "image": "coco/1.png", "conversations": _turns(("robot", "<image>\nq"), ("gpt", "a"))},
         {"id": "unanswered", "conversations": _turns(("human", "q"),)},
-        {"id": "clip", "video": "v.mp4", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+        {"id": "clip", "video": "v.mp4", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},  # no such file
         "not an object",
         {"id": "empty", "image": "coco/1.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", " "))},
         {"id": "marker-answer", "image": "coco/1.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "see <image>"))},
@@ -64,7 +64,7 @@ def test_kept_records_decode_and_bad_ones_are_counted_by_reason(llava, tmp_path)
     summary = import_llava(source, image_folder=folder, output=out, heldout=2, seed=3, log=said.append)
     assert (summary["records"], summary["train"] + summary["heldout"]) == (17, 6) and summary["heldout"] >= 2
     assert summary["skipped"] == {"missing_image": 1, "unreadable_image": 1, "image_count_mismatch": 2, "bad_role": 1,
-                                  "no_assistant_turn": 1, "video_not_imported": 1, "bad_record": 1, "empty_answer": 1,
+                                  "no_assistant_turn": 1, "missing_video": 1, "bad_record": 1, "empty_answer": 1,
                                   "image_marker_in_answer": 1, "system_not_first": 1}
     assert json.loads((out / "import.json").read_text())["skipped"] == summary["skipped"]
     assert any("missing_image" in s and "nope.png" in s for s in said)
@@ -159,3 +159,30 @@ def test_the_heldout_split_keeps_an_images_records_together(tmp_path):
     images = {part: {json.loads(ln)["images"][0] for ln in (tmp_path / "o" / part).read_text().splitlines()}
               for part in ("sft.jsonl", "sft_heldout.jsonl")}
     assert not images["sft.jsonl"] & images["sft_heldout.jsonl"]
+
+
+def test_video_records_become_videos_of_sampled_frames(tmp_path):
+    from jobs.data import DecodeSFT, sft_examples
+    from pipelines.world import encode_mp4, video_codec
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    encode_mp4([Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)) for _ in range(6)], folder / "clip.mp4",
+               codec=video_codec(), fps=4)
+    (folder / "broken.mp4").write_bytes(b"not a video" * 20)
+    records = [{"id": "v", "video": "clip.mp4", "conversations": _turns(("human", "what happens?\n<image>"), ("gpt", "it moves"))},
+               {"id": "bad", "video": "broken.mp4", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+               {"id": "both", "video": "clip.mp4", "image": "x.png", "conversations": _turns(("human", "<image>\nq"), ("gpt", "a"))},
+               {"id": "two-markers", "video": "clip.mp4", "conversations": _turns(("human", "<image>\n<image>\nq"), ("gpt", "a"))}]
+    source = tmp_path / "v.json"
+    source.write_text(json.dumps(records))
+    summary = import_llava(source, image_folder=tmp_path, video_folder=folder, output=tmp_path / "o", frames=3, log=lambda *_: None)
+    assert (summary["train"], summary["videos"]) == (1, 1)
+    assert summary["skipped"] == {"unreadable_video": 1, "image_and_video": 1, "image_count_mismatch": 1}
+    line = (tmp_path / "o" / "sft.jsonl").read_text().splitlines()
+    rec = json.loads(line[0])
+    assert rec["video"] == str((folder / "clip.mp4").resolve()) and rec["images"] == []
+    assert rec["messages"][0]["content"] == [{"type": "video", "num_frames": 3}, {"type": "text", "text": "what happens?"}]
+    (ex,) = sft_examples(DecodeSFT(str(tmp_path / "o"), 32)({"text": np.array(line, dtype=object)}), 32)
+    assert len(ex.images) == 3 and ex.images[0].shape == (32, 32, 3)
