@@ -124,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {k: v for k, v in COMMANDS.items() if _available(v[0])}
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: vlm COMMAND [options]\n\ncommands:")
+        width = max(map(len, commands))
         for name, (_, help_) in commands.items():
-            print(f"  {name:<10} {help_}")
+            print(f"  {name:<{width}}  {help_}")
         print("\n`vlm COMMAND --help` describes each command.")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
