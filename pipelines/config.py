@@ -48,6 +48,9 @@ class DownloadConfig:
     max_retry_after: float = 30.0  # a Retry-After longer than this fails the sample instead of waiting
     user_agent_token: str | None = "vlmforge"
     disallowed_header_directives: list[str] = field(default_factory=lambda: list(ROBOTS_DIRECTIVES))
+    # read file:// URLs and absolute paths from this machine's (or the cluster's shared) disk;
+    # off by default, so a URL list from elsewhere cannot make a job read local files
+    local_files: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.per_host < 1:

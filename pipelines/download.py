@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import random
 import re
 import socket
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -178,7 +180,9 @@ def url_problem(url: str) -> str | None:
     except ValueError as e:
         return f"expected a URL that parses, got {e}"
     if scheme not in ("http", "https"):
-        return f"expected an http or https URL, got scheme {scheme!r}" if scheme else "expected an http or https URL, got no scheme"
+        local = " (a local file: set download.local_files=true to read file:// URLs and absolute paths)" \
+            if scheme == "file" or (not scheme and url.startswith("/")) else ""
+        return (f"expected an http or https URL, got scheme {scheme!r}" if scheme else "expected an http or https URL, got no scheme") + local
     if not host:
         return "expected a host name, got none"
     if ":" in host:  # an IPv6 literal ("[::1]"): the HTTP client checks it
@@ -206,8 +210,42 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def local_path(url: str) -> str | None:
+    """The path a ``file://`` URL or an absolute path names; None for anything else."""
+    if url.startswith("file://"):
+        from urllib.parse import unquote
+
+        parts = urlsplit(url)
+        return unquote(parts.path) if parts.netloc in ("", "localhost") else None
+    return url if url.startswith("/") else None
+
+
+def _read_local(path: str, cfg: DownloadConfig) -> FetchResult:
+    """A local file as a download: its bytes, or ``file_not_found`` / ``file_too_large`` /
+    ``file_error`` (never retried: a retry cannot change them)."""
+    start = time.monotonic()
+    try:
+        st = os.stat(path)
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            return FetchResult(None, "file_not_found: not a regular file", attempts=1)
+        if size > cfg.max_body_bytes:
+            return FetchResult(None, f"file_too_large: {size} bytes, over download.max_body_bytes={cfg.max_body_bytes}", attempts=1)
+        with open(path, "rb") as f:
+            data = f.read(cfg.max_body_bytes + 1)
+    except FileNotFoundError:
+        return FetchResult(None, "file_not_found", attempts=1)
+    except OSError as e:
+        return FetchResult(None, f"file_error: {type(e).__name__}: {e.strerror or e}"[:300], attempts=1)
+    return FetchResult(data, None, None, 1, time.monotonic() - start)
+
+
 async def _fetch_one(session, url: str, cfg: DownloadConfig, limit: asyncio.Semaphore, hosts: dict) -> FetchResult:
     start = time.monotonic()
+    path = local_path(url) if cfg.local_files else None
+    if path is not None:
+        async with limit:
+            return await asyncio.to_thread(_read_local, path, cfg)
     problem = url_problem(url)
     if problem is not None:
         return FetchResult(None, f"invalid_url: {problem}")

@@ -187,3 +187,19 @@ def test_resume_after_sigkill_is_exactly_once(ray_ctx, tmp_path, world_dir, serv
     assert sorted(keys_in_tars) == sorted(r["key"] for r in success)
     assert len({r["sha256"] for r in success}) == len(success)  # dedup held across the resume
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_folder_of_images_with_captions_curates_without_a_web_server(ray_ctx, tmp_path, world_dir, tokenizer_dir):
+    """download.local_files: a caption list naming images on disk (absolute paths and file://
+    URLs) curates like a URL list; a missing file is a failed_to_download row with its reason."""
+    images = sorted((world_dir / "images").rglob("*.jpg"))[:6]
+    rows = [{"url": str(p) if i % 2 else p.as_uri(), "caption": f"picture {i}"} for i, p in enumerate(images)]
+    rows.append({"url": str(tmp_path / "gone.jpg"), "caption": "a picture that is not there"})
+    src = tmp_path / "list.csv"
+    src.write_text("url,caption\n" + "".join(f"{r['url']},{r['caption']}\n" for r in rows))
+    cfg = load_curate_config(overrides=OVERRIDES + ["download.local_files=true", f"tokenize.tokenizer={tokenizer_dir}"])
+    summary = curate(str(src), tmp_path / "out", config=cfg)
+    got = {r["url"]: r for r in _read_all(tmp_path / "out")}
+    assert summary["count"] == len(rows) and summary["successes"] == len(images), summary
+    assert got[str(tmp_path / "gone.jpg")]["status"] == "failed_to_download"
+    assert got[str(tmp_path / "gone.jpg")]["error_message"] == "file_not_found"

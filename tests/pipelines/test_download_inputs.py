@@ -393,3 +393,21 @@ def test_report_counts_errors_by_host_from_the_runs_url_column(tmp_path):
     by_host = summarize(tmp_path / "out")["errors_by_host"]
     assert set(by_host) == {"127.0.0.1:1", "a..b"}
     assert by_host["127.0.0.1:1"] == {"connection_error": 1}
+
+
+def test_local_files_are_read_only_when_asked(tmp_path):
+    """download.local_files: file:// URLs and absolute paths are read from disk (a folder of
+    images and a caption list, no web server); off by default, with a message saying how."""
+    img = tmp_path / "a b.jpg"
+    img.write_bytes(b"\xff\xd8 some jpeg bytes")
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"x" * 2000)
+    urls = [str(img), "file://" + str(img).replace(" ", "%20"), str(tmp_path / "missing.jpg"), str(tmp_path), str(big),
+            "file://otherhost/x.jpg"]
+    got = fetch_all(urls, config=DownloadConfig(local_files=True, max_body_bytes=1000))
+    assert got[0].data == got[1].data == img.read_bytes() and got[0].error is None
+    assert got[2].error == "file_not_found" and got[3].error.startswith("file_not_found")
+    assert got[4].error.startswith("file_too_large: 2000 bytes")
+    assert got[5].error.startswith("invalid_url")  # a file URL on another host is not this machine's
+    off = fetch_all(urls[:2], config=DownloadConfig())
+    assert all(r.data is None and "set download.local_files=true" in r.error for r in off), [r.error for r in off]
