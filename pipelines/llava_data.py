@@ -63,6 +63,11 @@ def read_records(path: Path) -> list[Any]:
     return out
 
 
+def _why(e: BaseException) -> str:
+    """An exception as one short line (a decoder's message may span lines)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
 def _verify(path: Path) -> str | None:
     """None for an image Pillow decodes, else why not."""
     from PIL import Image
@@ -72,7 +77,21 @@ def _verify(path: Path) -> str | None:
             im.load()
         return None
     except Exception as e:  # Pillow raises many types for a bad file
-        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        return _why(e)
+
+
+def _verify_video(path: Path) -> str | None:
+    """None for a video PyAV opens and decodes a first frame of, else why not."""
+    try:
+        import av
+
+        with av.open(str(path)) as container:
+            next(container.decode(video=0))
+        return None
+    except StopIteration:
+        return "no video frames"
+    except Exception as e:  # PyAV raises many types for a bad file
+        return _why(e)
 
 
 def _normalised_turns(conversations: list[Any], *, single_image: bool) -> list[Any]:
@@ -92,20 +111,6 @@ def _normalised_turns(conversations: list[Any], *, single_image: bool) -> list[A
     while turns and isinstance(turns[-1], dict) and turns[-1].get("from") == "human":
         turns.pop()
     return turns
-
-
-def _verify_video(path: Path) -> str | None:
-    """None for a video PyAV opens and decodes a first frame of, else why not."""
-    try:
-        import av
-
-        with av.open(str(path)) as container:
-            next(container.decode(video=0))
-        return None
-    except StopIteration:
-        return "no video frames"
-    except Exception as e:  # PyAV raises many types for a bad file
-        return " ".join(f"{type(e).__name__}: {e}".split())[:200]
 
 
 def convert(record: Any, n: int, *, image_folder: Path, task: str, video_folder: Path | None = None,
