@@ -90,7 +90,7 @@ def synthetic_batches(stage: str, cfg, a, device, vocab: int, image_id: int, bat
     return out
 
 
-def build(stage: str, cfg, vocab: int, image_id: int, device, compile_blocks: bool = False):
+def build(stage: str, cfg, vocab: int, image_id: int, device, compile_blocks: bool = False, eager_loss: bool = False):
     """The stage's model with random weights, seeded, built on ``device``."""
     import torch
 
@@ -107,6 +107,8 @@ def build(stage: str, cfg, vocab: int, image_id: int, device, compile_blocks: bo
             model = VisionLanguageModel(cfg.model, vocab_size=vocab, pad_token_id=0, eos_token_id=1, image_token_id=image_id)
     if compile_blocks:
         compile_fn(model)
+        if eager_loss and hasattr(model, "rows_loss"):
+            model.rows_loss = None  # the stage-2 loss as an eager run scores it
     return model
 
 
@@ -167,7 +169,7 @@ def run_plain(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, syn
     from vlm.losses import no_gather
     from vlm.optim import build_scheduler
 
-    model = build(stage, cfg, vocab, image_id, device, a.compile)
+    model = build(stage, cfg, vocab, image_id, device, a.compile, a.eager_loss)
     model.train()
     opt = optimizer(model, optim, device)
     sched = build_scheduler(opt, optim)
@@ -204,9 +206,9 @@ def run_ours(stage, cfg, optim, a, device, dtype, vocab, image_id, batches, sync
         from jobs.zero_init import partitioned_build
 
         with partitioned_build(ds_config):
-            model = build(stage, cfg, vocab, image_id, device, job.compile)
+            model = build(stage, cfg, vocab, image_id, device, job.compile, a.eager_loss)
     else:
-        model = build(stage, cfg, vocab, image_id, device, job.compile)
+        model = build(stage, cfg, vocab, image_id, device, job.compile, a.eager_loss)
     opt = optimizer(model, optim, device, zero)
     sched = build_scheduler(opt, optim)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config, dist_init_required=False)
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-mode", default="autocast", help="our runs' job.bf16_mode: autocast | weights")
     p.add_argument("--profile-steps", type=int, default=0, help="after the timed steps, profile this many and write the top kernels to --profile-out")
     p.add_argument("--profile-out", default="gpu_train_profile.txt")
+    p.add_argument("--eager-loss", action="store_true",
+                   help="with --compile: stage 2's loss stays eager (job.compile compiles it: vlm.losses.compile_rows_loss)")
     p.add_argument("--full-logits", action="store_true", help="stage 2: make the logits of every position (the loss still only on the labelled half)")
     p.add_argument("--tag", default="", help="a label for this invocation's rows")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the project's MFU peak (default jobs.metrics.GPU_PEAK_TFLOPS)")

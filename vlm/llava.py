@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
-from vlm.losses import lm_loss, supervised_loss
+from vlm.losses import RowsLoss, compile_rows_loss, lm_loss, supervised_loss
 from vlm.projector import Projector
 from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
 from vlm.towers import build_decoder, build_vision_tower, check_feature_layer, set_trainable, vision_width
@@ -82,7 +82,13 @@ class VisionLanguageModel(nn.Module):
             ids = torch.full((n_words,), -1, dtype=torch.long) if ground_token_ids is None else torch.tensor(list(ground_token_ids), dtype=torch.long)
             self.register_buffer("ground_ids", ids)  # -1 until given or loaded
             self.ground_empty = nn.Parameter(torch.randn(2, d_model) * 0.02)  # "no shape" / "no colour"
+        self.rows_loss: RowsLoss | None = None  # set by ``compile_loss``
         self.apply_freeze()
+
+    def compile_loss(self, **compile_kwargs) -> None:
+        """Training scores the supervised rows with a compiled loss (``vlm.losses.compile_rows_loss``;
+        ``vlm.towers.compile_blocks`` calls this): the same loss, less memory and time."""
+        self.rows_loss = compile_rows_loss(**compile_kwargs)
 
     # ------------------------------------------------------------------ parts
 
@@ -228,7 +234,7 @@ class VisionLanguageModel(nn.Module):
             out = CausalLMOutputWithPast(logits=None)
             out["loss"] = supervised_loss(
                 hidden, labels, head, average=self.cfg.llava.loss_average, normaliser=loss_normaliser,
-                chunked=self.cfg.llava.chunked_loss,
+                chunked=self.cfg.llava.chunked_loss, rows_loss=self.rows_loss,
             )
         else:
             kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}

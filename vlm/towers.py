@@ -256,8 +256,13 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> int:
     compilation: the blocks of a stack share one compiled graph, so start-up costs one block's
     compile per stack, and the glue between blocks (embeddings, pooling, losses, the image-token
     scatter) stays eager. A block is a child of an ``nn.ModuleList`` of two or more modules of
-    one class (CLIP's, BERT's and the decoders' layer stacks). Returns how many were compiled."""
+    one class (CLIP's, BERT's and the decoders' layer stacks). A module with a ``compile_loss``
+    method (the stage-2 model) has its training loss compiled too. Returns how many blocks were
+    compiled."""
     n = 0
+    for m in model.modules():
+        if callable(getattr(m, "compile_loss", None)):
+            m.compile_loss(**compile_kwargs)
     for stack in model.modules():
         if isinstance(stack, nn.ModuleList) and len(stack) > 1 and len({type(m) for m in stack}) == 1:
             for block in stack:

@@ -263,3 +263,42 @@ def test_ranks_losses_with_the_mean_count_as_normaliser_average_to_the_whole_bat
     # no supervised token on a rank: zero, with a graph
     empty = loss_fn(hidden[:1], torch.full((1, 12), -100), normaliser=mean)
     assert float(empty) == 0.0 and empty.requires_grad
+
+
+def test_a_compiled_rows_loss_scores_any_number_of_rows_as_the_head_does():
+    """``compile_rows_loss`` (what ``job.compile`` gives the stage-2 model) against the eager
+    path through the head: the same loss and gradients (hidden states and the head's weight),
+    in fp32 and under bf16 autocast, for batches with different counts of supervised rows
+    (dynamic shapes: no error, no stale graph). AOT autograd's capture runs the compiled
+    forward and backward graphs on the CPU without inductor's code generation."""
+    from vlm.losses import compile_rows_loss, supervised_loss
+
+    rows_loss = compile_rows_loss(backend="aot_eager")
+    calls = []
+
+    def counted(h, w, t, rw):
+        calls.append(h.shape[0])
+        return rows_loss(h, w, t, rw)
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    for bf16 in (False, True):
+        for n_sup in (3, 11, 7):
+            hidden = torch.randn(2, 12, 16, generator=g, requires_grad=True)
+            labels = torch.full((2, 12), -100)
+            scored = torch.arange(24).view(2, 12)[:, 1:].reshape(-1)  # a row's first label is never a target
+            labels.view(-1)[scored[torch.randperm(22, generator=g)[:n_sup]]] = torch.randint(0, 50, (n_sup,), generator=g)
+            got, want = [], []
+            for fn, out in ((counted, got), (None, want)):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = supervised_loss(hidden, labels, head, average="token", rows_loss=fn)
+                out += [loss.detach(), *torch.autograd.grad(loss, [hidden, head.weight])]
+            tol = dict(atol=1e-2, rtol=1e-2) if bf16 else dict(atol=1e-6, rtol=1e-5)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, **tol)
+    assert calls == [3, 11, 7] * 2
+    # a head it cannot take (a bias) goes through the head's own forward
+    biased = torch.nn.Linear(16, 50)
+    calls.clear()
+    supervised_loss(hidden, labels, biased, average="token", rows_loss=counted)
+    assert calls == []

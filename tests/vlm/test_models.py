@@ -406,6 +406,15 @@ def test_compile_blocks_compiles_each_layer_stack_and_keeps_the_outputs(cfg, tok
     with torch.no_grad():
         compiled = model(**batch).logits
     torch.testing.assert_close(compiled, eager)
+    # and its training loss: the supervised rows through the compiled rows loss
+    assert model.rows_loss is not None
+    rows_loss, calls = model.rows_loss, []
+    model.rows_loss = lambda *a: calls.append(a[0].shape[0]) or rows_loss(*a)
+    with torch.no_grad():
+        loss = model(**batch, return_logits=False).loss
+        reference = model(**batch).loss
+    assert calls == [int((batch["labels"][:, 1:] != -100).sum())]
+    torch.testing.assert_close(loss, reference)
 
 
 def test_fused_optimizer_takes_the_same_step(cfg, tok):
