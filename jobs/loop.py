@@ -39,6 +39,7 @@ from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import collate_pairs, collate_sft
 from vlm.llava import VisionLanguageModel
+from vlm.lora import is_lora_key
 from vlm.losses import Gather, supervised_count, supervised_tokens, torch_distributed_gather
 from vlm.optim import build_optimizer, build_scheduler
 from vlm.tokenizer import special_token_ids
@@ -116,12 +117,16 @@ def _build_model(stage: str, cfg: Config, job: JobConfig, tokenizer: Any, *, ran
         cfg.model, vocab_size=len(tokenizer), pad_token_id=ids.pad, eos_token_id=ids.im_end, image_token_id=ids.image, vision=vision
     )
     if init_weights is not None:
+        # a stage-2 checkpoint holds no adapters (an export merges them): a LoRA run's start from
+        # one takes every weight but its adapters', which start as LoRA's do
         if rank is None:
-            model.load_state_dict(init_weights[0].state_dict())
+            missing, unexpected = model.load_state_dict(init_weights[0].state_dict(), strict=False)
+            if unexpected or [k for k in missing if not is_lora_key(k)]:
+                raise ValueError(f"{job.init_from}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         else:
             from jobs.zero_init import load_partitioned
 
-            load_partitioned(model, init_weights[1], rank=rank)
+            load_partitioned(model, init_weights[1], rank=rank, optional=is_lora_key)
     return model
 
 
@@ -662,8 +667,14 @@ HF_SKIPPED = "hf_skipped.txt"  # in a final checkpoint: why it holds no Hugging 
 
 def _export(model: torch.nn.Module, stage: str, cfg: Config, tokenizer: Any, out: Path, *, step: int, metrics: dict, log) -> None:
     """The consolidated model in our format and, for stage 2, the Hugging Face LLaVA format."""
-    from vlm.checkpoint import save_checkpoint
+    import dataclasses
 
+    from vlm.checkpoint import save_checkpoint
+    from vlm.lora import merge_lora
+
+    if merge_lora(model):  # the adapters folded into the decoder's weights: a plain checkpoint
+        cfg = dataclasses.replace(cfg, model=model.cfg)
+        log(f"[{stage}] LoRA adapters merged into the decoder's weights for the export")
     save_checkpoint(model, out / "model", config=cfg, tokenizer=tokenizer, meta={"step": step, "metrics": metrics})
     if stage == "sft":
         from vlm.export import export_llava_hf

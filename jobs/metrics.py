@@ -111,7 +111,9 @@ def sft_flops(
     The decoder's output projection counts over ``supervised_tokens`` (the positions with a
     label: ``VisionLanguageModel.forward`` projects only those when training, for a decoder
     that ``decoder_parts`` splits), over every token when None or when the decoder makes all
-    its logits itself."""
+    its logits itself. A decoder trained in part (LoRA adapters on frozen weights) counts the
+    forward and the gradient into its activations (4 N T) for every product and the weight
+    gradient (2 N T) only for its trained parameters."""
     cfg = model.cfg
     n_vis = cfg.vision.num_patches + 1
     proj_needs = any(p.requires_grad for p in model.projector.parameters())
@@ -122,12 +124,18 @@ def sft_flops(
     )
     fp = (6 if proj_needs else 4) * matmul_params(model.projector, cache)[0] * cfg.image_tokens
     head = output_projection_params(model.decoder)
+    total, trained = matmul_params(model.decoder, cache)
     fd = tower_flops(
-        matmul_params(model.decoder, cache)[0] - head, seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"),
-        width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
+        total - head, seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"), width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
     )
+    get_head = getattr(model.decoder, "get_output_embeddings", None)
+    head_mod = get_head() if callable(get_head) else None
+    head_trained = head > 0 and any(p.requires_grad for p in head_mod.parameters())
+    head_mode = "backprop" if dec_mode == "train" and not head_trained else dec_mode
+    if dec_mode == "train":  # a partly trained decoder (LoRA adapters): no weight gradient (2 N T) for its frozen products
+        fd -= 2 * (total - trained - (0 if head_trained else head)) * seq_tokens
     supervised_only = supervised_tokens is not None and model.decoder_parts()[1] is not None
-    fh = tower_flops(head, supervised_tokens if supervised_only else seq_tokens, layers=0, width=0, mode=dec_mode)
+    fh = tower_flops(head, supervised_tokens if supervised_only else seq_tokens, layers=0, width=0, mode=head_mode)
     return images_per_sample * (fv + fp) + fd + fh
 
 

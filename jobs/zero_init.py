@@ -161,7 +161,9 @@ def partitioned_build(ds_config: dict[str, Any], *, remote_device: str | None = 
         del hf_config
 
 
-def load_partitioned(model: nn.Module, path: str | Path, *, rank: int, prefix: str = "") -> None:
+def load_partitioned(
+    model: nn.Module, path: str | Path, *, rank: int, prefix: str = "", optional: Callable[[str], bool] | None = None
+) -> None:
     """Load a safetensors file into a model built by ``partitioned_build``, strictly, module by module.
 
     Rank 0 reads one module's tensors and writes them into its gathered parameters;
@@ -174,6 +176,8 @@ def load_partitioned(model: nn.Module, path: str | Path, *, rank: int, prefix: s
         rank: this rank (rank 0 reads the parameters).
         prefix: the keys of ``model`` in the file start with this (``"vision."``: a tower of a
             bigger saved model).
+        optional: a weight whose key this accepts may be missing from the file (it keeps the
+            value it was built with: a LoRA adapter's, ``vlm.lora.is_lora_key``).
     """
     import deepspeed
     from safetensors import safe_open
@@ -190,11 +194,13 @@ def load_partitioned(model: nn.Module, path: str | Path, *, rank: int, prefix: s
             return next((k for k in aliases[id(t)] if k in present), None)
 
         missing = sorted(prefix + n for n, t in model.state_dict(keep_vars=True).items() if key_of(t) is None)
+        missing = [k for k in missing if optional is None or not optional(k)]
         if missing:
             raise ValueError(f"{path}: expected every weight of the model, missing {missing[:5]}")
         for name, module in model.named_modules():
             params = list(module.parameters(recurse=False))
             if params:
+                params = [p for p in params if key_of(p) is not None]  # the rest: optional, missing
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
                     if rank == 0:
                         for p in params:

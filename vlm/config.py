@@ -187,8 +187,23 @@ class LlavaConfig:
     # words do, so a decoder trained from scratch can match "triangle" to the token holding one.
     # Needs per-cell labels: the generated world only (``vlm train sft`` refuses it).
     ground_loss_weight: float = 0.0
+    # > 0: the decoder trains through low-rank adapters of this rank (LoRA, ``vlm.lora``), its own
+    # weights frozen; ``freeze_decoder`` freezes the adapters too. ``lora_targets``: the linear
+    # layers adapted, by their name's last part (e.g. [q_proj, v_proj]); empty: every linear layer
+    # of the decoder but its output projection. The update is scaled by lora_alpha / lora_rank. A
+    # run's final export merges the adapters into the weights: a plain checkpoint.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"llava.lora_rank: expected an integer >= 0 (0: no adapters), got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"llava.lora_alpha: expected a number > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"llava.lora_dropout: expected a number in [0, 1), got {self.lora_dropout}")
         if self.ground_loss_weight < 0:
             raise ConfigError(f"llava.ground_loss_weight: expected a number >= 0, got {self.ground_loss_weight}")
         if self.loss_average not in ("token", "turn"):

@@ -42,6 +42,7 @@ from transformers import (
 
 from vlm.image import norm_stats
 from vlm.llava import VisionLanguageModel
+from vlm.lora import lora_layers
 from vlm.tokenizer import CHAT_TEMPLATE, IM_END, IMAGE
 
 VERIFY_ATOL = 1e-4
@@ -64,6 +65,8 @@ def check_exportable(model: VisionLanguageModel) -> None:
     cfg = model.cfg
     if not isinstance(model, VisionLanguageModel):
         raise ValueError(f"expected a stage-2 VisionLanguageModel, got {type(model).__name__}")
+    if lora_layers(model):
+        raise ValueError("the decoder has LoRA adapters: merge them into its weights first (vlm.lora.merge_lora)")
     if cfg.projector.pixel_shuffle != 1:
         raise ValueError(
             f"projector.pixel_shuffle={cfg.projector.pixel_shuffle}: transformers' LLaVA has no pixel "

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
+from vlm.lora import add_lora, lora_layers
 from vlm.losses import RowsLoss, compile_rows_loss, lm_loss, supervised_loss
 from vlm.projector import Projector
 from vlm.scene_targets import CELL_GRID, NUM_CELL_COLOURS, NUM_CELL_KINDS
@@ -83,6 +84,9 @@ class VisionLanguageModel(nn.Module):
             self.register_buffer("ground_ids", ids)  # -1 until given or loaded
             self.ground_empty = nn.Parameter(torch.randn(2, d_model) * 0.02)  # "no shape" / "no colour"
         self.rows_loss: RowsLoss | None = None  # set by ``compile_loss``
+        f = cfg.llava
+        if f.lora_rank > 0:
+            add_lora(self.decoder, rank=f.lora_rank, alpha=f.lora_alpha, dropout=f.lora_dropout, targets=f.lora_targets)
         self.apply_freeze()
 
     def compile_loss(self, **compile_kwargs) -> None:
@@ -97,7 +101,10 @@ class VisionLanguageModel(nn.Module):
         f = self.cfg.llava
         set_trainable(self.vision, not f.freeze_vision)
         set_trainable(self.projector, not f.freeze_projector)
-        set_trainable(self.decoder, not f.freeze_decoder)
+        adapters = lora_layers(self.decoder)
+        set_trainable(self.decoder, not f.freeze_decoder and not adapters)  # with adapters, the decoder's own weights stay
+        for layer in adapters:
+            set_trainable(layer.lora, not f.freeze_decoder)
 
     def decoder_parts(self) -> tuple[nn.Module | None, nn.Module | None]:
         """(body, output projection) of the decoder when it is a plain causal LM whose logits are

@@ -1,0 +1,99 @@
+"""Stage 2 with LoRA adapters under ZeRO-2 and ZeRO-3 on 2 real gloo ranks, without Ray, started
+(``job.init_from``) from a plain stage-2 checkpoint: its weights load into the model (under ZeRO-3
+into the partitioned build) and the adapters start fresh; the steps train the adapters and the
+projector and leave the decoder's weights as loaded; the ranks' fp32 copy (``plain_copy``,
+collective) and the run's export (``_export``) merge the adapters into a plain checkpoint, ours
+and Hugging Face's, with the adapted model's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .conftest import TINY, free_port, init_gloo_rank
+
+LORA = ["model.llava.lora_rank=4", "model.llava.lora_alpha=8", "model.llava.lora_targets=[q_proj,v_proj,down_proj]"]
+
+
+def _worker(rank: int, world: int, port: int, out: str, start: str) -> None:
+    init_gloo_rank(rank, world, port)
+    torch.set_num_threads(1)
+    import deepspeed
+    import tinymodels
+
+    from jobs.job_config import deepspeed_config, load_job
+    from jobs.loop import _export, build_model, plain_copy
+    from vlm.checkpoint import load_checkpoint
+    from vlm.data import SFTExample, collate_sft
+    from vlm.optim import build_optimizer, build_scheduler
+
+    tok = tinymodels.tokenizer()
+    report = {}
+    for zero in (2, 3):
+        cfg, job = load_job(overrides=[*TINY, *LORA, f"job.zero_stage={zero}", "job.num_workers=2", "stage2.batch_size=2",
+                                       "stage2.lr=0.01", "model.tokenizer.vocab_size=300", f"job.init_from={start}"])
+        initial = load_checkpoint(start).model.state_dict()
+        ds_config = deepspeed_config(cfg.stage2, job)
+        model = build_model("sft", cfg, job, tok, partition=ds_config if zero == 3 else None, rank=rank)
+        optimizer = build_optimizer(model, cfg.stage2)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.stage2),
+                                               config=ds_config, dist_init_required=False)
+        size = cfg.model.vision.image_size
+        colour = ["red", "blue"][rank]
+        ex = SFTExample("image", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is it?"}]},
+                                  {"role": "assistant", "content": f"a {colour} square"}], [np.full((size, size, 3), 60 + 120 * rank, np.uint8)])
+        batch, _ = collate_sft([ex], tok, num_image_tokens=cfg.model.image_tokens, max_length=160, vision_kind=cfg.model.vision.kind,
+                               image_size=size)
+        labels = batch.pop("labels")
+        for _ in range(3):
+            engine.backward(engine(**batch, labels=labels, return_logits=False)["loss"])
+            engine.step()
+        plain = plain_copy(engine, "sft", cfg, job, tok, rank)  # collective
+        if rank == 0:
+            state = plain.state_dict()
+            frozen = [k for k in state if k.startswith("decoder.") and ".lora." not in k]
+            report[f"{zero}_decoder_kept"] = sorted(frozen) == sorted(k for k in initial if k.startswith("decoder.")) and all(
+                torch.equal(state[k], initial[k]) for k in frozen)
+            report[f"{zero}_adapters_moved"] = sorted({k.rsplit(".", 3)[-3] for k in state if k.endswith(".lora.B") and state[k].abs().sum() > 0})
+            report[f"{zero}_projector_moved"] = not all(torch.equal(state[k], initial[k]) for k in state if k.startswith("projector."))
+            with torch.no_grad():
+                adapted = plain(**batch).logits
+            run = Path(out) / f"zero{zero}"
+            _export(plain, "sft", cfg, tok, run, step=3, metrics={}, log=lambda *_: None)
+            exported = load_checkpoint(run / "model")
+            report[f"{zero}_exported_rank"] = exported.config.model.llava.lora_rank
+            report[f"{zero}_exported_keys"] = [k for k in exported.model.state_dict() if ".lora." in k]
+            with torch.no_grad():
+                report[f"{zero}_logits_diff"] = float((exported.model(**batch).logits - adapted).abs().max())
+            report[f"{zero}_hf"] = (run / "hf" / "config.json").is_file()
+    if rank == 0:
+        (Path(out) / "report.json").write_text(json.dumps(report))
+    os._exit(0)  # no interpreter teardown after the check (see test_master_weights.py)
+
+
+def test_lora_trains_under_zero_2_and_3_and_the_export_merges_it(tmp_path):
+    import torch.multiprocessing as mp
+
+    import tinymodels
+
+    from jobs.job_config import load_job
+    from jobs.loop import build_model
+    from vlm.checkpoint import save_checkpoint
+
+    # a plain stage-2 checkpoint of the same shapes, built from another seed than the runs' own
+    cfg, job = load_job(overrides=[*TINY, "model.tokenizer.vocab_size=300", "seed=123"])
+    tok = tinymodels.tokenizer()
+    save_checkpoint(build_model("sft", cfg, job, tok), tmp_path / "start", config=cfg, tokenizer=tok)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "start")), nprocs=2, join=True)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for zero in (2, 3):
+        assert report[f"{zero}_decoder_kept"], f"ZeRO-{zero}: the decoder's own weights changed"
+        assert report[f"{zero}_adapters_moved"] == ["down_proj", "q_proj", "v_proj"], report
+        assert report[f"{zero}_projector_moved"]
+        assert report[f"{zero}_exported_rank"] == 0 and report[f"{zero}_exported_keys"] == []
+        assert report[f"{zero}_logits_diff"] < 1e-4, report
+        assert report[f"{zero}_hf"]
