@@ -21,7 +21,7 @@ from vlm.chat import encode_chat
 from vlm.config import Config
 from vlm.contrastive import ContrastiveModel
 from vlm.data import SFTExample, answer_of, collate_pairs, collate_sft, prompt_of
-from vlm.embed import class_embeddings, encode_images, encode_texts
+from vlm.embed import class_embeddings, encode_images, encode_texts, model_device
 from vlm.evaluate import caption_recall, exact_match, pair_ids, retrieval_metrics, zero_shot_accuracy
 from vlm.generation import GenerationConfig, generate
 from vlm.image import normalize
@@ -105,10 +105,6 @@ def _grad_norm(model: torch.nn.Module) -> float:
 
 
 # ----------------------------------------------------------------------------- stage 1
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
@@ -281,7 +277,7 @@ def answer_loss(model: VisionLanguageModel, examples: Sequence[SFTExample], toke
     from vlm.losses import lm_loss, supervised_tokens
 
     model.eval()
-    cfg, dev = model.cfg, _device(model)
+    cfg, dev = model.cfg, model_device(model)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch, _ = collate_sft(examples[i : i + batch_size], tokenizer, num_image_tokens=cfg.image_tokens, max_length=cfg.llava.max_length,

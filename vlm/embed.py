@@ -34,7 +34,8 @@ DEFAULT_TEMPLATES = (
 )
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device ``model``'s (first) parameters are on."""
     return next(model.parameters()).device
 
 
@@ -42,7 +43,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 def encode_images(model: ContrastiveModel, pixels: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:
     """(N, S, S, 3) uint8 at the tower's size -> (N, E) L2-normalised image embeddings."""
     model.eval()
-    dev, kind = _device(model), model.cfg.vision.kind
+    dev, kind = model_device(model), model.cfg.vision.kind
     if len(pixels) == 0:
         return torch.zeros(0, model.cfg.contrastive.embed_dim)
     return torch.cat([
@@ -56,7 +57,7 @@ def encode_texts(model: ContrastiveModel, tokenizer: Any, texts: Sequence[str], 
     """Texts -> (N, E) L2-normalised text embeddings; each cut to the text tower's
     ``max_length`` tokens (``count_tokens`` tells which ones would be cut)."""
     model.eval()
-    dev, max_length = _device(model), model.cfg.text.max_length
+    dev, max_length = model_device(model), model.cfg.text.max_length
     if len(texts) == 0:
         return torch.zeros(0, model.cfg.contrastive.embed_dim)
     out = []

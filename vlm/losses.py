@@ -266,7 +266,6 @@ def supervised_loss(
     return (F.cross_entropy(head(h).float(), target, reduction="none") * weights).sum()
 
 
-
 def rows_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
     """``sum_i row_weights[i] * CE(h[i] @ weight.T, target[i])``, the logits' softmax in fp32:
     what ``supervised_loss`` computes eagerly through the head, written for ``torch.compile``."""
