@@ -137,3 +137,33 @@ def test_the_flop_count_leaves_out_the_frozen_weights_gradients(tok):
     frozen_body = matmul_params(full.decoder)[0] - head
     expected = sft_flops(full, **kw) - 2 * frozen_body * 100 - 2 * head * 10 + 6 * adapters * 100
     assert sft_flops(lora, **kw) == pytest.approx(expected)
+
+
+def test_the_states_benchmark_counts_the_adapters_against_full_training(tmp_path):
+    """``benchmarks/lora_states.py``: full training is its baseline row; a rank-r row trains r x
+    (in + out) parameters per adapted layer of the decoder and freezes the rest of it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vlm.config import load_config
+    from vlm.llava import VisionLanguageModel
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "lora_states.py"), "--preset", "tiny", "--ranks", "4,8",
+                           "--targets", "q_proj,down_proj", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full, r4, r8 = json.loads(out.read_text())
+    cfg = load_config(preset="tiny")
+    vocab = cfg.model.tokenizer.vocab_size + 8
+    with torch.device("meta"):
+        plain = VisionLanguageModel(cfg.model, vocab_size=vocab, pad_token_id=0, eos_token_id=1, image_token_id=vocab - 1)
+    layers = [m for n, m in plain.decoder.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "down_proj")]
+    assert layers and full["trained_decoder"] == sum(p.numel() for p in plain.decoder.parameters())
+    for row, r in ((r4, 4), (r8, 8)):
+        assert row["trained_decoder"] == r * sum(m.in_features + m.out_features for m in layers)
+        assert row["trained"] - row["trained_decoder"] == full["trained"] - full["trained_decoder"]  # projector, vision: as they were
+        assert row["states_autocast_gib"] < full["states_autocast_gib"]
+    assert "| tiny | 0 (full) |" in done.stdout and "| tiny | 8 |" in done.stdout
