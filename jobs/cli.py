@@ -110,6 +110,7 @@ COMMANDS = {
     "ask": (_lazy("jobs.ask"), "ask a stage-2 checkpoint about your images and videos, in this process (no Ray)"),
     "classify": (_lazy("jobs.retrieve", "classify_main"), "label your images zero-shot with a stage-1 checkpoint (class names + prompt templates)"),
     "search": (_lazy("jobs.retrieve", "search_main"), "rank your images against text or image queries with a stage-1 checkpoint"),
+    "export": (_lazy("jobs.export_run"), "write a run's checkpoint (the latest, or a chosen step) as a plain model: ours and transformers' LLaVA"),
     "submit": (_lazy("jobs.submit"), "submit a command to a Ray cluster as a Ray Job and stream its logs"),
     "serve": (_lazy("serve.cli"), "serve a checkpoint behind an OpenAI-compatible API on Ray Serve"),
     "demo": (_cmd_demo, "generate data, train stage 1 and stage 2 in-process, answer held-out questions"),

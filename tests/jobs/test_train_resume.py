@@ -118,6 +118,26 @@ def test_kill_resume_rerun_and_export(ray_local, world, tmp_path, capsys):
         b = hf(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert ours.meta["step"] == STEPS
+
+    # `vlm export` of the kept checkpoints, offline on the CPU (no Ray): the ZeRO-3 shards of the
+    # 2 ranks (optimizer offloaded) put together; the step-6 one is the final model, weight for weight
+    from jobs.export_run import main as export_main
+
+    said = []
+    assert export_main([str(out), "--list"], log=said.append) == 0
+    assert [line.split("\t")[0] for line in said] == ["step 4", f"step {STEPS}"], said
+    assert export_main([str(out)], log=said.append) == 0
+    latest = load_checkpoint(out / f"export-step{STEPS}")
+    final_state, latest_state = ours.model.state_dict(), latest.model.state_dict()
+    assert latest_state.keys() == final_state.keys() and all(torch.equal(latest_state[k], v) for k, v in final_state.items())
+    assert (out / f"export-step{STEPS}-hf" / "config.json").is_file()
+    assert export_main([str(out), "--step", "4", "--output", str(tmp_path / "step4")], log=said.append) == 0
+    early = load_checkpoint(tmp_path / "step4")
+    assert early.meta["step"] == 4
+    assert not all(torch.equal(early.model.state_dict()[k], v) for k, v in final_state.items() if k.startswith("projector."))
+    capsys.readouterr()
+    assert export_main([str(out), "--step", "5"]) == 2
+    assert f"no checkpoint of step 5; kept: steps 4, {STEPS}" in capsys.readouterr().err
     # and both hold the trained weights, gathered from the shards, not the initial ones
     from jobs.job_config import load_job
     from jobs.loop import build_model

@@ -115,6 +115,24 @@ def test_zero_matches_single_process(ray_local, world, baseline, tmp_path, capfd
         _check_export_logits(world, out, baseline.model)
     if any(x.startswith("job.checkpoint_score=") for x in extra):
         _check_kept(out, rows, extra)
+    if zero_stage in (0, 1):  # ZeRO-0: each rank's whole module; ZeRO-1: the optimizer's shards
+        _check_vlm_export(out, tmp_path / "export")
+
+
+def _check_vlm_export(out, dest):
+    """`vlm export` of the last checkpoint, read offline from DeepSpeed's files (no Ray), is the
+    run's final model, weight for weight."""
+    import torch
+
+    from jobs.export_run import main as export_main
+    from vlm.checkpoint import load_checkpoint
+
+    said: list[str] = []
+    assert export_main([str(out), "--output", str(dest)], log=said.append) == 0, said
+    got, final = load_checkpoint(dest), load_checkpoint(out / "final")
+    assert got.meta["step"] == final.meta["step"] == STEPS
+    a, b = got.model.state_dict(), final.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
 
 
 def _check_progress_bar(capfd):
