@@ -8,6 +8,7 @@ LLaVA export, a report and loss curves under ``--output``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from vlm.checkpoint import load_checkpoint, save_checkpoint
 from vlm.config import Config, load_config, save_config
 from vlm.data import answer_of, world_pairs, world_sft
 from vlm.evaluate import normalize_answer
+from vlm.lora import merge_lora
 from vlm.tokenizer import train_bpe_tokenizer
 
 
@@ -100,7 +102,10 @@ def run_demo(cfg: Config, *, output: Path, write_world: bool = True, progress: b
     eval_ex = world_sft(wc, "heldout", size=size, pixels=ev_pix, items=heldout)
     s2 = train_sft(cfg, tokenizer=tokenizer, train_examples=train_ex, eval_examples=eval_ex, vision=s1.model.vision, log=log, progress=progress)
     log("[stage 2] held-out exact match: " + ", ".join(f"{k} {v:.3f}" for k, v in s2.metrics.items()))
-    save_checkpoint(s2.model, output / "stage2", config=cfg, tokenizer=tokenizer, meta={"metrics": s2.metrics, "skipped": s2.skipped})
+    s2_cfg = cfg
+    if merge_lora(s2.model):  # as a run's export: the adapters folded into the decoder, a plain checkpoint
+        s2_cfg = dataclasses.replace(cfg, model=s2.model.cfg)
+    save_checkpoint(s2.model, output / "stage2", config=s2_cfg, tokenizer=tokenizer, meta={"metrics": s2.metrics, "skipped": s2.skipped})
     report["stage2"] = s2.metrics
     report["stage2_skipped"] = s2.skipped
 

@@ -163,8 +163,11 @@ def check_data(key: str, stage: str, path: str, *, split: str) -> None:
 NOT_IN_WEIGHTS = (
     "model.llava.freeze_vision", "model.llava.freeze_projector", "model.llava.freeze_decoder", "model.llava.max_length",
     "model.llava.system_prompt", "model.llava.loss_average", "model.llava.chunked_loss", "model.llava.pack_sequences",
-    "model.llava.ground_loss_weight", "model.text", "model.contrastive", "model.tokenizer",
+    "model.llava.ground_loss_weight", "model.llava.lora_dropout", "model.text", "model.contrastive", "model.tokenizer",
 )  # fmt: skip
+# the adapters' shape: weights only where the checkpoint holds adapters (a plain one, an export
+# with its adapters merged, starts a LoRA run with fresh ones, vlm.lora)
+LORA_KEYS = ("model.llava.lora_rank", "model.llava.lora_alpha", "model.llava.lora_targets")
 
 
 def check_init(cfg: Config, job: JobConfig) -> None:
@@ -197,7 +200,8 @@ def check_init(cfg: Config, job: JobConfig) -> None:
         keys = differing_keys(theirs["vision"], mine["vision"], "model.vision")
     else:
         what = "a stage-2 model that differs from this run's"
-        keys = [k for k in differing_keys(theirs, mine, "model") if not any(k == n or k.startswith(n + ".") for n in NOT_IN_WEIGHTS)]
+        ignored = NOT_IN_WEIGHTS + (LORA_KEYS if saved.model.llava.lora_rank == 0 else ())
+        keys = [k for k in differing_keys(theirs, mine, "model") if not any(k == n or k.startswith(n + ".") for n in ignored)]
     if not keys:
         return
 

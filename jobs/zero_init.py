@@ -197,6 +197,10 @@ def load_partitioned(
         missing = [k for k in missing if optional is None or not optional(k)]
         if missing:
             raise ValueError(f"{path}: expected every weight of the model, missing {missing[:5]}")
+        used = {k for names in aliases.values() for k in names}
+        unexpected = sorted(k for k in present if k.startswith(prefix) and k not in used)
+        if unexpected and not prefix:  # a file holding more than the model (a tower of a bigger model is read with a prefix)
+            raise ValueError(f"{path}: holds weights the model does not have: unexpected {unexpected[:5]}")
         for name, module in model.named_modules():
             params = list(module.parameters(recurse=False))
             if params:

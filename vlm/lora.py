@@ -88,8 +88,8 @@ def is_lora_key(key: str) -> bool:
 
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its layer's weight and make the layer a plain ``nn.Linear`` again,
-    in place; a model with a ``cfg`` (``VisionLanguageModel``) then says ``lora_rank: 0``.
-    Returns how many layers were merged (0: nothing to do)."""
+    in place; a model with a ``cfg`` (``VisionLanguageModel``) then says it has no adapters (the
+    ``lora_*`` keys at their defaults). Returns how many layers were merged (0: nothing to do)."""
     layers = lora_layers(model)
     with torch.no_grad():
         for m in layers:
@@ -98,5 +98,7 @@ def merge_lora(model: nn.Module) -> int:
             m.__class__ = nn.Linear
     cfg = getattr(model, "cfg", None)
     if layers and cfg is not None and hasattr(cfg, "llava"):
-        model.cfg = dataclasses.replace(cfg, llava=dataclasses.replace(cfg.llava, lora_rank=0))
+        plain = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                 for f in dataclasses.fields(cfg.llava) if f.name.startswith("lora_")}
+        model.cfg = dataclasses.replace(cfg, llava=dataclasses.replace(cfg.llava, **plain))
     return len(layers)

@@ -278,7 +278,7 @@ def compile_rows_loss(**compile_kwargs) -> RowsLoss:
     and their fp32 log-softmax is kept for the backward pass (for a 152k vocabulary, 0.6 MB per
     row kept and 1.5 MB per row at the peak); compiled, the upcast, log-sum-exp and gradient
     are fused into passes over the bf16 logits (0.3 MB per row)."""
-    return torch.compile(rows_cross_entropy, dynamic=True, **compile_kwargs)
+    return torch.compile(rows_cross_entropy, **{"dynamic": True, **compile_kwargs})
 
 
 def _check_average(average: str) -> None:

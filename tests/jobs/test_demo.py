@@ -55,14 +55,19 @@ def test_demo_writes_world_checkpoints_export_report_and_curves(tmp_path, capsys
     assert hf.config.image_seq_length == s2.config.model.image_tokens
     printed = capsys.readouterr().out
     assert "[stage 1] held-out retrieval" in printed and "[stage 2] held-out exact match" in printed
-    # stage 2 again from that run's stage 1: no stage-1 training, the same tokenizer and figures
+    # stage 2 again from that run's stage 1: no stage-1 training, the same tokenizer and figures;
+    # this time through LoRA adapters, merged into the checkpoint and the Hugging Face export
     again = tmp_path / "again"
-    assert main(["demo", "--preset", "tiny", "--output", str(again), "--no-progress", "--no-world-files", "--stage1", str(out / "stage1"), *SMALL]) == 0
+    assert main(["demo", "--preset", "tiny", "--output", str(again), "--no-progress", "--no-world-files", "--stage1", str(out / "stage1"), *SMALL,
+                 "model.llava.lora_rank=4"]) == 0
     second = json.loads((again / "report.json").read_text())
     assert second["stage1_from"] == str(out / "stage1") and second["stage1"] == report["stage1"]
     printed = capsys.readouterr().out
     assert "[stage 1] reused" in printed and "[stage 1] contrastive" not in printed
-    assert load_checkpoint(again / "stage2").tokenizer.get_vocab() == s2.tokenizer.get_vocab()
+    lora_s2 = load_checkpoint(again / "stage2")
+    assert lora_s2.tokenizer.get_vocab() == s2.tokenizer.get_vocab()
+    assert lora_s2.config.model.llava.lora_rank == 0 and not any(".lora." in k for k in lora_s2.model.state_dict())
+    assert second["hf_export"] == str(again / "stage2-hf") and (again / "stage2-hf" / "config.json").is_file()
     with pytest.raises(ValueError, match="model.vision"):
         main(["demo", "--preset", "tiny", "--output", str(tmp_path / "bad"), "--no-progress", "--no-world-files", "--stage1", str(out / "stage1"),
               *SMALL, "model.vision.num_layers=1"])

@@ -431,6 +431,25 @@ def test_init_from_is_checked_on_the_driver_against_the_runs_model(world, tmp_pa
     deep = _checkpoint(tmp_path, world, "sft", "model.decoder.num_layers=2")
     with pytest.raises(ConfigError, match=r"holds a stage-2 model that differs from this run's: model.decoder.num_layers \(2 there, 1 here\)"):
         resolve([*base, "--init-from", str(deep)])
+    # LoRA: a plain checkpoint (or a merged export) starts a run with fresh adapters of any shape,
+    # and a LoRA run's merged export starts a plain run; a checkpoint still holding adapters
+    # starts only a run with adapters of its shape
+    lora = ["model.llava.lora_rank=4", "model.llava.lora_alpha=8", "model.llava.lora_targets=[q_proj]", "model.llava.lora_dropout=0.1"]
+    assert resolve([*base, "--init-from", str(s2), *lora])[2].init_from == str(s2)
+    import dataclasses
+
+    from vlm.checkpoint import load_checkpoint, save_checkpoint
+    from vlm.lora import merge_lora
+
+    adapted = _checkpoint(tmp_path, world, "sft", *lora)
+    assert resolve([*base, "--init-from", str(adapted), *lora[:3]])[2].init_from == str(adapted)  # the dropout is no weight
+    with pytest.raises(ConfigError, match=r"model.llava.lora_rank \(4 there, 0 here\)"):
+        resolve([*base, "--init-from", str(adapted)])
+    loaded = load_checkpoint(adapted)
+    assert merge_lora(loaded.model) == 1  # the q_proj of TINY's one decoder layer
+    merged = tmp_path / "merged"
+    save_checkpoint(loaded.model, merged, config=dataclasses.replace(loaded.config, model=loaded.model.cfg), tokenizer=loaded.tokenizer)
+    assert resolve([*base, "--init-from", str(merged)])[2].init_from == str(merged)
 
 
 def test_eval_metric_names_are_the_ones_an_eval_reports_and_rank_checkpoints(world, tmp_path):

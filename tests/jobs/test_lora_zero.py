@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from .conftest import TINY, free_port, init_gloo_rank
@@ -97,3 +98,37 @@ def test_lora_trains_under_zero_2_and_3_and_the_export_merges_it(tmp_path):
         assert report[f"{zero}_exported_rank"] == 0 and report[f"{zero}_exported_keys"] == []
         assert report[f"{zero}_logits_diff"] < 1e-4, report
         assert report[f"{zero}_hf"]
+
+
+def test_a_partitioned_load_takes_a_plain_file_into_adapters_and_refuses_extra_weights(tmp_path):
+    """``load_partitioned`` (the ZeRO-3 build's loader; here on unpartitioned parameters, one
+    process): a LoRA model takes a plain checkpoint's weights with its adapters as built; a plain
+    model refuses a file that still holds adapters (it would drop them silently), as the
+    unpartitioned load does."""
+    import tinymodels
+    from safetensors.torch import save_file
+
+    from jobs.zero_init import load_partitioned
+    from vlm.lora import is_lora_key
+
+    tok = tinymodels.tokenizer()
+    plain = tinymodels.vlm_model(tok, seed=3)
+    lora = tinymodels.vlm_model(tok, *LORA)
+    adapters = {k: v.clone() for k, v in lora.state_dict().items() if is_lora_key(k)}
+
+    def save(model, name):
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        seen, unique = set(), {}
+        for k, v in state.items():  # one name per shared tensor (tied embeddings), as save_checkpoint writes
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                unique[k] = v
+        save_file(unique, str(tmp_path / name))
+        return tmp_path / name
+
+    load_partitioned(lora, save(plain, "plain.safetensors"), rank=0, optional=is_lora_key)
+    got = lora.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in plain.state_dict().items())
+    assert all(torch.equal(got[k], v) for k, v in adapters.items())
+    with pytest.raises(ValueError, match=r"holds weights the model does not have: unexpected \['decoder\..*\.lora\.A'"):
+        load_partitioned(plain, save(lora, "lora.safetensors"), rank=0)

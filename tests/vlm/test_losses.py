@@ -297,6 +297,10 @@ def test_a_compiled_rows_loss_scores_any_number_of_rows_as_the_head_does():
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, **tol)
     assert calls == [3, 11, 7] * 2
+    # a caller's own compile options win (a static compile, say)
+    static = compile_rows_loss(backend="aot_eager", dynamic=False)
+    torch.testing.assert_close(static(torch.ones(2, 16), head.weight, torch.tensor([1, 2]), torch.ones(2)),
+                               rows_loss(torch.ones(2, 16), head.weight, torch.tensor([1, 2]), torch.ones(2)))
     # a head it cannot take (a bias) goes through the head's own forward
     biased = torch.nn.Linear(16, 50)
     calls.clear()
