@@ -239,7 +239,8 @@ def tokenizer_source(stage: str, cfg: Config, job: JobConfig) -> Path | None:
 
         try:
             saved = yaml.safe_load((out / "job.yaml").read_text()) or {}
-            same = (saved["job"]["data"] == job.data and saved["model"]["tokenizer"] == to_dict(cfg.model.tokenizer))
+            same = (saved["job"]["data"] == job.data and saved["model"]["tokenizer"] == to_dict(cfg.model.tokenizer)
+                    and not (stage == "sft" and saved["job"].get("init_from")))  # such a run kept its checkpoint's
         except (OSError, yaml.YAMLError, KeyError, TypeError):
             same = False
         if same:
@@ -573,13 +574,15 @@ def run(stage: str, cfg: Config, job: JobConfig, *, log=print, address: str | No
     check_rows(stage, cfg, job)
     evals = eval_sets(stage, cfg, job)  # read on the driver, before Ray starts: a bad score fails here
     check_score(stage, job, evals)
-    trained = tokenizer_source(stage, cfg, job) is None
+    source = tokenizer_source(stage, cfg, job)
     tokenizer = resolve_tokenizer(stage, cfg, job, log=log, save=False)
     start_ray(job, log=log, address=address)
     t0 = time.perf_counter()
     log(describe_evals(stage, job, evals))
     trainer = build_trainer(stage, cfg, job, tokenizer, evals)
-    if trained:  # the run starts: its resumes load this one
+    # the run starts: it keeps its tokenizer (trained or taken from --init-from or a path), which
+    # its resumes load when it was trained and `vlm export` reads wherever it came from
+    if source is None or Path(source).resolve() != (out / "tokenizer").resolve():
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
         save_tokenizer(tokenizer, out / "tokenizer")
     save_job(cfg, job, stage, out / "job.yaml")

@@ -1,7 +1,8 @@
 """`vlm export` refuses what it cannot export in one line (exit 2): not a run directory, a run
-that kept no checkpoint, a step it did not keep, a directory that is not a checkpoint, a
-checkpoint whose DeepSpeed files are missing. (Exports of real checkpoints: test_train_resume.py,
-ZeRO-3 on 2 ranks; test_train_zero.py, ZeRO-0 and ZeRO-1.)"""
+that kept no checkpoint, a step it did not keep, another run's or a broken checkpoint, a
+checkpoint whose DeepSpeed files are missing, an output that would replace anything but an
+earlier export. (Exports of real checkpoints: test_train_resume.py, ZeRO-3 on 2 ranks;
+test_train_zero.py, ZeRO-0 and ZeRO-1; test_lora_zero.py, the files read offline at ZeRO 0-3.)"""
 
 from __future__ import annotations
 
@@ -55,7 +56,41 @@ def test_a_run_without_checkpoints_and_a_step_not_kept(tmp_path, capsys):
     said: list[str] = []
     assert main([str(run), "--list"], log=said.append) == 0
     assert [line.split("\t")[0] for line in said] == ["step 4", "step 8"]
-    assert "expected a run checkpoint directory" in _err(capsys, [str(run), "--checkpoint", str(tmp_path)])
+    # --checkpoint: one of this run's, whole
+    (tmp_path / "other").mkdir()
+    other = _checkpoint(_run(tmp_path / "other"), "checkpoint_x", 2)  # another run's
+    assert f"not a checkpoint of {run}" in _err(capsys, [str(run), "--checkpoint", str(other)])
+    broken = _checkpoint(run, "checkpoint_c", 12)
+    (broken / "state.json").write_text("{")
+    assert "expected a whole run checkpoint" in _err(capsys, [str(run), "--checkpoint", str(broken)])
+    with pytest.raises(SystemExit) as exit_:  # argparse: one or the other
+        main([str(run), "--step", "4", "--checkpoint", str(broken)])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_an_output_that_is_not_an_export_is_never_replaced(tmp_path, capsys):
+    """The run, a folder holding it, its checkpoints or final export, and any existing folder or
+    file that is not an earlier export are refused before anything is read or written."""
+    run = _run(tmp_path)
+    ckpt = _checkpoint(run, "checkpoint_a", 4)
+    (run / "final").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "clip-hf").mkdir()  # someone's folder beside the output: its -hf sibling
+    for output, said in ((run, "is the run directory or holds it"), (tmp_path, "is the run directory or holds it"),
+                         (run / "ray_train", "inside the run's ray_train/"), (ckpt, "inside the run's ray_train/"),
+                         (run / "final", "inside the run's final/"), (tmp_path / "notes", "exists and is not an export"),
+                         (tmp_path / "afile", "exists and is not an export"), (tmp_path / "clip", "exists and is not an export")):
+        assert said in _err(capsys, [str(run), "--output", str(output)]), output
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
+    assert (tmp_path / "clip-hf").is_dir() and (ckpt / "state.json").is_file()
+
+
+def test_a_run_yaml_that_does_not_parse_is_one_line(tmp_path, capsys):
+    run = _run(tmp_path)
+    (run / "job.yaml").write_text("stage: sft\njob: [unclosed\n")
+    assert "expected the run's YAML" in _err(capsys, [str(run)])
 
 
 @pytest.mark.parametrize("zero, expected", [(0, "no mp_rank_*_model_states.pt"), (2, "cannot read the checkpoint")])

@@ -93,6 +93,15 @@ def test_every_step_ran_and_left_its_output(flow):
     trained = {k for k, w in aligned.items() if w.is_floating_point() and bool((w != w.bfloat16().float()).any())}
     assert trained and all(k.startswith("projector.") for k in trained), sorted(trained)
     assert {k for k in aligned if k.startswith("projector.") and k.endswith("weight")} <= trained
+    # a run keeps the tokenizer it trained with, also one taken from --init-from; `vlm export` of
+    # its last checkpoint, read offline (ZeRO-3 shards, bf16 weights, fp32 masters) is its final/
+    from jobs.export_run import main as export_main
+    from vlm.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out / "stage2" / "tokenizer").get_vocab() == load_tokenizer(out / "stage1" / "final" / "tokenizer").get_vocab()
+    assert export_main([str(out / "stage2"), "--output", str(out / "exported")], log=lambda *_: None) == 0
+    exported, final = load_file(out / "exported" / "model.safetensors"), load_file(out / "stage2" / "final" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
     # ...and the vision tower is stage 1's, as bf16 held it.
     stage1 = load_file(out / "stage1" / "final" / "model.safetensors")
     vision = [k for k in aligned if k.startswith("vision.")]

@@ -18,6 +18,8 @@ import torch
 from .conftest import TINY, free_port, init_gloo_rank
 
 LORA = ["model.llava.lora_rank=4", "model.llava.lora_alpha=8", "model.llava.lora_targets=[q_proj,v_proj,down_proj]"]
+# ZeRO 1-3, and ZeRO-0 with bf16 weights (the fp32 masters beside them in the optimizer)
+VARIANTS = [(1, []), (2, []), (3, []), (0, ["job.precision=bf16", "job.bf16_mode=weights"])]
 
 
 def _worker(rank: int, world: int, port: int, out: str, start: str) -> None:
@@ -26,17 +28,19 @@ def _worker(rank: int, world: int, port: int, out: str, start: str) -> None:
     import deepspeed
     import tinymodels
 
+    from jobs.export_run import checkpoint_state
     from jobs.job_config import deepspeed_config, load_job
     from jobs.loop import _export, build_model, plain_copy
+    from vlm.optim import param_groups
     from vlm.checkpoint import load_checkpoint
     from vlm.data import SFTExample, collate_sft
     from vlm.optim import build_optimizer, build_scheduler
 
     tok = tinymodels.tokenizer()
     report = {}
-    for zero in (2, 3):
+    for zero, extra in VARIANTS:
         cfg, job = load_job(overrides=[*TINY, *LORA, f"job.zero_stage={zero}", "job.num_workers=2", "stage2.batch_size=2",
-                                       "stage2.lr=0.01", "model.tokenizer.vocab_size=300", f"job.init_from={start}"])
+                                       "stage2.lr=0.01", "model.tokenizer.vocab_size=300", f"job.init_from={start}", *extra])
         initial = load_checkpoint(start).model.state_dict()
         ds_config = deepspeed_config(cfg.stage2, job)
         model = build_model("sft", cfg, job, tok, partition=ds_config if zero == 3 else None, rank=rank)
@@ -50,26 +54,39 @@ def _worker(rank: int, world: int, port: int, out: str, start: str) -> None:
         batch, _ = collate_sft([ex], tok, num_image_tokens=cfg.model.image_tokens, max_length=160, vision_kind=cfg.model.vision.kind,
                                image_size=size)
         labels = batch.pop("labels")
+        low = "job.bf16_mode=weights" in extra  # the engine's weights are bf16: so are its inputs, as the loop casts them
+        if low:
+            batch["pixel_values"] = batch["pixel_values"].bfloat16()
         for _ in range(3):
             engine.backward(engine(**batch, labels=labels, return_logits=False)["loss"])
             engine.step()
         plain = plain_copy(engine, "sft", cfg, job, tok, rank)  # collective
+        saved = Path(out) / f"saved{zero}"
+        engine.save_checkpoint(str(saved), tag="ds")  # collective: the files `vlm export` reads
         if rank == 0:
             state = plain.state_dict()
+            # `vlm export`'s reading of those files, offline: the run's weights, frozen ones and
+            # fp32 masters (bf16 weights at ZeRO-0) included
+            names = {id(p): n for n, p in plain.named_parameters()}
+            masters = [[names[id(p)] for p in g["params"]] for g in param_groups(plain, weight_decay=0.0) if g["params"]]
+            read = checkpoint_state(saved, zero, masters)
+            report[f"{zero}_read_equal"] = sorted(read) == sorted(state) and all(torch.equal(read[k], state[k]) for k in state)
             frozen = [k for k in state if k.startswith("decoder.") and ".lora." not in k]
+            as_kept = (lambda t: t.bfloat16().float()) if low else (lambda t: t)  # a frozen weight is held in bf16 there
             report[f"{zero}_decoder_kept"] = sorted(frozen) == sorted(k for k in initial if k.startswith("decoder.")) and all(
-                torch.equal(state[k], initial[k]) for k in frozen)
+                torch.equal(state[k], as_kept(initial[k])) for k in frozen)
             report[f"{zero}_adapters_moved"] = sorted({k.rsplit(".", 3)[-3] for k in state if k.endswith(".lora.B") and state[k].abs().sum() > 0})
             report[f"{zero}_projector_moved"] = not all(torch.equal(state[k], initial[k]) for k in state if k.startswith("projector."))
+            fp32_batch = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
             with torch.no_grad():
-                adapted = plain(**batch).logits
+                adapted = plain(**fp32_batch).logits
             run = Path(out) / f"zero{zero}"
             _export(plain, "sft", cfg, tok, run, step=3, metrics={}, log=lambda *_: None)
             exported = load_checkpoint(run / "model")
             report[f"{zero}_exported_rank"] = exported.config.model.llava.lora_rank
             report[f"{zero}_exported_keys"] = [k for k in exported.model.state_dict() if ".lora." in k]
             with torch.no_grad():
-                report[f"{zero}_logits_diff"] = float((exported.model(**batch).logits - adapted).abs().max())
+                report[f"{zero}_logits_diff"] = float((exported.model(**fp32_batch).logits - adapted).abs().max())
             report[f"{zero}_hf"] = (run / "hf" / "config.json").is_file()
     if rank == 0:
         (Path(out) / "report.json").write_text(json.dumps(report))
@@ -91,7 +108,8 @@ def test_lora_trains_under_zero_2_and_3_and_the_export_merges_it(tmp_path):
     save_checkpoint(build_model("sft", cfg, job, tok), tmp_path / "start", config=cfg, tokenizer=tok)
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / "start")), nprocs=2, join=True)
     report = json.loads((tmp_path / "report.json").read_text())
-    for zero in (2, 3):
+    for zero, _ in VARIANTS:
+        assert report[f"{zero}_read_equal"], f"ZeRO-{zero}: the saved checkpoint read offline is not the run's model"
         assert report[f"{zero}_decoder_kept"], f"ZeRO-{zero}: the decoder's own weights changed"
         assert report[f"{zero}_adapters_moved"] == ["down_proj", "q_proj", "v_proj"], report
         assert report[f"{zero}_projector_moved"]
