@@ -7,10 +7,11 @@ our format (``vlm ask``, ``vlm eval``, ``vlm serve``, ``--init-from``) and, for 
 transformers' LLaVA, with LoRA adapters merged.
 
 - ZeRO 1-3: the fp32 master weights are put together from the ranks' optimizer shards (any
-  number of ranks: DeepSpeed's ``zero_to_fp32`` reader), the frozen weights from the model
-  state files.
-- ZeRO-0: every rank holds the whole module; its weights are read as saved (fp32 under the
-  default ``job.bf16_mode=autocast``; in the bf16 weights mode, the bf16 copies).
+  number of ranks: DeepSpeed's ``zero_to_fp32`` reader); the frozen weights come from the
+  model state files (at ZeRO 1-2 the whole module every rank saved, at ZeRO-3 its fragments).
+- ZeRO-0: every rank saved the whole module (fp32 under the default ``job.bf16_mode=autocast``);
+  in the bf16 weights mode the trained weights' fp32 masters come from its optimizer's groups.
+  Frozen weights are taken as the engine held them, as the final export takes them.
 
     vlm export runs/sft --list                 # the checkpoints kept, with their steps
     vlm export runs/sft                        # the latest -> runs/sft/export-stepN (+ -hf)
