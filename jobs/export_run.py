@@ -164,10 +164,9 @@ def export_checkpoint(run: Path, *, step: int | None = None, checkpoint: str | N
 
     stage, cfg, job, tokenizer = read_run(run)
     step, ckpt = choose(run, step=step, checkpoint=checkpoint)
-    out = Path(output) if output else run / f"export-step{step}"
-    if not out.resolve().name:
+    out = (Path(output) if output else run / f"export-step{step}").resolve()
+    if not out.name:
         raise ExportError(f"--output {output}: expected a folder to write")
-    out = out.resolve()
     out, out_hf = _destinations(run, out)
     log(f"[export] {stage} checkpoint of step {step} ({ckpt.name}, ZeRO-{job.zero_stage}) -> {out}")
     with torch.random.fork_rng(devices=[]):
@@ -217,9 +216,9 @@ def main(argv: list[str] | None = None, *, log: Log = print) -> int:
     run = Path(a.run)
     try:
         if a.list:
-            kept = run_checkpoints(run)
             if not (run / "job.yaml").is_file():
                 raise ExportError(f"{run}: expected a run directory of `vlm train` (its job.yaml is missing)")
+            kept = run_checkpoints(run)
             for s, d in kept:
                 log(f"step {s}\t{d}")
             if not kept:

@@ -19,6 +19,7 @@ Checkpoint directory (one per reported step)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -620,8 +621,6 @@ def plain_copy(engine: Any, stage: str, cfg: Config, job: JobConfig, tokenizer: 
     loads them into a fresh module built from the config. Evaluating the engine's own module
     instead would run ZeRO-3's forward hooks (collectives) on rank 0 alone and hang.
     """
-    import dataclasses
-
     from deepspeed.utils import safe_get_full_fp32_param
 
     # bf16/fp16 weights: the module holds low-precision copies; the optimizer holds the fp32
@@ -667,8 +666,6 @@ HF_SKIPPED = "hf_skipped.txt"  # in a final checkpoint: why it holds no Hugging 
 
 def _export(model: torch.nn.Module, stage: str, cfg: Config, tokenizer: Any, out: Path, *, step: int, metrics: dict, log) -> None:
     """The consolidated model in our format and, for stage 2, the Hugging Face LLaVA format."""
-    import dataclasses
-
     from vlm.checkpoint import save_checkpoint
     from vlm.lora import merge_lora
 

@@ -97,9 +97,10 @@ def contrastive_flops(model: nn.Module, *, caption_tokens: float, cache: dict | 
 
 def output_projection_params(decoder: nn.Module) -> int:
     """Parameters of a causal LM's output projection (vocabulary x width), 0 where it has none."""
-    get = getattr(decoder, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return sum(numel(p) for p in head.parameters()) if isinstance(head, nn.Linear) else 0
+    from vlm.towers import output_head  # here: this module stays light for the driver's metrics readers
+
+    head = output_head(decoder)
+    return sum(numel(p) for p in head.parameters()) if head is not None else 0
 
 
 def sft_flops(
@@ -128,9 +129,10 @@ def sft_flops(
     fd = tower_flops(
         total - head, seq_tokens, layers=_hf(model.decoder, "num_hidden_layers"), width=_hf(model.decoder, "hidden_size"), mode=dec_mode,
     )
-    get_head = getattr(model.decoder, "get_output_embeddings", None)
-    head_mod = get_head() if callable(get_head) else None
-    head_trained = head > 0 and any(p.requires_grad for p in head_mod.parameters())
+    from vlm.towers import output_head
+
+    head_mod = output_head(model.decoder)
+    head_trained = head_mod is not None and any(p.requires_grad for p in head_mod.parameters())
     head_mode = "backprop" if dec_mode == "train" and not head_trained else dec_mode
     if dec_mode == "train":  # a partly trained decoder (LoRA adapters): no weight gradient (2 N T) for its frozen products
         fd -= 2 * (total - trained - (0 if head_trained else head)) * seq_tokens

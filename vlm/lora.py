@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.towers import output_head
+
 
 class LoRA(nn.Module):
     """The update ``(alpha / rank) * B A dropout(x)`` of one linear layer."""
@@ -59,7 +61,7 @@ def add_lora(decoder: nn.Module, *, rank: int, alpha: float, dropout: float, tar
     empty: every linear layer but the output projection (which, tied to the input embeddings in
     many decoders, stays as it is). A name that matches no layer is an error naming those there.
     """
-    head = decoder.get_output_embeddings() if callable(getattr(decoder, "get_output_embeddings", None)) else None
+    head = output_head(decoder)
     linear = [(n, m) for n, m in decoder.named_modules() if isinstance(m, nn.Linear) and m is not head]
     if targets:
         present = sorted({n.rsplit(".", 1)[-1] for n, _ in linear})
@@ -98,7 +100,7 @@ def merge_lora(model: nn.Module) -> int:
             m.__class__ = nn.Linear
     cfg = getattr(model, "cfg", None)
     if layers and cfg is not None and hasattr(cfg, "llava"):
-        plain = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-                 for f in dataclasses.fields(cfg.llava) if f.name.startswith("lora_")}
+        defaults = type(cfg.llava)()
+        plain = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults) if f.name.startswith("lora_")}
         model.cfg = dataclasses.replace(cfg, llava=dataclasses.replace(cfg.llava, **plain))
     return len(layers)

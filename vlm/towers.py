@@ -242,6 +242,13 @@ def model_from_hf_config(hf: PretrainedConfig, role: str) -> PreTrainedModel:
     raise ValueError(f"role: expected vision, text or decoder, got {role!r}")
 
 
+def output_head(decoder: nn.Module) -> nn.Linear | None:
+    """A causal LM's output projection when it is an ``nn.Linear`` (vocabulary x width), else None."""
+    get = getattr(decoder, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
 def set_trainable(module: nn.Module, trainable: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(trainable)
